@@ -1,0 +1,93 @@
+"""Routes: sites, hosts, VMs and the lab."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from siterecovery.api.deps import Ctx
+from siterecovery.services import inventory, lab, protection
+
+router = APIRouter()
+
+
+class SiteIn(BaseModel):
+    name: str
+    provider: str = "local"
+    path: str
+    role: str = "on-premises"
+
+
+class HostIn(BaseModel):
+    site: str
+    name: str
+    switches: list[str] = Field(default_factory=list)
+
+
+class VmIn(BaseModel):
+    name: str
+    host: str
+    disks: list[str] = Field(default_factory=list)
+    os: str = "linux"
+    switch: str | None = None
+    workload: bool = True
+
+
+@router.post("/lab/up")
+def lab_up(ctx: Ctx) -> dict[str, Any]:
+    return lab.lab_up(ctx)
+
+
+@router.get("/sites")
+def list_sites(ctx: Ctx) -> list[dict[str, Any]]:
+    return [s.to_dict() for s in ctx.store.list_sites()]
+
+
+@router.post("/sites", status_code=201)
+def add_site(ctx: Ctx, body: SiteIn) -> dict[str, Any]:
+    return inventory.add_site(ctx, **body.model_dump()).to_dict()
+
+
+@router.get("/hosts")
+def list_hosts(ctx: Ctx, site: str | None = None) -> list[dict[str, Any]]:
+    return [h.to_dict() for h in ctx.store.list_hosts(site=site)]
+
+
+@router.post("/hosts", status_code=201)
+def add_host(ctx: Ctx, body: HostIn) -> dict[str, Any]:
+    return inventory.add_host(ctx, **body.model_dump()).to_dict()
+
+
+@router.get("/vms")
+def list_vms(ctx: Ctx, site: str | None = None) -> list[dict[str, Any]]:
+    return inventory.list_vms(ctx, site=site)
+
+
+@router.post("/vms", status_code=201)
+def create_vm(ctx: Ctx, body: VmIn) -> dict[str, Any]:
+    vm = inventory.create_vm(ctx, **body.model_dump())
+    return inventory.vm_view(ctx, vm)
+
+
+@router.get("/vms/{name}")
+def show_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
+    return inventory.show_vm(ctx, name=name, site=site)
+
+
+@router.post("/vms/{name}/start")
+def start_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
+    return inventory.start_vm(ctx, name=name, site=site)
+
+
+@router.post("/vms/{name}/stop")
+def stop_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
+    return inventory.stop_vm(ctx, name=name, site=site)
+
+
+@router.get("/vms/{name}/check")
+def check_vm(
+    ctx: Ctx, name: str, site: str | None = None, point: str | None = None
+) -> dict[str, Any]:
+    return protection.check_vm(ctx, name=name, site=site, point=point)

@@ -1,0 +1,88 @@
+"""Routes: replicated items, recovery points, jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from siterecovery.api.deps import Ctx, Runtime
+from siterecovery.replication.scheduler import replicate_now
+from siterecovery.services import jobs, protection
+
+router = APIRouter()
+
+
+class ProtectIn(BaseModel):
+    vm: str
+    to: str
+    interval: str = "30s"
+    app_consistent_every: int = 0
+    retention: str = "24h"
+    threads: int = 4
+    max_rate: str = "0"
+    verify_points: bool = False
+
+
+class ReplicateIn(BaseModel):
+    app_consistent: bool | None = None
+
+
+@router.post("/items", status_code=202)
+def protect(ctx: Ctx, runtime: Runtime, body: ProtectIn) -> dict[str, Any]:
+    policy = protection.make_policy(
+        interval=body.interval,
+        app_consistent_every=body.app_consistent_every,
+        retention=body.retention,
+        threads=body.threads,
+        max_rate=body.max_rate,
+        verify_points=body.verify_points,
+    )
+    return protection.protect(ctx, vm=body.vm, to=body.to, policy=policy, submit=runtime.submit)
+
+
+@router.get("/items")
+def list_items(ctx: Ctx) -> list[dict[str, Any]]:
+    return protection.list_items(ctx)
+
+
+@router.get("/items/{vm}")
+def show_item(ctx: Ctx, vm: str) -> dict[str, Any]:
+    return protection.show_item(ctx, vm=vm)
+
+
+@router.post("/items/{vm}/disable")
+def disable(ctx: Ctx, vm: str) -> dict[str, Any]:
+    return protection.disable(ctx, vm=vm)
+
+
+@router.post("/items/{vm}/replicate")
+def replicate(ctx: Ctx, vm: str, body: ReplicateIn | None = None) -> dict[str, Any]:
+    consistent = body.app_consistent if body else None
+    return replicate_now(ctx, vm, app_consistent=consistent).to_dict()
+
+
+@router.get("/items/{vm}/points")
+def points(ctx: Ctx, vm: str) -> list[dict[str, Any]]:
+    return protection.list_points(ctx, vm=vm)
+
+
+@router.get("/jobs")
+def list_jobs(ctx: Ctx, vm: str | None = None) -> list[dict[str, Any]]:
+    return jobs.list_jobs(ctx, vm=vm)
+
+
+@router.get("/jobs/{job_id}")
+def show_job(ctx: Ctx, job_id: str) -> dict[str, Any]:
+    return jobs.show_job(ctx, job_id=job_id)
+
+
+@router.get("/jobs/{job_id}/wait")
+def wait_job(ctx: Ctx, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    return jobs.wait_job(ctx, job_id=job_id, timeout=min(timeout, 300.0)).to_dict()
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(ctx: Ctx, runtime: Runtime, job_id: str) -> dict[str, Any]:
+    return jobs.cancel_job(ctx, job_id=job_id, request_cancel=runtime.cancel)

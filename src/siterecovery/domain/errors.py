@@ -1,0 +1,267 @@
+"""The one error tree of siterecovery.
+
+Every refusal and failure the product reports is an instance of
+:class:`SiteRecoveryError`. Each concrete class has a stable ``code`` (part of
+the public contract of the CLI and the API), a ``category`` and a message
+``template`` formatted from the keyword fields given at construction. Foreign
+errors (libnbd, QMP, SQLAlchemy, subprocess) are translated once, in the
+adapter that calls them.
+
+    SiteRecoveryError                      category
+    ├── InvalidInput                       usage       bad value, the user must change it
+    ├── NotFound                           not-found   a named object does not exist
+    ├── RuleViolation                      rule        the request is valid but a rule refuses it
+    │   ├── OperationNotAllowed            rule        the item's state does not allow it
+    │   └── ...                            rule        one class per rule from the seeds
+    ├── Conflict                           conflict    concurrent change, retry
+    ├── DiskError                          io          block device, NBD, QMP, qemu-img
+    │   ├── BitmapInconsistent             io          change tracking cannot be trusted
+    │   └── IntegrityError                 io          digests differ after a sync
+    ├── JobCancelled                       cancelled   a job was cancelled by the user
+    └── InternalError                      internal    a bug; the message carries the detail
+
+Only ``api/`` knows HTTP statuses and only ``cli/`` knows exit codes; both map
+from ``category``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar
+
+
+class Category(StrEnum):
+    USAGE = "usage"
+    NOT_FOUND = "not-found"
+    RULE = "rule"
+    CONFLICT = "conflict"
+    IO = "io"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class SiteRecoveryError(Exception):
+    """Root of every error siterecovery raises on purpose."""
+
+    code: ClassVar[str] = "INTERNAL"
+    category: ClassVar[Category] = Category.INTERNAL
+    template: ClassVar[str] = "{detail}"
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        try:
+            message = self.template.format(**fields)
+        except (KeyError, IndexError):
+            message = f"{self.template} {fields}"
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructors cannot be rebuilt from ``args``; durable job
+        # records pickle errors, so rebuild from the fields and the message.
+        return (_restore, (type(self), self.fields, str(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape shared by the API and the CLI."""
+        details = {k: v for k, v in self.fields.items() if _jsonable(v)}
+        return {"code": self.code, "message": self.message, "details": details}
+
+
+def _restore(
+    cls: type[SiteRecoveryError], fields: dict[str, Any], message: str
+) -> SiteRecoveryError:
+    error = Exception.__new__(cls)
+    Exception.__init__(error, message)
+    error.fields = fields
+    return error
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool | list | dict) or value is None
+
+
+class InvalidInput(SiteRecoveryError):
+    code = "INVALID_INPUT"
+    category = Category.USAGE
+    template = "{field}: {reason}"
+
+
+class NotFound(SiteRecoveryError):
+    code = "NOT_FOUND"
+    category = Category.NOT_FOUND
+    template = "{kind} '{name}' does not exist"
+
+
+class SiteNotFound(NotFound):
+    code = "SITE_NOT_FOUND"
+    template = "site '{name}' does not exist; `siterecovery site list` shows the sites"
+
+
+class HostNotFound(NotFound):
+    code = "HOST_NOT_FOUND"
+    template = "host '{name}' does not exist; `siterecovery host list` shows the hosts"
+
+
+class VmNotFound(NotFound):
+    code = "VM_NOT_FOUND"
+    template = "VM '{name}' does not exist{where}; `siterecovery vm list` shows the VMs"
+
+    def __init__(self, *, name: str, site: str | None = None) -> None:
+        super().__init__(name=name, site=site, where=f" at site '{site}'" if site else "")
+
+
+class ItemNotFound(NotFound):
+    code = "ITEM_NOT_FOUND"
+    template = "VM '{name}' is not protected; protect it first with `siterecovery protect {name} --to SITE`"
+
+
+class PointNotFound(NotFound):
+    code = "POINT_NOT_FOUND"
+    template = "recovery point '{name}' does not exist for '{vm}'; `siterecovery points {vm}` lists them"
+
+
+class JobNotFound(NotFound):
+    code = "JOB_NOT_FOUND"
+    template = "job '{name}' does not exist; `siterecovery jobs` lists the jobs"
+
+
+class RuleViolation(SiteRecoveryError):
+    code = "RULE_VIOLATION"
+    category = Category.RULE
+    template = "{detail}"
+
+
+class OperationNotAllowed(RuleViolation):
+    code = "OPERATION_NOT_ALLOWED"
+    template = (
+        "'{operation}' is not allowed while '{vm}' is {state}; allowed now: {allowed}"
+    )
+
+
+class AlreadyExists(RuleViolation):
+    code = "ALREADY_EXISTS"
+    template = "{kind} '{name}' already exists"
+
+
+class AlreadyProtected(RuleViolation):
+    code = "ALREADY_PROTECTED"
+    template = (
+        "VM '{vm}' is already protected ({state}, {source} -> {target}); "
+        "`siterecovery item show {vm}` shows it, `siterecovery disable {vm}` stops protection"
+    )
+
+
+class SameSite(RuleViolation):
+    code = "SAME_SITE"
+    template = (
+        "VM '{vm}' runs at site '{site}'; the recovery site must be another site "
+        "(`siterecovery site list`)"
+    )
+
+
+class VmInconsistent(RuleViolation):
+    code = "VM_INCONSISTENT"
+    template = (
+        "VM '{vm}' at site '{site}' holds an interrupted sync and its disks are inconsistent; "
+        "re-run the failover to resume the sync"
+    )
+
+
+class VmBusy(RuleViolation):
+    code = "VM_BUSY"
+    template = "VM '{vm}' is {state}; {hint}"
+
+
+class Conflict(SiteRecoveryError):
+    code = "CONFLICT"
+    category = Category.CONFLICT
+    template = "{detail}"
+
+
+class DaemonUnavailable(SiteRecoveryError):
+    code = "DAEMON_UNAVAILABLE"
+    category = Category.INTERNAL
+    template = (
+        "no siterecovery daemon answers for vault '{vault}': {reason}; "
+        "start one with `siterecovery serve --vault {vault}`"
+    )
+
+
+class DiskError(SiteRecoveryError):
+    code = "DISK_ERROR"
+    category = Category.IO
+    template = "{detail}"
+
+
+class BitmapInconsistent(DiskError):
+    code = "BITMAP_INCONSISTENT"
+    template = (
+        "change tracking of '{disk}' is inconsistent (the VM stopped uncleanly); "
+        "falling back to a checksum sync"
+    )
+
+
+class IntegrityError(DiskError):
+    code = "INTEGRITY_MISMATCH"
+    template = "digest of {what} differs: source {source} != target {target}"
+
+
+class JobCancelled(SiteRecoveryError):
+    code = "JOB_CANCELLED"
+    category = Category.CANCELLED
+    template = "job '{job}' was cancelled"
+
+
+class InternalError(SiteRecoveryError):
+    code = "INTERNAL"
+    category = Category.INTERNAL
+    template = "{detail}"
+
+
+def all_error_classes() -> list[type[SiteRecoveryError]]:
+    """Every class of the tree, root first (used to map a code back to its class)."""
+    seen: list[type[SiteRecoveryError]] = []
+    stack: list[type[SiteRecoveryError]] = [SiteRecoveryError]
+    while stack:
+        cls = stack.pop(0)
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen
+
+
+def category_of(code: str) -> Category:
+    """The category of a stable error code (``INTERNAL`` when unknown)."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls.category
+    return Category.INTERNAL
+
+
+class QmpError(DiskError):
+    """A QMP command was refused by qemu (``error_class`` and ``desc`` from its reply)."""
+
+    code = "QMP_ERROR"
+    template = "QMP '{command}' failed: {error_class}: {desc}"
+
+
+class SyncCancelled(JobCancelled):
+    """A sync or a digest stopped because its caller asked (no job id needed).
+
+    Fields: ``what`` (the operation); a sync adds ``resume_offset``, the last
+    checkpointed offset, from which a re-run may resume.
+    """
+
+    code = "SYNC_CANCELLED"
+    template = "{what} was cancelled"
+
+
+class GuestError(SiteRecoveryError):
+    """The lab guest workload refused or failed: its control socket does not
+    answer, it could not quiesce, or its disks hold no (or a corrupt) journal."""
+
+    code = "GUEST_AGENT_ERROR"
+    category = Category.IO
+    template = "{detail}"

@@ -1,0 +1,63 @@
+"""Parsing and validation of user-given values (durations, sizes, names).
+
+Every function raises :class:`InvalidInput` naming the field, so that the CLI,
+the API and the portal refuse bad input the same way, before any side effect.
+"""
+
+from __future__ import annotations
+
+import re
+
+from siterecovery.domain.errors import InvalidInput
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def parse_duration(field: str, text: str | float | int, *, minimum: float = 0.0) -> float:
+    """Seconds from ``"30s"``, ``"5m"``, ``"24h"``, ``"1d"``, ``"250ms"`` or a number."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = _DURATION.match(text)
+        if not match:
+            raise InvalidInput(field=field, reason=f"'{text}' is not a duration (e.g. 30s, 5m, 24h)")
+        value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if value < minimum:
+        raise InvalidInput(field=field, reason=f"must be at least {minimum:g}s, got {value:g}s")
+    return value
+
+
+def parse_size(field: str, text: str | int, *, minimum: int = 1) -> int:
+    """Bytes from ``"1G"``, ``"512M"``, ``"64KiB"`` or a number (binary units)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.match(text)
+        if not match:
+            raise InvalidInput(field=field, reason=f"'{text}' is not a size (e.g. 1G, 512M)")
+        unit = (match[2] or "").lower().rstrip("b").rstrip("i")
+        value = int(float(match[1]) * _SIZE_UNITS[unit])
+    if value < minimum:
+        raise InvalidInput(field=field, reason=f"must be at least {minimum} bytes, got {value}")
+    return value
+
+
+def check_name(field: str, name: str) -> str:
+    """A name for a site, host, VM or switch: letters, digits, '.', '_', '-'."""
+    if not _NAME.match(name):
+        raise InvalidInput(
+            field=field,
+            reason=f"'{name}' is not a valid name (1-63 letters, digits, '.', '_', '-')",
+        )
+    return name
+
+
+def check_positive(field: str, value: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise InvalidInput(field=field, reason=f"must be at least {minimum}{upper}, got {value}")
+    return value

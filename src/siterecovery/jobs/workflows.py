@@ -1,0 +1,71 @@
+"""The workflows of siterecovery's jobs. Each step is idempotent (see runtime.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dbos import DBOS
+
+from siterecovery.domain.errors import JobCancelled
+from siterecovery.domain.lifecycle import ItemState
+from siterecovery.domain.model import utcnow
+from siterecovery.jobs.runtime import ProgressReporter, context, error_dict, job_scope, run_step
+from siterecovery.replication.cycle import PassOptions, run_pass
+
+
+@DBOS.workflow(name="protect")
+def protect_workflow(job_id: str, vm: str) -> None:
+    """Initial full sync to the recovery site, then continuous replication."""
+
+    def on_error(exc: BaseException) -> None:
+        state = ItemState.DISABLED
+        context().store.update_item(vm=vm, state=state, last_error=error_dict(exc))
+
+    with job_scope(job_id, on_error=on_error):
+        _prepare(job_id, vm)
+        report = _initial_sync(job_id, vm)
+        context().store.merge_job_result(job_id=job_id, initial_sync=report)
+        _enable(job_id, vm)
+
+
+@DBOS.step(name="protect.prepare")
+def _prepare(job_id: str, vm: str) -> dict[str, Any]:
+    def body() -> dict[str, Any]:
+        ctx = context()
+        item = ctx.store.get_item(vm=vm)
+        site = ctx.store.get_site(name=item.standby_site)
+        ctx.provider(site).prepare_site(site)
+        return {"source": item.active_site, "target": item.standby_site}
+
+    return run_step(job_id, "prepare", body)
+
+
+@DBOS.step(name="protect.initial-sync")
+def _initial_sync(job_id: str, vm: str) -> dict[str, Any]:
+    def body() -> dict[str, Any]:
+        reporter = ProgressReporter(job_id)
+
+        def cancelled() -> bool:
+            if reporter.cancelled():
+                raise JobCancelled(job=job_id)
+            return False
+
+        options = PassOptions(
+            tag=job_id, initial=True, progress=reporter, cancelled=cancelled
+        )
+        with context().item_lock(vm):
+            report = run_pass(context(), vm, options)
+        return report.to_dict()
+
+    return run_step(job_id, "initial-sync", body)
+
+
+@DBOS.step(name="protect.enable")
+def _enable(job_id: str, vm: str) -> dict[str, Any]:
+    def body() -> dict[str, Any]:
+        context().store.update_item(
+            vm=vm, state=ItemState.PROTECTED, last_cycle=utcnow(), last_error=None
+        )
+        return {"state": ItemState.PROTECTED.value}
+
+    return run_step(job_id, "enable-replication", body)

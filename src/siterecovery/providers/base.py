@@ -1,0 +1,134 @@
+"""The provider interface: what a site's hypervisor and storage must offer.
+
+A provider runs VMs and stores replicas for the sites that use it. The
+``local`` provider (embedded default) is a directory per site, a
+qemu-storage-daemon per running VM and a guest workload process; later ones
+(libvirt, page blobs) implement the same protocol. Providers are registered
+by name in :data:`PROVIDERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from siterecovery.disk.qmp import QmpClient
+from siterecovery.domain.model import Site, Vm, VmPower
+
+
+@dataclass(frozen=True, slots=True)
+class DiskAccess:
+    """Block-level access to the disks of one VM through a qemu-storage-daemon.
+
+    ``nodes`` maps a disk name to its block node (also its NBD export name);
+    ``work_dir`` is where point-in-time views may keep temporary files.
+    ``running`` tells whether the VM's own daemon serves them (guest active)
+    or a transient one opened for this access.
+    """
+
+    qmp: QmpClient
+    nbd_socket: Path
+    nodes: dict[str, str]
+    work_dir: Path
+    running: bool
+
+
+class GuestAgent(Protocol):
+    """The guest-tools channel of a running VM (quiesce for app-consistent points)."""
+
+    def quiesce(self, timeout: float = 60.0) -> int:
+        """Flush and pause guest writes; returns the last acknowledged record seq."""
+        ...
+
+    def thaw(self) -> None:
+        """Resume guest writes. Idempotent."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        ...
+
+
+class Provider(Protocol):
+    """Runs VMs and holds replica storage for the sites that use it.
+
+    Methods are idempotent where they say so and thread-safe per VM.
+    """
+
+    kind: str
+
+    def prepare_site(self, site: Site) -> None:
+        """Create the site's storage layout. Idempotent."""
+        ...
+
+    def create_vm(self, site: Site, vm: Vm) -> None:
+        """Create the VM's definition and blank disks. Idempotent."""
+        ...
+
+    def delete_vm(self, site: Site, vm: Vm) -> None:
+        """Stop the VM if running and delete its definition and disks. Idempotent."""
+        ...
+
+    def start_vm(self, site: Site, vm: Vm) -> None:
+        """Start the VM (disks served, workload running). Idempotent.
+
+        Raises VmInconsistent when the VM's disks hold an interrupted sync.
+        """
+        ...
+
+    def stop_vm(self, site: Site, vm: Vm, *, timeout: float = 30.0) -> None:
+        """Stop cleanly (guest flushed, change tracking kept consistent). Idempotent."""
+        ...
+
+    def power(self, site: Site, vm: Vm) -> VmPower:
+        ...
+
+    def disk_access(self, site: Site, vm: Vm) -> AbstractContextManager[DiskAccess]:
+        """Access to the VM's disks, whether it runs or not."""
+        ...
+
+    def guest(self, site: Site, vm: Vm) -> GuestAgent | None:
+        """The guest agent of a running VM with guest tools, else None."""
+        ...
+
+    def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
+        """Where the VM's disk image lives (qcow2)."""
+        ...
+
+    def replica_dir(self, site: Site, vm_name: str, disk: str) -> Path:
+        """Directory holding the recovery-point chain of one disk of one item."""
+        ...
+
+    def run_dir(self, site: Site, key: str) -> Path:
+        """A short private directory for unix sockets (paths are limited to 107 bytes)."""
+        ...
+
+
+ProviderFactory = Callable[[], Provider]
+PROVIDERS: dict[str, ProviderFactory] = {}
+
+
+def register(name: str) -> Callable[[ProviderFactory], ProviderFactory]:
+    def wrap(factory: ProviderFactory) -> ProviderFactory:
+        PROVIDERS[name] = factory
+        return factory
+
+    return wrap
+
+
+BUILTIN = ("siterecovery.providers.local.provider",)
+
+
+def load_builtins() -> None:
+    """Import the built-in providers so that they register themselves."""
+    import importlib
+
+    for module in BUILTIN:
+        importlib.import_module(module)
+
+
+def iter_provider_names() -> Iterator[str]:
+    load_builtins()
+    yield from sorted(PROVIDERS)

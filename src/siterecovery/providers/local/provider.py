@@ -1,0 +1,196 @@
+"""The ``local`` provider: a site is a directory, a VM a directory with qcow2 disks.
+
+Layout of a site directory::
+
+    SITE/site.json                         marker (provider, name)
+    SITE/vms/VM/vm.json                    the VM definition (model.Vm.to_dict())
+    SITE/vms/VM/disks/DISK.qcow2           its disks (persistent dirty bitmaps inside)
+    SITE/vms/VM/inconsistent               present while an interrupted sync owns the disks
+    SITE/vms/VM/fleece/                    temporary point-in-time views (replication)
+    SITE/replicas/VM/DISK/pNNNNNN.qcow2    recovery-point chain of an item (points/chain.py)
+
+A running VM is a detached ``qemu-storage-daemon`` (NBD + QMP on unix sockets in
+a short run directory under ``$SITERECOVERY_RUN_DIR`` or ``/tmp/siterecovery-run``)
+and, when the VM has guest tools, a guest workload process writing through NBD.
+Both survive a restart of the engine daemon, like real VMs would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from siterecovery.disk import qemu_img
+from siterecovery.disk.qsd import DiskSpec, StorageDaemon
+from siterecovery.domain.errors import VmInconsistent
+from siterecovery.domain.model import Site, Vm, VmPower
+from siterecovery.providers.base import DiskAccess, GuestAgent, register
+from siterecovery.providers.local import workload
+
+RUN_ROOT_ENV = "SITERECOVERY_RUN_DIR"
+
+
+def run_root() -> Path:
+    return Path(os.environ.get(RUN_ROOT_ENV, "/tmp/siterecovery-run"))
+
+
+class LocalProvider:
+    """VMs as qemu-storage-daemon + guest workload processes on this machine."""
+
+    kind = "local"
+
+    def prepare_site(self, site: Site) -> None:
+        root = Path(site.path)
+        for sub in ("vms", "replicas"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        marker = root / "site.json"
+        if not marker.exists():
+            marker.write_text(json.dumps({"name": site.name, "provider": self.kind}) + "\n")
+
+    def create_vm(self, site: Site, vm: Vm) -> None:
+        vm_dir = self._vm_dir(site, vm.name)
+        (vm_dir / "disks").mkdir(parents=True, exist_ok=True)
+        for disk in vm.disks:
+            path = self.disk_path(site, vm, disk.name)
+            if not path.exists():
+                qemu_img.create(path, disk.size)
+        (vm_dir / "vm.json").write_text(json.dumps(vm.to_dict(), indent=2) + "\n")
+
+    def delete_vm(self, site: Site, vm: Vm) -> None:
+        self.stop_vm(site, vm)
+        shutil.rmtree(self._vm_dir(site, vm.name), ignore_errors=True)
+        shutil.rmtree(self.run_dir(site, f"vm-{vm.name}"), ignore_errors=True)
+
+    def start_vm(self, site: Site, vm: Vm) -> None:
+        if self.is_inconsistent(site, vm):
+            raise VmInconsistent(vm=vm.name, site=site.name)
+        with self._lock(site, vm):
+            daemon = StorageDaemon.attach(self._vm_run(site, vm))
+            if daemon is None:
+                daemon = StorageDaemon.start(self._vm_run(site, vm), self._specs(site, vm))
+            if vm.workload and self._guest_pid(site, vm) is None:
+                self._spawn_workload(site, vm, daemon)
+
+    def stop_vm(self, site: Site, vm: Vm, *, timeout: float = 30.0) -> None:
+        with self._lock(site, vm):
+            pid = self._guest_pid(site, vm)
+            if pid is not None:
+                workload.stop(pid, timeout=timeout)
+            daemon = StorageDaemon.attach(self._vm_run(site, vm))
+            if daemon is not None:
+                daemon.stop(timeout=timeout)
+
+    def power(self, site: Site, vm: Vm) -> VmPower:
+        if self.is_inconsistent(site, vm):
+            return VmPower.INCONSISTENT
+        daemon = StorageDaemon.attach(self._vm_run(site, vm))
+        return VmPower.RUNNING if daemon is not None else VmPower.STOPPED
+
+    @contextmanager
+    def disk_access(self, site: Site, vm: Vm) -> Iterator[DiskAccess]:
+        work_dir = self._vm_dir(site, vm.name) / "fleece"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        nodes = {d.name: d.name for d in vm.disks}
+        daemon = StorageDaemon.attach(self._vm_run(site, vm))
+        if daemon is not None:
+            # Fast path: the running VM's own daemon serves the disks.
+            yield DiskAccess(daemon.qmp(), daemon.nbd_socket, nodes, work_dir, True)
+            return
+        # Slow path: a transient daemon, stopped cleanly (SIGTERM) afterwards.
+        with self._lock(site, vm):
+            transient = StorageDaemon.start(
+                self.run_dir(site, f"access-{vm.name}"), self._specs(site, vm), detached=False
+            )
+            try:
+                yield DiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
+            finally:
+                transient.stop()
+
+    def guest(self, site: Site, vm: Vm) -> GuestAgent | None:
+        if not vm.workload or self._guest_pid(site, vm) is None:
+            return None
+        return workload.WorkloadControl(self._vm_run(site, vm) / "workload.sock")
+
+    def guest_state(self, site: Site, vm: Vm) -> dict[str, object]:
+        """The workload's persisted state (last acknowledged seq…), or {}."""
+        path = self._vm_dir(site, vm.name) / "workload.json"
+        try:
+            data: dict[str, object] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
+
+    def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
+        return self._vm_dir(site, vm.name) / "disks" / f"{disk}.qcow2"
+
+    def replica_dir(self, site: Site, vm_name: str, disk: str) -> Path:
+        return Path(site.path) / "replicas" / vm_name / disk
+
+    def run_dir(self, site: Site, key: str) -> Path:
+        digest = hashlib.sha1(f"{Path(site.path).resolve()}|{key}".encode()).hexdigest()[:16]
+        return run_root() / digest
+
+    def is_inconsistent(self, site: Site, vm: Vm) -> bool:
+        return (self._vm_dir(site, vm.name) / "inconsistent").exists()
+
+    def set_inconsistent(self, site: Site, vm: Vm, value: bool) -> None:
+        marker = self._vm_dir(site, vm.name) / "inconsistent"
+        if value:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
+    def _vm_dir(self, site: Site, name: str) -> Path:
+        return Path(site.path) / "vms" / name
+
+    def _vm_run(self, site: Site, vm: Vm) -> Path:
+        return self.run_dir(site, f"vm-{vm.name}")
+
+    def _specs(self, site: Site, vm: Vm) -> list[DiskSpec]:
+        return [DiskSpec(node=d.name, path=self.disk_path(site, vm, d.name)) for d in vm.disks]
+
+    def _guest_pid(self, site: Site, vm: Vm) -> int | None:
+        """The pid of the VM's live workload (its command line names our socket)."""
+        run = self._vm_run(site, vm)
+        try:
+            pid = int((run / "workload.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(run / "workload.sock").encode() in cmdline else None
+
+    def _spawn_workload(self, site: Site, vm: Vm, daemon: StorageDaemon) -> None:
+        run = self._vm_run(site, vm)
+        pid = workload.spawn(
+            nbd_socket=daemon.nbd_socket,
+            exports=[d.name for d in vm.disks],
+            control=run / "workload.sock",
+            state=self._vm_dir(site, vm.name) / "workload.json",
+            log=self._vm_dir(site, vm.name) / "workload.log",
+            rate=float(os.environ.get("SITERECOVERY_WORKLOAD_RATE", "20")),
+            format_if_blank=True,
+        )
+        (run / "workload.pid").write_text(f"{pid}\n")
+
+    @contextmanager
+    def _lock(self, site: Site, vm: Vm) -> Iterator[None]:
+        path = self._vm_dir(site, vm.name) / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@register("local")
+def _factory() -> LocalProvider:
+    return LocalProvider()

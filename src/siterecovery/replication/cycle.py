@@ -1,0 +1,305 @@
+"""One replication pass: freeze the source, send what changed, seal a recovery point.
+
+The same pass serves the initial sync of ``protect`` (mode ``full`` onto a blank
+chain) and every later cycle (mode ``tracked`` from the dirty bitmaps, or
+``checksum`` when change tracking cannot be trusted). Its order makes it safe to
+interrupt anywhere and simply run again:
+
+1. quiesce the guest (app-consistent points only) and, per disk, atomically add
+   a new recording bitmap, freeze the older ones and open a point-in-time view;
+   thaw at once;
+2. write the changes into ``pNNNNNN.qcow2.partial`` (an overlay on the newest
+   sealed point) through a private qemu-storage-daemon; the initial sync
+   persists its offset so a restarted job resumes, not restarts;
+3. flush, rename the partial to its sealed name, record the point in the vault;
+4. only then drop the bitmaps older than the new one and release the views.
+
+A crash before (3) leaves the old bitmaps in place, so the next pass reads the
+union of every bitmap present: nothing written by the guest is ever skipped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from siterecovery.disk.checkpoints import PointInTimeView, Tracker
+from siterecovery.disk.digest import disk_digest
+from siterecovery.disk.nbd import NbdDevice
+from siterecovery.disk.qsd import DiskSpec, StorageDaemon
+from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
+from siterecovery.domain.errors import BitmapInconsistent, IntegrityError, SiteRecoveryError
+from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
+from siterecovery.points.chain import ReplicaChain, merge_into_parent
+from siterecovery.points.retention import points_to_drop
+from siterecovery.providers.base import DiskAccess, Provider
+from siterecovery.replication.sync import SyncMode, SyncOptions, SyncResult, sync
+from siterecovery.services.context import Context
+
+BITMAP_PREFIX = "sr-"
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PassOptions:
+    """How one pass runs. ``tag`` names its views and bitmap (unique per attempt,
+    except a job's initial sync, which keeps the job id so it can resume)."""
+
+    tag: str
+    initial: bool = False
+    app_consistent: bool = False
+    progress: Progress | None = None
+    cancelled: Callable[[], bool] | None = None
+    on_disk: Callable[[str, dict[str, Any]], None] | None = None
+
+
+@dataclass
+class PassReport:
+    point: RecoveryPoint
+    disks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": self.point.to_dict(), "disks": self.disks}
+
+
+def new_tag() -> str:
+    return "c" + uuid.uuid4().hex[:10]
+
+
+def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
+    """Replicate ``vm_name`` once and seal a recovery point (see module doc)."""
+    item = ctx.store.get_item(vm=vm_name)
+    source_site = ctx.store.get_site(name=item.active_site)
+    target_site = ctx.store.get_site(name=item.standby_site)
+    vm = ctx.store.get_vm(name=vm_name, site=item.active_site)
+    source, target = ctx.provider(source_site), ctx.provider(target_site)
+    _finish_pending_merges(ctx, vm_name)
+    seq = int(ctx.store.get_tracking(vm=vm_name).get("next_seq", 1))
+    with source.disk_access(source_site, vm) as access:
+        started = time.monotonic()
+        views, workload_seq = _freeze(source, source_site, vm, access, options)
+        moment = utcnow()
+        disks = {}
+        for disk in vm.disks:
+            chain = ReplicaChain(target.replica_dir(target_site, vm_name, disk.name), disk.size)
+            disks[disk.name] = _send_disk(
+                ctx, target, target_site, item, chain, seq, views[disk.name], disk.name, options
+            )
+        point = _seal(ctx, item, vm, target_site, seq, moment, disks, workload_seq, options)
+        for disk in vm.disks:
+            tracker = Tracker(access.qmp, access.nodes[disk.name], access.work_dir, access.nbd_socket)
+            _drop_older_bitmaps(tracker, keep=_bitmap_name(options.tag))
+            views[disk.name].release()
+        disks = {name: {**d, "seconds": round(time.monotonic() - started, 3)} for name, d in disks.items()}
+    apply_retention(ctx, item, target_site, target)
+    return PassReport(point=point, disks=disks)
+
+
+def _bitmap_name(tag: str) -> str:
+    return BITMAP_PREFIX + tag
+
+
+def _freeze(
+    provider: Provider, site: Site, vm: Vm, access: DiskAccess, options: PassOptions
+) -> tuple[dict[str, PointInTimeView], int | None]:
+    with ExitStack() as stack:
+        workload_seq = None
+        guest = provider.guest(site, vm) if options.app_consistent else None
+        if guest is not None:
+            workload_seq = guest.quiesce(timeout=60.0)
+            stack.callback(guest.thaw)
+        views = {d.name: _freeze_disk(access, d.name, options) for d in vm.disks}
+    return views, workload_seq
+
+
+def _freeze_disk(access: DiskAccess, disk: str, options: PassOptions) -> PointInTimeView:
+    tracker = Tracker(access.qmp, access.nodes[disk], access.work_dir, access.nbd_socket)
+    existing = tracker.find_view(options.tag)
+    if existing is not None:
+        return existing
+    tracker.cleanup_views(keep_tags=(options.tag,))
+    since = [] if options.initial else [b.name for b in tracker.bitmaps()]
+    if any(b.inconsistent for b in tracker.bitmaps()):
+        since = []
+    return tracker.freeze(options.tag, new_checkpoint=_bitmap_name(options.tag), since=since)
+
+
+def _send_disk(
+    ctx: Context,
+    target: Provider,
+    target_site: Site,
+    item: Item,
+    chain: ReplicaChain,
+    seq: int,
+    view: PointInTimeView,
+    disk: str,
+    options: PassOptions,
+) -> dict[str, Any]:
+    mode = _mode(options, view, chain)
+    resume = _resume_offset(ctx, item.vm, options.tag, disk) if options.initial else 0
+    if not resume:
+        chain.discard_partials()
+    partial = chain.begin(seq, backing=chain.head())
+    run_dir = target.run_dir(target_site, f"writer-{item.vm}-{disk}")
+    with _writer(run_dir, partial) as dst, view.open() as raw_src:
+        src = CountingDevice(_throttled(raw_src, item.policy.max_rate))
+        result = sync(
+            src,
+            dst,
+            SyncOptions(
+                mode=mode,
+                threads=item.policy.threads,
+                resume_offset=resume,
+                target_is_blank=chain.head() is None,
+            ),
+            progress=options.progress,
+            checkpoint=lambda offset: _save_offset(ctx, item.vm, options.tag, disk, offset),
+            cancelled=options.cancelled,
+        )
+        report = _disk_report(result, mode, src)
+        if item.policy.verify_points or options.initial:
+            report.update(_verify(raw_src, dst, disk))
+    if options.on_disk:
+        options.on_disk(disk, report)
+    return report
+
+
+def _mode(options: PassOptions, view: PointInTimeView, chain: ReplicaChain) -> SyncMode:
+    if chain.head() is None:
+        return SyncMode.FULL
+    if options.initial:
+        # A chain exists but this is a new protection: only differing blocks move.
+        return SyncMode.CHECKSUM
+    # Slow path: no trustworthy bitmap (VM crash, lost tracking) -> checksums.
+    return SyncMode.TRACKED if view.has_bitmap else SyncMode.CHECKSUM
+
+
+def _throttled(device: NbdDevice, max_rate: int) -> Any:
+    return RateLimitedDevice(device, max_rate) if max_rate > 0 else device
+
+
+def _disk_report(result: SyncResult, mode: SyncMode, counted: CountingDevice) -> dict[str, Any]:
+    return {**result.to_dict(), "mode": mode.value, "source_bytes_read": counted.counts.bytes_read}
+
+
+def _verify(src: NbdDevice, dst: NbdDevice, disk: str) -> dict[str, Any]:
+    """Whole-disk digests of the frozen source and of the new point (integrity proof)."""
+    source, target = disk_digest(src), disk_digest(dst)
+    if source != target:
+        raise IntegrityError(what=f"disk {disk}", source=source, target=target)
+    return {"source_digest": source, "target_digest": target}
+
+
+@contextmanager
+def _writer(run_dir: Path, partial: Path) -> Iterator[NbdDevice]:
+    stale = StorageDaemon.attach(run_dir)
+    if stale is not None:
+        stale.kill()
+    daemon = StorageDaemon.start(run_dir, [DiskSpec(node="w0", path=partial)], detached=False)
+    try:
+        with NbdDevice.connect(daemon.nbd_socket, "w0", writable=True) as device:
+            yield device
+            device.flush()
+    finally:
+        daemon.stop()
+
+
+def _resume_offset(ctx: Context, vm: str, tag: str, disk: str) -> int:
+    state = ctx.store.get_tracking(vm=vm).get("resume") or {}
+    if state.get("tag") != tag:
+        return 0
+    return int(state.get("offsets", {}).get(disk, 0))
+
+
+def _save_offset(ctx: Context, vm: str, tag: str, disk: str, offset: int) -> None:
+    state = ctx.store.get_tracking(vm=vm).get("resume") or {}
+    offsets = state.get("offsets", {}) if state.get("tag") == tag else {}
+    ctx.store.merge_tracking(vm=vm, resume={"tag": tag, "offsets": {**offsets, disk: offset}})
+
+
+def _seal(
+    ctx: Context,
+    item: Item,
+    vm: Vm,
+    site: Site,
+    seq: int,
+    moment: datetime,
+    disks: dict[str, dict[str, Any]],
+    workload_seq: int | None,
+    options: PassOptions,
+) -> RecoveryPoint:
+    target = ctx.provider(site)
+    files = {}
+    for disk in vm.disks:
+        chain = ReplicaChain(target.replica_dir(site, item.vm, disk.name), disk.size)
+        files[disk.name] = chain.seal(seq).name
+    point = RecoveryPoint(
+        id=f"{item.vm}-{seq:06d}",
+        vm=item.vm,
+        site=site.name,
+        seq=seq,
+        time=moment,
+        type=PointType.APP_CONSISTENT if workload_seq is not None else PointType.CRASH_CONSISTENT,
+        files=files,
+        bytes=sum(int(d.get("bytes_written", 0)) for d in disks.values()),
+        source_digests={n: d["source_digest"] for n, d in disks.items() if "source_digest" in d},
+        workload_seq=workload_seq,
+    )
+    ctx.store.add_point(point=point)
+    ctx.store.merge_tracking(vm=item.vm, next_seq=seq + 1, resume=None, last_pass=disks)
+    return point
+
+
+def _drop_older_bitmaps(tracker: Tracker, *, keep: str) -> None:
+    tracker.drop([b.name for b in tracker.bitmaps() if b.name != keep])
+
+
+def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) -> list[str]:
+    """Thin the item's points by its policy; returns the ids removed."""
+    points = ctx.store.list_points(vm=item.vm, site=site.name)
+    doomed = points_to_drop(points, now=utcnow(), retention=item.policy.retention)
+    removed = []
+    for point in doomed:
+        current = ctx.store.list_points(vm=item.vm, site=site.name)
+        index = next(i for i, p in enumerate(current) if p.id == point.id)
+        child = current[index + 1]
+        grandchild = current[index + 2] if index + 2 < len(current) else None
+        merges = [
+            {
+                "dir": str(provider.replica_dir(site, item.vm, disk)),
+                "child": child.files[disk],
+                "parent": point.files[disk],
+                "grandchild": grandchild.files[disk] if grandchild else None,
+            }
+            for disk in point.files
+        ]
+        # Record the intent first: a crash in the middle is finished on the next pass.
+        ctx.store.merge_tracking(vm=item.vm, pending_merges=merges)
+        ctx.store.delete_points(ids=[point.id])
+        ctx.store.update_point_files(point_id=child.id, files=dict(point.files))
+        _finish_pending_merges(ctx, item.vm)
+        removed.append(point.id)
+    return removed
+
+
+def _finish_pending_merges(ctx: Context, vm: str) -> None:
+    for merge in ctx.store.get_tracking(vm=vm).get("pending_merges") or []:
+        directory = Path(merge["dir"])
+        grandchild = directory / merge["grandchild"] if merge["grandchild"] else None
+        merge_into_parent(directory / merge["child"], directory / merge["parent"], grandchild)
+    ctx.store.merge_tracking(vm=vm, pending_merges=[])
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, SiteRecoveryError):
+        return {**exc.to_dict(), "time": utcnow().isoformat()}
+    return {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}", "time": utcnow().isoformat()}
+
+
+__all__ = ["BitmapInconsistent", "PassOptions", "PassReport", "new_tag", "run_pass"]

@@ -1,0 +1,101 @@
+"""The replication scheduler: runs a pass for every protected item when it is due.
+
+A background thread wakes every ``tick`` seconds, picks the items in state
+``protected`` whose last pass is older than their policy interval and runs
+their passes on a small thread pool (one pass per item at a time, under the
+item's lock). A pass that fails records ``last_error`` on the item and is
+retried at the next interval; the item's health shows it. Restarting the
+daemon restarts the scheduler, which picks up where the vault says.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+
+from siterecovery.domain.lifecycle import ItemState, Operation, require
+from siterecovery.domain.model import Item, utcnow
+from siterecovery.replication.cycle import PassOptions, PassReport, describe_error, new_tag, run_pass
+from siterecovery.services.context import Context
+
+log = logging.getLogger(__name__)
+
+
+def is_due(item: Item, now: datetime) -> bool:
+    if item.state is not ItemState.PROTECTED:
+        return False
+    if item.last_cycle is None:
+        return True
+    return (now - item.last_cycle).total_seconds() >= item.policy.interval
+
+
+def wants_app_consistent(item: Item) -> bool:
+    every = item.policy.app_consistent_every
+    return every > 0 and (item.cycles + 1) % every == 0
+
+
+def replicate_now(ctx: Context, vm: str, *, app_consistent: bool | None = None) -> PassReport:
+    """Run one pass of ``vm`` now (under its lock) and record the outcome on the item."""
+    with ctx.item_lock(vm):
+        item = ctx.store.get_item(vm=vm)
+        require(item.state, Operation.REPLICATE, vm=vm)
+        consistent = wants_app_consistent(item) if app_consistent is None else app_consistent
+        try:
+            report = run_pass(ctx, vm, PassOptions(tag=new_tag(), app_consistent=consistent))
+        except Exception as exc:
+            ctx.store.update_item(vm=vm, last_error=describe_error(exc), last_cycle=utcnow())
+            raise
+        ctx.store.update_item(
+            vm=vm, cycles=item.cycles + 1, last_cycle=utcnow(), last_error=None
+        )
+        return report
+
+
+class Scheduler:
+    """Background replication of every protected item."""
+
+    def __init__(self, ctx: Context, *, workers: int = 4, tick: float = 1.0) -> None:
+        self.ctx = ctx
+        self.tick = tick
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="replicate")
+        self._running: dict[str, Future[None]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self._dispatch()
+            except Exception:  # the loop must survive a bad tick
+                log.exception("replication scheduler tick failed")
+
+    def _dispatch(self) -> None:
+        now = utcnow()
+        for item in self.ctx.store.list_items():
+            busy = self._running.get(item.vm)
+            if busy is not None and not busy.done():
+                continue
+            if is_due(item, now):
+                self._running[item.vm] = self._pool.submit(self._run, item.vm)
+
+    def _run(self, vm: str) -> None:
+        if self._stop.is_set():
+            return
+        item = self.ctx.store.find_item(vm=vm)
+        if item is None or item.state is not ItemState.PROTECTED:
+            return
+        try:
+            replicate_now(self.ctx, vm)
+        except Exception as exc:
+            log.warning("replication of %s failed: %s", vm, exc)

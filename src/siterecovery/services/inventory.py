@@ -1,0 +1,147 @@
+"""Sites, hosts and VMs: the inventory the vault keeps and the providers run.
+
+Every function validates all of its input before its first side effect, so a
+refused call leaves the vault and the disks as they were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from siterecovery.domain.errors import AlreadyExists, InvalidInput
+from siterecovery.domain.model import DiskDef, Host, OsType, Site, SiteRole, Vm, VmPower
+from siterecovery.domain.values import check_name, parse_size
+from siterecovery.services.context import Context
+
+MAX_DISKS = 8
+DEFAULT_DISK = "1G"
+
+
+def add_site(ctx: Context, *, name: str, provider: str, path: str, role: str) -> Site:
+    check_name("name", name)
+    site = Site(name=name, provider=provider, path=str(Path(path).absolute()), role=_role(role))
+    impl = ctx.provider(provider)
+    if any(s.name == name for s in ctx.store.list_sites()):
+        raise AlreadyExists(kind="site", name=name)
+    impl.prepare_site(site)
+    return ctx.store.add_site(site=site)
+
+
+def _role(role: str) -> SiteRole:
+    try:
+        return SiteRole(role)
+    except ValueError:
+        raise InvalidInput(field="role", reason=f"'{role}' is not one of on-premises, cloud") from None
+
+
+def add_host(ctx: Context, *, site: str, name: str, switches: list[str]) -> Host:
+    check_name("name", name)
+    for switch in switches:
+        check_name("switch", switch)
+    owner = ctx.store.get_site(name=site)
+    host = Host(site=owner.name, name=name, switches=tuple(switches), kind=ctx.provider(owner).kind)
+    return ctx.store.add_host(host=host)
+
+
+def create_vm(
+    ctx: Context,
+    *,
+    name: str,
+    host: str,
+    disks: list[str],
+    os: str = "linux",
+    switch: str | None = None,
+    workload: bool = True,
+    start: bool = True,
+) -> Vm:
+    """Create a VM on ``host`` with blank disks, and start it unless told not to."""
+    vm = _new_vm(ctx, name=name, host=host, disks=disks, os=os, switch=switch, workload=workload)
+    site = ctx.store.get_site(name=vm.site)
+    provider = ctx.provider(site)
+    provider.create_vm(site, vm)
+    ctx.store.add_vm(vm=vm)
+    if start:
+        provider.start_vm(site, vm)
+    return vm
+
+
+def _new_vm(
+    ctx: Context,
+    *,
+    name: str,
+    host: str,
+    disks: list[str],
+    os: str,
+    switch: str | None,
+    workload: bool,
+) -> Vm:
+    check_name("name", name)
+    owner = ctx.store.get_host(name=host)
+    sizes = [parse_size("disk", d, minimum=64 << 20) for d in disks or [DEFAULT_DISK]]
+    if len(sizes) > MAX_DISKS:
+        raise InvalidInput(field="disk", reason=f"at most {MAX_DISKS} disks, got {len(sizes)}")
+    nic = switch or (owner.switches[0] if owner.switches else None)
+    if nic is not None and nic not in owner.switches:
+        raise InvalidInput(
+            field="switch",
+            reason=f"host '{host}' has no switch '{nic}' (it has: {', '.join(owner.switches)})",
+        )
+    if ctx.store.find_vms(name=name):
+        raise AlreadyExists(kind="VM", name=name)
+    return Vm(
+        name=name,
+        site=owner.site,
+        host=owner.name,
+        os=_os(os),
+        disks=tuple(DiskDef(name=f"d{i}", size=s) for i, s in enumerate(sizes)),
+        nics=(nic,) if nic else (),
+        workload=workload,
+    )
+
+
+def _os(value: str) -> OsType:
+    try:
+        return OsType(value)
+    except ValueError:
+        raise InvalidInput(field="os", reason=f"'{value}' is not one of linux, windows") from None
+
+
+def vm_view(ctx: Context, vm: Vm) -> dict[str, Any]:
+    """The JSON of a VM: its definition, power state and guest state."""
+    site = ctx.store.get_site(name=vm.site)
+    provider = ctx.provider(site)
+    view = {**vm.to_dict(), "power": provider.power(site, vm).value}
+    guest_state = getattr(provider, "guest_state", None)
+    if callable(guest_state):
+        view["guest"] = guest_state(site, vm)
+    return view
+
+
+def list_vms(ctx: Context, *, site: str | None = None) -> list[dict[str, Any]]:
+    if site is not None:
+        ctx.store.get_site(name=site)
+    return [vm_view(ctx, vm) for vm in ctx.store.find_vms(site=site)]
+
+
+def show_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:
+    return vm_view(ctx, ctx.store.get_vm(name=name, site=site))
+
+
+def start_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:
+    vm = ctx.store.get_vm(name=name, site=site)
+    owner = ctx.store.get_site(name=vm.site)
+    ctx.provider(owner).start_vm(owner, vm)
+    return vm_view(ctx, vm)
+
+
+def stop_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:
+    vm = ctx.store.get_vm(name=name, site=site)
+    owner = ctx.store.get_site(name=vm.site)
+    ctx.provider(owner).stop_vm(owner, vm)
+    return vm_view(ctx, vm)
+
+
+def power(ctx: Context, vm: Vm) -> VmPower:
+    site = ctx.store.get_site(name=vm.site)
+    return ctx.provider(site).power(site, vm)

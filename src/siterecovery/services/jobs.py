@@ -1,0 +1,40 @@
+"""Jobs as users see them: list, show, wait, cancel."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from siterecovery.domain.errors import RuleViolation
+from siterecovery.domain.model import Job, JobState
+from siterecovery.services.context import Context
+
+WAIT_STATES = (JobState.AWAITING_COMPLETION, JobState.AWAITING_ACTION)
+
+
+def list_jobs(ctx: Context, *, vm: str | None = None) -> list[dict[str, Any]]:
+    return [job.to_dict() for job in ctx.store.list_jobs(vm=vm)]
+
+
+def show_job(ctx: Context, *, job_id: str) -> dict[str, Any]:
+    return ctx.store.get_job(job_id=job_id).to_dict()
+
+
+def wait_job(ctx: Context, *, job_id: str, timeout: float = 60.0, poll: float = 0.25) -> Job:
+    """The job once finished or awaiting the user, or as it is after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = ctx.store.get_job(job_id=job_id)
+        if job.state.finished or job.state in WAIT_STATES or time.monotonic() >= deadline:
+            return job
+        time.sleep(poll)
+
+
+def cancel_job(ctx: Context, *, job_id: str, request_cancel: Any) -> dict[str, Any]:
+    job = ctx.store.get_job(job_id=job_id)
+    if job.state.finished:
+        raise RuleViolation(
+            detail=f"job '{job_id}' is already {job.state.value}; only running jobs can be cancelled"
+        )
+    request_cancel(job_id)
+    return ctx.store.get_job(job_id=job_id).to_dict()

@@ -1,0 +1,40 @@
+"""The lab: the embedded default a newcomer starts from (idempotent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from siterecovery.domain.model import SiteRole
+from siterecovery.services import inventory
+from siterecovery.services.context import Context
+
+SITES = (
+    ("onprem", SiteRole.ON_PREMISES, "hv01"),
+    ("cloud", SiteRole.CLOUD, "cloud-host"),
+)
+SWITCH = "vswitch-prod"
+VMS = (("web01", "hv01"), ("db01", "hv01"))
+DISK = "1G"
+
+
+def lab_up(ctx: Context) -> dict[str, Any]:
+    """Sites onprem and cloud, their hosts, and running VMs web01 and db01."""
+    existing_sites = {s.name for s in ctx.store.list_sites()}
+    existing_hosts = {h.name for h in ctx.store.list_hosts()}
+    for name, role, host in SITES:
+        if name not in existing_sites:
+            path = ctx.vault_dir / "sites" / name
+            inventory.add_site(ctx, name=name, provider="local", path=str(path), role=role.value)
+        if host not in existing_hosts:
+            inventory.add_host(ctx, site=name, name=host, switches=[SWITCH])
+    for vm, host in VMS:
+        if not ctx.store.find_vms(name=vm):
+            inventory.create_vm(ctx, name=vm, host=host, disks=[DISK], switch=SWITCH)
+        else:
+            for found in ctx.store.find_vms(name=vm):
+                inventory.start_vm(ctx, name=found.name, site=found.site)
+    return {
+        "sites": [s.to_dict() for s in ctx.store.list_sites()],
+        "hosts": [h.to_dict() for h in ctx.store.list_hosts()],
+        "vms": inventory.list_vms(ctx),
+    }
