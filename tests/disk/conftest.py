@@ -23,7 +23,7 @@ from .support import DISK_SIZE, NODE, Served, StartQsd
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short, private directory (sockets fit), removed at teardown."""
-    path = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="srd-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -45,7 +45,7 @@ def digest(device: BlockDevice, offset: int = 0, length: int | None = None) -> s
     return h.hexdigest()
 
 
-def sha(data: bytes | memoryview) -> str:
+def sha(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -176,13 +176,20 @@ def test_qmp_buffers_events_for_wait_event(served: Served) -> None:
         qmp.wait_event("BLOCK_EXPORT_DELETED", timeout=0.1)
 
 
-def test_a_second_qmp_client_and_close(served: Served) -> None:
-    client = QmpClient.connect(served.daemon.qmp_socket)
-    assert client.execute("query-block-exports")
-    client.close()
-    client.close()
+def test_the_monitor_serves_one_client_shared_in_the_process(served: Served) -> None:
+    shared = served.daemon.qmp()
+    attached = StorageDaemon.attach(served.daemon.run_dir)
+    assert attached is not None
+    assert attached.qmp() is shared
+    with pytest.raises(DiskError, match="no greeting"):
+        QmpClient.connect(served.daemon.qmp_socket, timeout=0.3)
+    shared.close()
+    shared.close()  # Idempotent.
     with pytest.raises(DiskError, match="closed"):
-        client.execute("query-block-exports")
+        shared.execute("query-block-exports")
+    again = served.daemon.qmp()
+    assert again is not shared
+    assert again.execute("query-block-exports")
 
 
 def test_qmp_connect_to_nothing_is_a_disk_error(workdir: Path) -> None:

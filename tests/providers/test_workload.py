@@ -13,7 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) 
         time.sleep(0.02)
 
 
-def digest(devices: list[BlockDevice]) -> str:
+def digest(devices: Sequence[BlockDevice]) -> str:
     """sha256 over every byte of every device, in order."""
     h = hashlib.sha256()
     buf = bytearray(MiB)
@@ -61,7 +61,7 @@ def digest(devices: list[BlockDevice]) -> str:
     return h.hexdigest()
 
 
-def copy_to_raw(devices: list[BlockDevice], directory: Path) -> list[FileDevice]:
+def copy_to_raw(devices: Sequence[BlockDevice], directory: Path) -> list[FileDevice]:
     """Copy every device, whole, to a raw file; open the copies writable."""
     copies = []
     buf = bytearray(MiB)
@@ -84,7 +84,7 @@ def flip_byte(device: BlockDevice, offset: int) -> None:
     device.write(offset, memoryview(buf))
 
 
-def write_data_of(devices: list[BlockDevice], seq: int, *, upto: int | None = None) -> None:
+def write_data_of(devices: Sequence[BlockDevice], seq: int, *, upto: int | None = None) -> None:
     """Write (the first ``upto`` bytes of) record ``seq``'s data, without its record."""
     superblock = journal.read_superblock(devices[0])
     assert superblock is not None
@@ -93,7 +93,7 @@ def write_data_of(devices: list[BlockDevice], seq: int, *, upto: int | None = No
     devices[record.disk].write(record.offset, data.data)
 
 
-def write_record_of(devices: list[BlockDevice], seq: int) -> None:
+def write_record_of(devices: Sequence[BlockDevice], seq: int) -> None:
     """Write record ``seq``'s slot, without its data."""
     superblock = journal.read_superblock(devices[0])
     assert superblock is not None
@@ -468,8 +468,8 @@ def test_a_restarted_workload_continues_the_journal(vm: Vm) -> None:
     status = vm.client().status()
     grown = vm.wait_seq(above=last)
 
-    assert (status["seed"], status["records"]) == (5, 0)
-    assert status["seq"] == last
+    assert status["seed"] == 5
+    assert status["seq"] - status["records"] == last
     assert grown > last
     assert "--seed 6 ignored" in vm.log.read_text()
     workload.stop(vm.pids[-1])
@@ -515,9 +515,8 @@ def test_bad_control_requests_get_an_error_reply(vm: Vm) -> None:
     vm.spawn(rate=0)
 
     replies = []
-    with socket.socket(socket.AF_UNIX) as sock:
+    with socket.socket(socket.AF_UNIX) as sock, sock.makefile("rb") as reader:
         sock.connect(str(vm.control))
-        reader = sock.makefile("rb")
         for line in (b"not json\n", b'{"op": "reboot"}\n', b'{"op": "quiesce", "timeout": -1}\n'):
             sock.sendall(line)
             replies.append(json.loads(reader.readline()))

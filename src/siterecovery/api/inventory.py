@@ -40,6 +40,11 @@ def lab_up(ctx: Ctx) -> dict[str, Any]:
     return lab.lab_up(ctx)
 
 
+@router.post("/lab/down")
+def lab_down(ctx: Ctx) -> dict[str, Any]:
+    return lab.lab_down(ctx)
+
+
 @router.get("/sites")
 def list_sites(ctx: Ctx) -> list[dict[str, Any]]:
     return [s.to_dict() for s in ctx.store.list_sites()]

@@ -1,0 +1,1 @@
+"""The `siterecovery` command line: a thin client of the daemon's REST API (see main)."""

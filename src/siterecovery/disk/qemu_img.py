@@ -107,7 +107,7 @@ def bitmaps(path: Path) -> list[BitmapInfo]:
 
 def add_bitmap(path: Path, name: str, enable: bool = True) -> None:
     """Add a persistent bitmap (recording when ``enable``) to a closed image."""
-    _run("bitmap", "--add", *(["--enable"] if enable else []), str(path), name)
+    _run("bitmap", "--add", "--enable" if enable else "--disable", str(path), name)
 
 
 def remove_bitmap(path: Path, name: str) -> None:

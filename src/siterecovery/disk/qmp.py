@@ -96,6 +96,7 @@ class QmpClient:
         """Take the first buffered or incoming event ``name`` whose data satisfies
         ``predicate``; raise DiskError after ``timeout`` seconds (default: the
         client's timeout). Matched events leave the buffer; others stay.
+        Holds the client's lock while it waits: other threads' commands wait too.
         """
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         with self._lock:

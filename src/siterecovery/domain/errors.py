@@ -43,7 +43,7 @@ class Category(StrEnum):
 class SiteRecoveryError(Exception):
     """Root of every error siterecovery raises on purpose."""
 
-    code: ClassVar[str] = "INTERNAL"
+    code: ClassVar[str] = "ERROR"
     category: ClassVar[Category] = Category.INTERNAL
     template: ClassVar[str] = "{detail}"
 

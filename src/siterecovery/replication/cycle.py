@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from siterecovery.disk.checkpoints import PointInTimeView, Tracker
+from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
@@ -43,6 +43,7 @@ from siterecovery.replication.sync import SyncMode, SyncOptions, SyncResult, syn
 from siterecovery.services.context import Context
 
 BITMAP_PREFIX = "sr-"
+CHECKPOINT_EVERY = 8 << 20  # bytes between persisted offsets of a resumable sync
 Progress = Callable[[int, int], None]
 
 
@@ -56,7 +57,6 @@ class PassOptions:
     app_consistent: bool = False
     progress: Progress | None = None
     cancelled: Callable[[], bool] | None = None
-    on_disk: Callable[[str, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -95,7 +95,7 @@ def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
         for disk in vm.disks:
             tracker = Tracker(access.qmp, access.nodes[disk.name], access.work_dir, access.nbd_socket)
             _drop_older_bitmaps(tracker, keep=_bitmap_name(options.tag))
-            views[disk.name].release()
+            views[disk.name].view.release()
         disks = {name: {**d, "seconds": round(time.monotonic() - started, 3)} for name, d in disks.items()}
     apply_retention(ctx, item, target_site, target)
     return PassReport(point=point, disks=disks)
@@ -107,7 +107,7 @@ def _bitmap_name(tag: str) -> str:
 
 def _freeze(
     provider: Provider, site: Site, vm: Vm, access: DiskAccess, options: PassOptions
-) -> tuple[dict[str, PointInTimeView], int | None]:
+) -> tuple[dict[str, Frozen], int | None]:
     with ExitStack() as stack:
         workload_seq = None
         guest = provider.guest(site, vm) if options.app_consistent else None
@@ -118,16 +118,35 @@ def _freeze(
     return views, workload_seq
 
 
-def _freeze_disk(access: DiskAccess, disk: str, options: PassOptions) -> PointInTimeView:
+@dataclass(frozen=True, slots=True)
+class Frozen:
+    """A disk's point-in-time view and the state of its change tracking."""
+
+    view: PointInTimeView
+    tracking: str
+
+
+def _freeze_disk(access: DiskAccess, disk: str, options: PassOptions) -> Frozen:
     tracker = Tracker(access.qmp, access.nodes[disk], access.work_dir, access.nbd_socket)
     existing = tracker.find_view(options.tag)
     if existing is not None:
-        return existing
+        return Frozen(existing, "resumed")
     tracker.cleanup_views(keep_tags=(options.tag,))
-    since = [] if options.initial else [b.name for b in tracker.bitmaps()]
-    if any(b.inconsistent for b in tracker.bitmaps()):
-        since = []
-    return tracker.freeze(options.tag, new_checkpoint=_bitmap_name(options.tag), since=since)
+    bitmaps = tracker.bitmaps()
+    reason = tracking_state(options, bitmaps)
+    since = [b.name for b in bitmaps] if reason == "bitmap" else []
+    view = tracker.freeze(options.tag, new_checkpoint=_bitmap_name(options.tag), since=since)
+    return Frozen(view, reason)
+
+
+def tracking_state(options: PassOptions, bitmaps: list[BitmapState]) -> str:
+    """Why a pass can (``bitmap``) or cannot trust change tracking."""
+    if options.initial:
+        return "initial"
+    if any(b.inconsistent for b in bitmaps):
+        # The VM stopped uncleanly: its bitmaps may miss writes.
+        return "inconsistent-bitmap"
+    return "bitmap" if bitmaps else "no-bitmap"
 
 
 def _send_disk(
@@ -137,10 +156,11 @@ def _send_disk(
     item: Item,
     chain: ReplicaChain,
     seq: int,
-    view: PointInTimeView,
+    frozen: Frozen,
     disk: str,
     options: PassOptions,
 ) -> dict[str, Any]:
+    view = frozen.view
     mode = _mode(options, view, chain)
     resume = _resume_offset(ctx, item.vm, options.tag, disk) if options.initial else 0
     if not resume:
@@ -157,6 +177,7 @@ def _send_disk(
                 threads=item.policy.threads,
                 resume_offset=resume,
                 target_is_blank=chain.head() is None,
+                checkpoint_every=CHECKPOINT_EVERY,
             ),
             progress=options.progress,
             checkpoint=lambda offset: _save_offset(ctx, item.vm, options.tag, disk, offset),
@@ -165,9 +186,7 @@ def _send_disk(
         report = _disk_report(result, mode, src)
         if item.policy.verify_points or options.initial:
             report.update(_verify(raw_src, dst, disk))
-    if options.on_disk:
-        options.on_disk(disk, report)
-    return report
+    return {**report, "tracking": frozen.tracking}
 
 
 def _mode(options: PassOptions, view: PointInTimeView, chain: ReplicaChain) -> SyncMode:

@@ -65,8 +65,8 @@ class SyncMode(StrEnum):
 class SyncOptions:
     """How to sync. Sizes and offsets are bytes.
 
-    ``chunk_size`` is the largest read or write sent in one request and a
-    multiple of ``block_size``. ``block_size`` is the unit of checksum
+    ``chunk_size`` is the largest read, write or zero sent in one request
+    (one work item) and a multiple of ``block_size``. ``block_size`` is the unit of checksum
     comparison and of zero detection in copied data. Its 64 KiB default comes
     from a measurement on a 256 MiB file in the page cache (``block_digests``
     with 1/2 threads): 4 KiB hashes at 7.8/11 GB/s, 16 KiB at 11.8/17.8,
@@ -79,7 +79,7 @@ class SyncOptions:
     it is read or written (checksum mode rounds it down to a block).
     ``target_is_blank`` says the target reads as zeroes already (a new sparse
     image): zero ranges then need no request at all. ``checkpoint_every``
-    is how many bytes of reading may pass between two checkpoints.
+    is how many bytes read for copying may pass between two checkpoints.
     """
 
     mode: SyncMode
@@ -134,13 +134,21 @@ class Sink(Protocol):
     A block device is a sink; a later one streams segments to the other site.
     """
 
-    def write(self, offset: int, buf: memoryview) -> None: ...
+    def write(self, offset: int, buf: memoryview) -> None:
+        """Store all of ``buf`` at ``offset``; ``buf`` is reused after the call."""
+        ...
 
-    def zero(self, offset: int, length: int) -> None: ...
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeroes (no data moves)."""
+        ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Make durable every completed write of *every* sink of the same target."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the sink. Idempotent."""
+        ...
 
 
 def sync(
@@ -159,10 +167,12 @@ def sync(
     used from the calling thread only (planning, final flush); workers use
     clones. ``progress`` counts bytes read (total = planned reads; in checksum
     mode the total grows once, when the differing blocks are known).
-    ``checkpoint`` is called after ``dst.flush()``, with increasing offsets,
-    about every ``checkpoint_every`` bytes read, on cancellation and at the end
-    (``src.size``). Raises SyncCancelled (its ``resume_offset`` is the last
-    checkpoint) or the first error of any worker, after joining them all.
+    ``checkpoint`` is called after a flush of ``dst`` (through any of its
+    handles), with increasing offsets, one call at a time (from a worker, or
+    the calling thread on cancellation and at the end, with ``src.size``),
+    about every ``checkpoint_every`` bytes copied. Raises SyncCancelled (its
+    ``resume_offset`` is the last checkpoint) or the first error of any
+    worker, after joining them all.
     """
     started = time.monotonic()
     _check_sizes(src, dst)
@@ -344,7 +354,8 @@ class _Tally:
         self._next_seq = 0
         self._watermark = start
         self._saved = start
-        self._done_at_save = 0
+        self._copied = 0
+        self._copied_at_save = 0
         self._saving = threading.Lock()
 
     @property
@@ -381,8 +392,9 @@ class _Tally:
                 self._watermark = self._finished.pop(self._next_seq)
                 self._next_seq += 1
             self._done += nbytes
+            self._copied += nbytes
             self._report()
-            return self._done - self._done_at_save >= self._every
+            return self._copied - self._copied_at_save >= self._every
 
     def save(self, sink: Sink, offset: int | None = None) -> None:
         """Flush ``sink`` and checkpoint the watermark (or ``offset``, when all is done).
@@ -394,12 +406,12 @@ class _Tally:
         try:
             with self._lock:
                 target = self._watermark if offset is None else offset
-                done = self._done
+                copied = self._copied
             if target > self._saved:
                 sink.flush()
                 if self._checkpoint is not None:
                     self._checkpoint(target)
-                self._saved, self._done_at_save = target, done
+                self._saved, self._copied_at_save = target, copied
         finally:
             self._saving.release()
 

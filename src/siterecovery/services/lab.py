@@ -38,3 +38,13 @@ def lab_up(ctx: Context) -> dict[str, Any]:
         "hosts": [h.to_dict() for h in ctx.store.list_hosts()],
         "vms": inventory.list_vms(ctx),
     }
+
+
+def lab_down(ctx: Context) -> dict[str, Any]:
+    """Stop every VM of every site cleanly (disks and vault are kept)."""
+    stopped = []
+    for vm in ctx.store.find_vms():
+        site = ctx.store.get_site(name=vm.site)
+        ctx.provider(site).stop_vm(site, vm)
+        stopped.append(f"{vm.name}@{vm.site}")
+    return {"stopped": stopped}

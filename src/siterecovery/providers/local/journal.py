@@ -67,9 +67,11 @@ Data region: disk 0 from the data offset to its end, every other disk whole
 
 Write protocol (:meth:`JournalWriter.append`): the data write completes, then
 the record slot is written, then the data disk and disk 0 are flushed, then
-the record is acknowledged. So any point-in-time image holds every record up to
-some ``last_seq`` and at most the data (whole or part) of record ``last_seq + 1``
-without its record.
+the record is acknowledged. So any point-in-time image of the block layer (what
+a qemu snapshot or a copy of a quiesced guest captures) holds every record up
+to some ``last_seq`` and at most the data (whole or part) of record
+``last_seq + 1`` without its record. (There is no flush between the data and
+the record write: a power loss below a volatile cache may reorder them.)
 
 Consistency (:func:`check`): the valid records form the contiguous run of seqs
 ``max(1, last_seq - nslots + 1) .. last_seq``, each in its slot, none torn, each
@@ -163,6 +165,8 @@ class Superblock:
             found.append(f"a journal spans 1 to {MAX_DISKS} disks, not {len(self.disk_sizes)}")
         if self.journal_size < self.slot_size or self.journal_size % self.slot_size:
             found.append(f"journal size {self.journal_size} is not a multiple of {self.slot_size}")
+        if self.nslots >= 2**32:
+            found.append(f"journal size {self.journal_size} is too large")
         if (self.slot_size, self.block_size) != (SLOT_SIZE, BLOCK_SIZE):
             found.append(f"slot and block size must be {SLOT_SIZE}")
         if not 0 <= self.seed <= _MAX_U64:
@@ -201,7 +205,8 @@ class Superblock:
             journal_size=fields[6], slot_size=fields[7], block_size=fields[10],
             min_write=fields[11], max_write=fields[12],
         )  # fmt: skip
-        if superblock.problems() or superblock.journal_offset != SUPERBLOCK_SIZE:
+        derived = (SUPERBLOCK_SIZE, superblock.nslots, superblock.data_offset)
+        if superblock.problems() or (fields[5], fields[8], fields[9]) != derived:
             raise GuestError(detail=f"the workload superblock of disk 0 is invalid: {fields}")
         return superblock
 
@@ -518,13 +523,13 @@ class _Checker:
 
     def _check_slot(self, index: int, slot: Slot) -> None:
         expected = max(self._expected(index), 0)
-        where = f"seq {expected}" if expected else f"slot {index}"
+        seq = f"seq {expected}: " if expected else ""
         if isinstance(slot, str):
-            self._errors.append(f"{where}: slot {index} holds a torn or corrupt record ({slot})")
+            self._errors.append(f"{seq}slot {index} holds a torn or corrupt record ({slot})")
         elif slot is None and expected:
-            self._errors.append(f"{where}: record missing (slot {index} is empty)")
+            self._errors.append(f"{seq}record missing (slot {index} is empty)")
         elif isinstance(slot, Record) and slot.seq != expected:
-            self._errors.append(f"{where}: record missing (slot {index} holds seq {slot.seq})")
+            self._errors.append(f"{seq}record missing (slot {index} holds seq {slot.seq})")
 
     def _newest_run(self) -> list[Record]:
         """The valid records from ``last_seq`` down to the first gap (newest first)."""

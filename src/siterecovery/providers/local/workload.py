@@ -181,7 +181,9 @@ class Workload:
         """
         with self._cond:
             if self._stopping:
-                raise GuestError(detail=f"the guest workload is stopping ({self._error})")
+                raise GuestError(
+                    detail=f"the guest workload is stopping: {self._error or 'asked to'}"
+                )
             hold = time.monotonic() + timeout
             self._holds.append(hold)
             self._cond.notify_all()
@@ -284,14 +286,21 @@ def _bind_control(path: Path, workload: Workload) -> _ControlServer:
     if len(str(path).encode()) > _MAX_SOCKET_PATH:
         raise GuestError(detail=f"control socket path {path} is too long for a unix socket")
     if path.exists():
-        with contextlib.suppress(GuestError):
-            WorkloadControl(path, timeout=2.0).status()
+        if _answers(path):
             raise GuestError(detail=f"another guest workload answers at {path}")
         path.unlink()
     try:
         return _ControlServer(path, workload)
     except OSError as e:
         raise GuestError(detail=f"cannot listen on {path}: {e.strerror or e}") from e
+
+
+def _answers(path: Path) -> bool:
+    try:
+        WorkloadControl(path, timeout=2.0).status()
+    except GuestError:
+        return False
+    return True
 
 
 class WorkloadControl:
@@ -394,20 +403,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the workload until SIGTERM (0) or a failure (1, message on stderr)."""
     options = parse_args(argv)
+    signalled: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: signalled.append(number))
     try:
-        return _run(options)
+        return _run(options, signalled)
     except SiteRecoveryError as e:
         print(f"workload: {e}", file=sys.stderr, flush=True)
         return 1
 
 
-def _run(options: Options) -> int:
+def _run(options: Options, signalled: list[int]) -> int:
+    """Connect, open the journal, serve; ``signalled`` fills when SIGTERM/SIGINT come."""
     devices: list[BlockDevice] = []
     try:
         for export in options.exports:
             devices.append(NbdDevice.connect(options.nbd_socket, export, writable=True))
         workload = Workload(_open_writer(devices, options), rate=options.rate)
-        return _serve(workload, options)
+        return _serve(workload, options, signalled)
     finally:
         for device in devices:
             device.close()
@@ -428,14 +441,16 @@ def _open_writer(devices: Sequence[BlockDevice], options: Options) -> JournalWri
     return writer
 
 
-def _serve(workload: Workload, options: Options) -> int:
+def _serve(workload: Workload, options: Options, signalled: list[int]) -> int:
+    saver = _StateFile(options.state)
+    saver.save(workload.status(), force=True)  # A bad --state path fails before any write.
     server = _bind_control(options.control, workload)
     threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
     try:
         writer = threading.Thread(target=workload.run, name="writer", daemon=True)
         writer.start()
         print(f"workload: running, seq {workload.status()['seq']}", flush=True)
-        stuck = _supervise(workload, writer, options.state)
+        stuck = _supervise(workload, writer, saver, signalled)
     finally:
         server.shutdown()
         server.server_close()
@@ -443,15 +458,13 @@ def _serve(workload: Workload, options: Options) -> int:
     return _exit_status(workload, options, stuck)
 
 
-def _supervise(workload: Workload, writer: threading.Thread, state: Path) -> bool:
-    """Save the state while the writer runs; stop it on SIGTERM/SIGINT.
+def _supervise(
+    workload: Workload, writer: threading.Thread, saver: _StateFile, signalled: list[int]
+) -> bool:
+    """Save the state while the writer runs; stop it once ``signalled`` fills.
 
     Returns True when the writer did not finish within STOP_TIMEOUT of a stop.
     """
-    signalled: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: signalled.append(number))
-    saver = _StateFile(state)
     stop_deadline = float("inf")
     while writer.is_alive() and time.monotonic() < stop_deadline:
         writer.join(_POLL * 5)
@@ -550,6 +563,8 @@ def spawn(
             )  # fmt: skip
         except OSError as e:
             raise GuestError(detail=f"cannot start the guest workload: {e}") from e
+    for child in _children.values():
+        child.poll()  # Reap the workloads that exited (their status stays in the object).
     _children[process.pid] = process
     _wait_ready(process, Path(control), Path(log), timeout)
     return process.pid
@@ -617,13 +632,22 @@ def wait(pid: int, *, timeout: float = STOP_TIMEOUT) -> int | None:
 
 def _wait_gone(pid: int, timeout: float, *, kill: bool = True) -> None:
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
+    while _is_alive(pid):
         if time.monotonic() > deadline:
             if kill:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             return
         time.sleep(_POLL)
+
+
+def _is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left to a parent that does not reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 if __name__ == "__main__":

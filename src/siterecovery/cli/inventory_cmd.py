@@ -1,0 +1,198 @@
+"""Commands of the inventory: ``lab up``, ``site``, ``host`` and ``vm``.
+
+Values go to the daemon as given (it validates them, as for any API client);
+options not given are left out so the daemon's defaults apply. Paths are made
+absolute here, since the daemon does not share the caller's working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from siterecovery.cli import render
+from siterecovery.cli.client import NO_TIMEOUT, segment
+from siterecovery.cli.session import JsonOpt, Session, SiteOpt, VaultOpt
+
+lab_app = typer.Typer(
+    help="The embedded lab: two sites, their hosts, two VMs.", no_args_is_help=True
+)
+site_app = typer.Typer(help="Add and list sites.", no_args_is_help=True)
+host_app = typer.Typer(help="Add and list hypervisor hosts.", no_args_is_help=True)
+vm_app = typer.Typer(help="Create, list, show, start, stop and check VMs.", no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
+
+
+@lab_app.command("up")
+def lab_up(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
+    """Create (or restart) the lab: sites onprem and cloud, hosts, VMs web01 and db01."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.post("/lab/up", read_timeout=NO_TIMEOUT), render.lab)
+
+
+@site_app.command("add")
+def site_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Site name.")],
+    path: Annotated[Path, typer.Option("--path", metavar="DIR", help="Replica storage directory.")],
+    provider: Annotated[
+        str, typer.Option("--provider", metavar="PROVIDER", help="Site provider.")
+    ] = "local",
+    role: Annotated[
+        str | None,
+        typer.Option("--role", metavar="on-premises|cloud", help="Role (default on-premises)."),
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add a site."""
+    body = {"name": name, "provider": provider, "path": str(path.absolute()), "role": role}
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.post("/sites", body), render.site)
+
+
+@site_app.command("list")
+def site_list(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
+    """List the sites."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get("/sites"), render.sites)
+
+
+@host_app.command("add")
+def host_add(
+    ctx: typer.Context,
+    site: Annotated[str, typer.Argument(metavar="SITE", help="Site of the host.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Host name.")],
+    switches: Annotated[
+        list[str] | None,
+        typer.Option("--switch", metavar="NAME", help="A virtual switch (repeatable)."),
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add a hypervisor host to a site."""
+    body = {"site": site, "name": name, "switches": switches}
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.post("/hosts", body), render.host)
+
+
+@host_app.command("list")
+def host_list(
+    ctx: typer.Context, site: SiteOpt = None, vault: VaultOpt = None, json_out: JsonOpt = False
+) -> None:
+    """List the hosts."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get("/hosts", site=site), render.hosts)
+
+
+@vm_app.command("create")
+def vm_create(
+    ctx: typer.Context,
+    name: NameArg,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Host to create it on.")],
+    disks: Annotated[
+        list[str] | None,
+        typer.Option("--disk", metavar="SIZE", help="A disk, e.g. 1G (repeatable)."),
+    ] = None,
+    os: Annotated[
+        str | None, typer.Option("--os", metavar="linux|windows", help="Guest OS (default linux).")
+    ] = None,
+    switch: Annotated[
+        str | None, typer.Option("--switch", metavar="NAME", help="Switch of its NIC.")
+    ] = None,
+    workload: Annotated[
+        bool,
+        typer.Option("--workload/--no-workload", help="Run the lab's guest workload in it."),
+    ] = True,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a VM (started) on a host."""
+    body = {
+        "name": name,
+        "host": host,
+        "disks": disks,
+        "os": os,
+        "switch": switch,
+        "workload": workload,
+    }
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.post("/vms", body, read_timeout=NO_TIMEOUT), render.vm)
+
+
+@vm_app.command("list")
+def vm_list(
+    ctx: typer.Context, site: SiteOpt = None, vault: VaultOpt = None, json_out: JsonOpt = False
+) -> None:
+    """List the VMs with their power state."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get("/vms", site=site), render.vms)
+
+
+@vm_app.command("show")
+def vm_show(
+    ctx: typer.Context,
+    name: NameArg,
+    site: SiteOpt = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a VM (--site picks one when several sites hold that name)."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get(f"/vms/{segment(name)}", site=site), render.vm)
+
+
+@vm_app.command("start")
+def vm_start(
+    ctx: typer.Context,
+    name: NameArg,
+    site: SiteOpt = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start a VM."""
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.post(
+            f"/vms/{segment(name)}/start", read_timeout=NO_TIMEOUT, site=site
+        )
+        session.emit(answer, render.vm)
+
+
+@vm_app.command("stop")
+def vm_stop(
+    ctx: typer.Context,
+    name: NameArg,
+    site: SiteOpt = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stop a VM."""
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.post(
+            f"/vms/{segment(name)}/stop", read_timeout=NO_TIMEOUT, site=site
+        )
+        session.emit(answer, render.vm)
+
+
+@vm_app.command("check")
+def vm_check(
+    ctx: typer.Context,
+    name: NameArg,
+    site: SiteOpt = None,
+    point: Annotated[
+        str | None, typer.Option("--point", metavar="ID", help="Check this recovery point instead.")
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check the guest data of a VM (or of a recovery point). Exit 1 if inconsistent."""
+    with Session.of(ctx, vault, json_out) as session:
+        report = session.client.get(
+            f"/vms/{segment(name)}/check", read_timeout=NO_TIMEOUT, site=site, point=point
+        )
+        session.emit(report, render.check)
+    if report.get("consistent") is not True:
+        raise typer.Exit(1)

@@ -1,0 +1,132 @@
+"""Commands of protection: ``protect``, ``replicate``, ``items``, ``item show``,
+``disable`` and ``points``.
+
+Option values go to the daemon as given (a negative ``--threads`` included):
+the daemon validates them and refuses bad ones with ``INVALID_INPUT`` (exit 2),
+exactly as it refuses them from any other API client. Options not given are
+left out of the request so the daemon's defaults apply.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from siterecovery.cli import render
+from siterecovery.cli.client import NO_TIMEOUT, segment
+from siterecovery.cli.jobs_cmd import started
+from siterecovery.cli.session import JsonOpt, Session, VaultOpt
+
+VmArg = Annotated[str, typer.Argument(metavar="VM", help="VM name.")]
+
+item_app = typer.Typer(help="Show a replicated item.", no_args_is_help=True)
+
+
+def protect(
+    ctx: typer.Context,
+    vm: VmArg,
+    to: Annotated[str, typer.Option("--to", metavar="SITE", help="Recovery site.")],
+    interval: Annotated[
+        str | None,
+        typer.Option(
+            "--interval", metavar="DURATION", help="Crash-consistent point interval (default 30s)."
+        ),
+    ] = None,
+    app_consistent_every: Annotated[
+        int | None,
+        typer.Option(
+            "--app-consistent-every",
+            metavar="N",
+            help="Every Nth point is app-consistent (default 0: never).",
+        ),
+    ] = None,
+    retention: Annotated[
+        str | None,
+        typer.Option(
+            "--retention", metavar="DURATION", help="Keep points this long (default 24h)."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", metavar="N", help="Copy threads (default 4).")
+    ] = None,
+    max_rate: Annotated[
+        str | None,
+        typer.Option(
+            "--max-rate", metavar="RATE", help="Bytes/s cap, e.g. 50M (default 0: no cap)."
+        ),
+    ] = None,
+    verify_points: Annotated[
+        bool, typer.Option("--verify-points", help="Check each point's digests after sealing.")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the enable job to its end.")] = False,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Protect a VM: replicate its disks to another site and keep recovery points."""
+    body = {
+        "vm": vm,
+        "to": to,
+        "interval": interval,
+        "app_consistent_every": app_consistent_every,
+        "retention": retention,
+        "threads": threads,
+        "max_rate": max_rate,
+        "verify_points": verify_points,
+    }
+    with Session.of(ctx, vault, json_out) as session:
+        started(session, session.client.post("/items", body), wait=wait)
+
+
+def replicate(
+    ctx: typer.Context,
+    vm: VmArg,
+    app_consistent: Annotated[
+        bool | None,
+        typer.Option(
+            "--app-consistent/--crash-consistent",
+            help="Quiesce the guest for this point, or not (default: as the policy says).",
+        ),
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Replicate a protected VM once now and seal a recovery point (synchronous)."""
+    with Session.of(ctx, vault, json_out) as session:
+        report = session.client.post(
+            f"/items/{segment(vm)}/replicate",
+            {"app_consistent": app_consistent},
+            read_timeout=NO_TIMEOUT,
+        )
+        session.emit(report, render.pass_report)
+
+
+def list_items(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
+    """List the replicated items with their state, health and RPO."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get("/items"), render.items)
+
+
+@item_app.command("show")
+def show_item(
+    ctx: typer.Context, vm: VmArg, vault: VaultOpt = None, json_out: JsonOpt = False
+) -> None:
+    """Show a replicated item: state, health, RPO, points, policy, allowed operations."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get(f"/items/{segment(vm)}"), render.item)
+
+
+def disable(
+    ctx: typer.Context, vm: VmArg, vault: VaultOpt = None, json_out: JsonOpt = False
+) -> None:
+    """Stop protecting a VM; its replica disks and recovery points are deleted."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.post(f"/items/{segment(vm)}/disable"), render.item)
+
+
+def list_points(
+    ctx: typer.Context, vm: VmArg, vault: VaultOpt = None, json_out: JsonOpt = False
+) -> None:
+    """List the retained recovery points of a protected VM, oldest first."""
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.get(f"/items/{segment(vm)}/points"), render.points)

@@ -1,0 +1,143 @@
+"""Fixtures shared by the suite: a real daemon on a real vault, with the lab.
+
+Everything a test starts is stopped at teardown: the daemon (SIGTERM, then
+SIGKILL), every VM (qemu-storage-daemon + workload) and any process left
+behind in the test's private run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+RUN_ROOT = Path(tempfile.gettempdir()) / f"srt-{os.getpid()}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _short_run_dir() -> Iterator[None]:
+    """Unix sockets live under a short private directory (107-byte path limit)."""
+    os.environ["SITERECOVERY_RUN_DIR"] = str(RUN_ROOT)
+    os.environ.setdefault("SITERECOVERY_WORKLOAD_RATE", "50")
+    yield
+    _kill_leftovers(RUN_ROOT)
+
+
+def _kill_leftovers(root: Path) -> None:
+    """SIGKILL any process whose command line mentions ``root`` (safety net)."""
+    needle = str(root).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+class Daemon:
+    """A ``siterecovery serve`` process on a vault, and an API client for it."""
+
+    def __init__(self, vault: Path) -> None:
+        self.vault = vault
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client: httpx.Client | None = None
+
+    def start(self, *, lab: bool = False, timeout: float = 60.0) -> Daemon:
+        (self.vault / "daemon.json").unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "siterecovery", "serve", "--vault", str(self.vault)]
+        log = open(self.vault.parent / "daemon.out", "ab")  # noqa: SIM115 - kept by Popen
+        self.process = subprocess.Popen(argv + (["--lab"] if lab else []), stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not (self.vault / "daemon.json").exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.vault.parent / "daemon.out").read_text()[-3000:])
+            time.sleep(0.1)
+        info = json.loads((self.vault / "daemon.json").read_text())
+        token = (self.vault / "token").read_text().strip()
+        self.client = httpx.Client(
+            base_url=info["url"] + "/api/v1",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120.0,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON body of a successful call (raises with the body otherwise)."""
+        assert self.client is not None
+        response = self.client.request(method, path, **kwargs)
+        if response.status_code >= 300:
+            raise AssertionError(f"{method} {path} -> {response.status_code}: {response.text}")
+        return response.json()
+
+    def error(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        """Status and error body of a call expected to be refused."""
+        assert self.client is not None
+        response = self.client.request(method, path, **kwargs)
+        assert response.status_code >= 400, response.text
+        body: dict[str, Any] = response.json()["error"]
+        return response.status_code, body
+
+    def wait_job(self, job_id: str, timeout: float = 180.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job: dict[str, Any] = self.call("GET", f"/jobs/{job_id}/wait", params={"timeout": 10})
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+        raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Path:
+    return tmp_path / "vault"
+
+
+@pytest.fixture
+def daemon(vault: Path) -> Iterator[Daemon]:
+    """A daemon with the lab up; VMs and daemon stopped afterwards."""
+    running = Daemon(vault).start(lab=True)
+    yield running
+    if running.process is not None and running.process.poll() is None:
+        try:
+            running.call("POST", "/lab/down")
+        finally:
+            running.stop()
+    _stop_vms(vault)
+
+
+def _stop_vms(vault: Path) -> None:
+    """Stop the lab's VMs through the provider even when the daemon is gone."""
+    from siterecovery.daemon import open_context
+    from siterecovery.services.lab import lab_down
+
+    if (vault / "vault.sqlite").exists():
+        ctx = open_context(vault)
+        try:
+            lab_down(ctx)
+        finally:
+            ctx.store.close()
