@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,11 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
             lab_up(ctx)
         scheduler.start()
         info.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
-        print(f"siterecovery daemon on {url} (API docs {url}/docs, token in {vault / 'token'})",
-              flush=True)
+        print(
+            f"siterecovery daemon on {url} (API docs {url}/docs, token in {vault / 'token'})",
+            file=sys.stderr,
+            flush=True,
+        )
         app = create_app(ctx, runtime, token=token)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         server.run(sockets=[sock])

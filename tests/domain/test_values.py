@@ -7,7 +7,8 @@ from siterecovery.domain.values import check_name, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("30s", 30.0), ("5m", 300.0), ("24h", 86400.0), ("250ms", 0.25), ("2", 2.0)]
+    ("text", "seconds"),
+    [("30s", 30.0), ("5m", 300.0), ("24h", 86400.0), ("250ms", 0.25), ("2", 2.0)],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration("interval", text) == seconds
@@ -20,7 +21,9 @@ def test_bad_durations_name_the_field(text: str) -> None:
     assert refused.value.message.startswith("interval:")
 
 
-@pytest.mark.parametrize(("text", "size"), [("1G", 1 << 30), ("512M", 512 << 20), ("64KiB", 64 << 10)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("1G", 1 << 30), ("512M", 512 << 20), ("64KiB", 64 << 10)]
+)
 def test_sizes(text: str, size: int) -> None:
     assert parse_size("disk", text) == size
 

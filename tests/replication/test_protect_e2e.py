@@ -151,7 +151,9 @@ def _fill(socket: Path, export: str, nbytes: int) -> set[int]:
 def test_daemon_sigkill_mid_initial_sync_resumes_from_checkpoint(
     daemon: Daemon, vault: Path
 ) -> None:
-    daemon.call("POST", "/vms", json={"name": "big01", "host": "hv01", "disks": ["256M"], "workload": False})
+    daemon.call(
+        "POST", "/vms", json={"name": "big01", "host": "hv01", "disks": ["256M"], "workload": False}
+    )
     filled = _fill(_vm_run(vault, "big01") / "nbd.sock", "d0", 48 << 20)
     body = {"vm": "big01", "to": "cloud", "interval": "1h", "max_rate": "3M"}
     job_id = daemon.call("POST", "/items", json=body)["job"]

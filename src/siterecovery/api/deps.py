@@ -21,9 +21,7 @@ def get_runtime(request: Request) -> JobRuntime:
     return runtime
 
 
-def require_token(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """Every API call carries ``Authorization: Bearer <vault token>``."""
     expected: str = request.app.state.token
     scheme, _, given = (authorization or "").partition(" ")

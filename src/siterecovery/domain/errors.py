@@ -115,12 +115,17 @@ class VmNotFound(NotFound):
 
 class ItemNotFound(NotFound):
     code = "ITEM_NOT_FOUND"
-    template = "VM '{name}' is not protected; protect it first with `siterecovery protect {name} --to SITE`"
+    template = (
+        "VM '{name}' is not protected; protect it first with "
+        "`siterecovery protect {name} --to SITE`"
+    )
 
 
 class PointNotFound(NotFound):
     code = "POINT_NOT_FOUND"
-    template = "recovery point '{name}' does not exist for '{vm}'; `siterecovery points {vm}` lists them"
+    template = (
+        "recovery point '{name}' does not exist for '{vm}'; `siterecovery points {vm}` lists them"
+    )
 
 
 class JobNotFound(NotFound):
@@ -136,9 +141,7 @@ class RuleViolation(SiteRecoveryError):
 
 class OperationNotAllowed(RuleViolation):
     code = "OPERATION_NOT_ALLOWED"
-    template = (
-        "'{operation}' is not allowed while '{vm}' is {state}; allowed now: {allowed}"
-    )
+    template = "'{operation}' is not allowed while '{vm}' is {state}; allowed now: {allowed}"
 
 
 class AlreadyExists(RuleViolation):
@@ -173,6 +176,11 @@ class VmInconsistent(RuleViolation):
 class VmBusy(RuleViolation):
     code = "VM_BUSY"
     template = "VM '{vm}' is {state}; {hint}"
+
+
+class JobFinished(RuleViolation):
+    code = "JOB_FINISHED"
+    template = "job '{job}' is already {state}; only unfinished jobs can be {action}"
 
 
 class Conflict(SiteRecoveryError):

@@ -24,7 +24,9 @@ def parse_duration(field: str, text: str | float | int, *, minimum: float = 0.0)
     else:
         match = _DURATION.match(text)
         if not match:
-            raise InvalidInput(field=field, reason=f"'{text}' is not a duration (e.g. 30s, 5m, 24h)")
+            raise InvalidInput(
+                field=field, reason=f"'{text}' is not a duration (e.g. 30s, 5m, 24h)"
+            )
         value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
     if value < minimum:
         raise InvalidInput(field=field, reason=f"must be at least {minimum:g}s, got {value:g}s")

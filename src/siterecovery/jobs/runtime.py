@@ -105,7 +105,9 @@ class JobRuntime:
 
 
 @contextmanager
-def job_scope(job_id: str, *, on_error: Callable[[BaseException], None] | None = None) -> Iterator[None]:
+def job_scope(
+    job_id: str, *, on_error: Callable[[BaseException], None] | None = None
+) -> Iterator[None]:
     """Mark the job running, then succeeded, failed or cancelled.
 
     ``on_error`` runs first on failure (e.g. to put the item in a safe state).
@@ -116,7 +118,7 @@ def job_scope(job_id: str, *, on_error: Callable[[BaseException], None] | None =
     store.update_job(job_id=job_id, state=JobState.RUNNING)
     try:
         yield
-    except BaseException as exc:  # noqa: BLE001 - every failure is recorded
+    except BaseException as exc:
         if on_error is not None:
             on_error(exc)
         state = JobState.CANCELLED if isinstance(exc, JobCancelled) else JobState.FAILED
@@ -143,7 +145,9 @@ def run_step(job_id: str, name: str, body: Callable[[], T]) -> T:
         store.record_step(job_id=job_id, name=name, state="cancelled")
         raise
     except BaseException as exc:
-        store.record_step(job_id=job_id, name=name, state="failed", detail={"error": error_dict(exc)})
+        store.record_step(
+            job_id=job_id, name=name, state="failed", detail={"error": error_dict(exc)}
+        )
         raise
     detail = result if isinstance(result, dict) else {}
     store.record_step(job_id=job_id, name=name, state="succeeded", detail=detail)

@@ -50,9 +50,7 @@ def _initial_sync(job_id: str, vm: str) -> dict[str, Any]:
                 raise JobCancelled(job=job_id)
             return False
 
-        options = PassOptions(
-            tag=job_id, initial=True, progress=reporter, cancelled=cancelled
-        )
+        options = PassOptions(tag=job_id, initial=True, progress=reporter, cancelled=cancelled)
         with context().item_lock(vm):
             report = run_pass(context(), vm, options)
         return report.to_dict()

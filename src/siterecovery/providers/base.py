@@ -47,8 +47,7 @@ class GuestAgent(Protocol):
         """Resume guest writes. Idempotent."""
         ...
 
-    def status(self) -> dict[str, Any]:
-        ...
+    def status(self) -> dict[str, Any]: ...
 
 
 class Provider(Protocol):
@@ -82,8 +81,7 @@ class Provider(Protocol):
         """Stop cleanly (guest flushed, change tracking kept consistent). Idempotent."""
         ...
 
-    def power(self, site: Site, vm: Vm) -> VmPower:
-        ...
+    def power(self, site: Site, vm: Vm) -> VmPower: ...
 
     def disk_access(self, site: Site, vm: Vm) -> AbstractContextManager[DiskAccess]:
         """Access to the VM's disks, whether it runs or not."""

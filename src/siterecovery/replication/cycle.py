@@ -93,10 +93,15 @@ def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
             )
         point = _seal(ctx, item, vm, target_site, seq, moment, disks, workload_seq, options)
         for disk in vm.disks:
-            tracker = Tracker(access.qmp, access.nodes[disk.name], access.work_dir, access.nbd_socket)
+            tracker = Tracker(
+                access.qmp, access.nodes[disk.name], access.work_dir, access.nbd_socket
+            )
             _drop_older_bitmaps(tracker, keep=_bitmap_name(options.tag))
             views[disk.name].view.release()
-        disks = {name: {**d, "seconds": round(time.monotonic() - started, 3)} for name, d in disks.items()}
+        disks = {
+            name: {**d, "seconds": round(time.monotonic() - started, 3)}
+            for name, d in disks.items()
+        }
     apply_retention(ctx, item, target_site, target)
     return PassReport(point=point, disks=disks)
 
@@ -318,7 +323,11 @@ def _finish_pending_merges(ctx: Context, vm: str) -> None:
 def describe_error(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, SiteRecoveryError):
         return {**exc.to_dict(), "time": utcnow().isoformat()}
-    return {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}", "time": utcnow().isoformat()}
+    return {
+        "code": "INTERNAL",
+        "message": f"{type(exc).__name__}: {exc}",
+        "time": utcnow().isoformat(),
+    }
 
 
 __all__ = ["BitmapInconsistent", "PassOptions", "PassReport", "new_tag", "run_pass"]

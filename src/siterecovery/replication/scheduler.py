@@ -17,7 +17,13 @@ from datetime import datetime
 
 from siterecovery.domain.lifecycle import ItemState, Operation, require
 from siterecovery.domain.model import Item, utcnow
-from siterecovery.replication.cycle import PassOptions, PassReport, describe_error, new_tag, run_pass
+from siterecovery.replication.cycle import (
+    PassOptions,
+    PassReport,
+    describe_error,
+    new_tag,
+    run_pass,
+)
 from siterecovery.services.context import Context
 
 log = logging.getLogger(__name__)
@@ -47,9 +53,7 @@ def replicate_now(ctx: Context, vm: str, *, app_consistent: bool | None = None) 
         except Exception as exc:
             ctx.store.update_item(vm=vm, last_error=describe_error(exc), last_cycle=utcnow())
             raise
-        ctx.store.update_item(
-            vm=vm, cycles=item.cycles + 1, last_cycle=utcnow(), last_error=None
-        )
+        ctx.store.update_item(vm=vm, cycles=item.cycles + 1, last_cycle=utcnow(), last_error=None)
         return report
 
 

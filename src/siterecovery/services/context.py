@@ -34,7 +34,9 @@ class Context:
                 load_builtins()
                 if name not in PROVIDERS:
                     known = ", ".join(sorted(PROVIDERS))
-                    raise InvalidInput(field="provider", reason=f"unknown '{name}' (known: {known})")
+                    raise InvalidInput(
+                        field="provider", reason=f"unknown '{name}' (known: {known})"
+                    )
                 self._providers[name] = PROVIDERS[name]()
             return self._providers[name]
 

@@ -32,7 +32,9 @@ def _role(role: str) -> SiteRole:
     try:
         return SiteRole(role)
     except ValueError:
-        raise InvalidInput(field="role", reason=f"'{role}' is not one of on-premises, cloud") from None
+        raise InvalidInput(
+            field="role", reason=f"'{role}' is not one of on-premises, cloud"
+        ) from None
 
 
 def add_host(ctx: Context, *, site: str, name: str, switches: list[str]) -> Host:

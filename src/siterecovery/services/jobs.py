@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from siterecovery.domain.errors import RuleViolation
+from siterecovery.domain.errors import JobFinished
 from siterecovery.domain.model import Job, JobState
 from siterecovery.services.context import Context
 
@@ -33,8 +33,6 @@ def wait_job(ctx: Context, *, job_id: str, timeout: float = 60.0, poll: float = 
 def cancel_job(ctx: Context, *, job_id: str, request_cancel: Any) -> dict[str, Any]:
     job = ctx.store.get_job(job_id=job_id)
     if job.state.finished:
-        raise RuleViolation(
-            detail=f"job '{job_id}' is already {job.state.value}; only running jobs can be cancelled"
-        )
+        raise JobFinished(job=job_id, state=job.state.value, action="cancelled")
     request_cancel(job_id)
     return ctx.store.get_job(job_id=job_id).to_dict()

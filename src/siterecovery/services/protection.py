@@ -125,7 +125,10 @@ def health(item: Item, latest: RecoveryPoint | None) -> tuple[Health, float | No
     if item.state is not ItemState.PROTECTED:
         return (Health.CRITICAL if item.last_error else Health.NONE), rpo
     if item.last_error or rpo is None:
-        return Health.CRITICAL if rpo is None or rpo > 6 * item.policy.interval else Health.WARNING, rpo
+        return (
+            Health.CRITICAL if rpo is None or rpo > 6 * item.policy.interval else Health.WARNING,
+            rpo,
+        )
     if rpo > 6 * item.policy.interval + 60:
         return Health.CRITICAL, rpo
     if rpo > 2 * item.policy.interval + 30:
@@ -195,9 +198,10 @@ def check_vm(
         return {**report.to_dict(), "vm": name, "point": point, "site": target.site}
     vm = ctx.store.get_vm(name=name, site=site)
     owner = ctx.store.get_site(name=vm.site)
-    with ctx.provider(owner).disk_access(owner, vm) as access, _open_all(
-        access.nbd_socket, [access.nodes[d.name] for d in vm.disks]
-    ) as devices:
+    with (
+        ctx.provider(owner).disk_access(owner, vm) as access,
+        _open_all(access.nbd_socket, [access.nodes[d.name] for d in vm.disks]) as devices,
+    ):
         report = journal.check(devices)
     return {**report.to_dict(), "vm": name, "site": vm.site}
 
@@ -211,9 +215,7 @@ def _point_devices(ctx: Context, point: RecoveryPoint) -> Iterator[list[BlockDev
         DiskSpec(node=disk, path=provider.replica_dir(site, point.vm, disk) / file, writable=False)
         for disk, file in sorted(point.files.items())
     ]
-    daemon = StorageDaemon.start(
-        provider.run_dir(site, f"point-{point.id}"), specs, detached=False
-    )
+    daemon = StorageDaemon.start(provider.run_dir(site, f"point-{point.id}"), specs, detached=False)
     try:
         with _open_all(daemon.nbd_socket, [s.node for s in specs]) as devices:
             yield devices

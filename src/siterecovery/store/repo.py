@@ -468,7 +468,11 @@ def _steps(s: Session, job_id: str) -> tuple[JobStep, ...]:
     rows = s.scalars(select(JobStepRow).where(JobStepRow.job_id == job_id).order_by(JobStepRow.idx))
     return tuple(
         JobStep(
-            name=r.name, state=r.state, started=r.started, finished=r.finished, detail=r.detail or {}
+            name=r.name,
+            state=r.state,
+            started=r.started,
+            finished=r.finished,
+            detail=r.detail or {},
         )
         for r in rows
     )
