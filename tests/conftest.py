@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while not (self.vault / "daemon.json").exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError((self.vault.parent / "daemon.out").read_text()[-3000:])
             time.sleep(0.1)
         info = json.loads((self.vault / "daemon.json").read_text())
@@ -141,3 +145,51 @@ def _stop_vms(vault: Path) -> None:
             lab_down(ctx)
         finally:
             ctx.store.close()
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server on 127.0.0.1 (Debian's package, run as ``postgres``).
+
+    Yields the server URL without a database; :func:`postgres_db` makes one.
+    """
+    root = Path(tempfile.mkdtemp(prefix="srpg-"))
+    shutil.chown(root, "postgres")
+    port = _free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_postgres, str(PG_BIN / "initdb"), "-D", str(root / "data"), "-U", "postgres",
+         "--auth=trust", "--no-sync"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
+    ctl = [*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(root / "data"), "-w"]
+    subprocess.run([*ctl, "-o", options, "-l", str(root / "log"), "start"], check=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres: str) -> str:
+    """A fresh, empty database on the session's server; its URL."""
+    import sqlalchemy
+
+    name = f"vault_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(f"{postgres}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return f"{postgres}/{name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -9,7 +9,8 @@ Vault directory::
 
     VAULT/config.json     {"db_url": ...}  (SQLite file below unless set)
     VAULT/vault.sqlite    the vault database (Alembic-managed schema)
-    VAULT/dbos.sqlite     DBOS system database (workflow and step records)
+    VAULT/dbos.sqlite     DBOS system database (workflow and step records); on a
+                          PostgreSQL vault, the schema ``dbos`` of the same database
     VAULT/token           API token (mode 0600)
     VAULT/daemon.json     {"url", "pid"} while a daemon runs
     VAULT/sites/NAME/     site directories of the lab
@@ -26,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import make_url
+
 from siterecovery.services.context import Context
 from siterecovery.store.repo import VaultStore
 
@@ -39,6 +42,15 @@ def vault_url(vault: Path) -> str:
         if url:
             return str(url)
     return f"sqlite:///{vault.absolute() / 'vault.sqlite'}"
+
+
+def system_database_url(vault: Path) -> str:
+    """DBOS's system database: the vault's PostgreSQL server (schema ``dbos``)
+    when the vault is on PostgreSQL, else ``VAULT/dbos.sqlite``."""
+    url = vault_url(vault)
+    if url.startswith("postgresql"):
+        return "postgresql://" + url.split("://", 1)[1]
+    return f"sqlite:///{vault.absolute() / 'dbos.sqlite'}"
 
 
 def init_vault(vault: Path, *, db_url: str | None = None) -> dict[str, Any]:
@@ -55,11 +67,19 @@ def init_vault(vault: Path, *, db_url: str | None = None) -> dict[str, Any]:
             handle.write(secrets.token_urlsafe(32) + "\n")
     store = VaultStore(vault_url(vault))
     store.close()
-    return {"vault": str(vault), "db_url": vault_url(vault).split("://")[0] + "://…"}
+    shown = make_url(vault_url(vault)).render_as_string(hide_password=True)
+    return {"vault": str(vault), "db_url": shown, "token": str(token)}
 
 
 def open_context(vault: Path) -> Context:
     return Context(vault_dir=vault.absolute(), store=VaultStore(vault_url(vault)))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -93,7 +113,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     init_vault(vault)
     _logging(vault)
     ctx = open_context(vault)
-    runtime = JobRuntime(ctx)
+    runtime = JobRuntime(ctx, system_database_url=system_database_url(vault))
     runtime.start()
     scheduler = Scheduler(ctx)
     sock = _bind(host, port)
@@ -104,7 +124,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
         if lab:
             lab_up(ctx)
         scheduler.start()
-        info.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        _write_atomically(info, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         print(
             f"siterecovery daemon on {url} (API docs {url}/docs, token in {vault / 'token'})",
             file=sys.stderr,

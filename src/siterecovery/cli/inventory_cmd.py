@@ -33,6 +33,14 @@ def lab_up(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False
         session.emit(session.client.post("/lab/up", read_timeout=NO_TIMEOUT), render.lab)
 
 
+@lab_app.command("down")
+def lab_down(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
+    """Stop every VM cleanly (disks, replicas and the vault are kept)."""
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.post("/lab/down", read_timeout=NO_TIMEOUT)
+        session.emit(answer, lambda doc: render.say(f"stopped: {', '.join(doc['stopped'])}"))
+
+
 @site_app.command("add")
 def site_add(
     ctx: typer.Context,

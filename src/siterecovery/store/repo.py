@@ -61,6 +61,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy, not pysqlite, begins transactions
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
@@ -68,10 +69,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(conn: Any) -> None:
+    # Take the write lock up front: read-modify-write of JSON columns from
+    # concurrent threads and processes never loses an update.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -236,7 +244,7 @@ class VaultStore:
     def update_item(self, *, vm: str, **changes: Any) -> Item:
         """Set columns of an item; ``state`` and ``policy`` accept domain values."""
         with self.session() as s:
-            row = s.get(ItemRow, vm)
+            row = s.get(ItemRow, vm, with_for_update=True)
             if row is None:
                 raise ItemNotFound(name=vm)
             for key, value in changes.items():
@@ -253,7 +261,7 @@ class VaultStore:
 
     def merge_tracking(self, *, vm: str, **values: Any) -> dict[str, Any]:
         with self.session() as s:
-            row = s.get(ItemRow, vm)
+            row = s.get(ItemRow, vm, with_for_update=True)
             if row is None:
                 raise ItemNotFound(name=vm)
             row.tracking = {**(row.tracking or {}), **values}
@@ -339,7 +347,7 @@ class VaultStore:
 
     def update_job(self, *, job_id: str, **changes: Any) -> None:
         with self.session() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise JobNotFound(name=job_id)
             for key, value in changes.items():
@@ -348,7 +356,7 @@ class VaultStore:
 
     def merge_job_result(self, *, job_id: str, **values: Any) -> None:
         with self.session() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise JobNotFound(name=job_id)
             row.result = {**(row.result or {}), **values}
@@ -370,6 +378,7 @@ class VaultStore:
         """Create or update a job step; ``started``/``finished`` follow ``state``."""
         now = utcnow()
         with self.session() as s:
+            s.get(JobRow, job_id, with_for_update=True)  # serialises step numbering
             row = s.get(JobStepRow, (job_id, name))
             if row is None:
                 count = len(list(s.scalars(select(JobStepRow).where(JobStepRow.job_id == job_id))))

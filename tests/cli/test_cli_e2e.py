@@ -1,0 +1,100 @@
+"""The CLI against a real daemon: the contract's verbs, JSON documents and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..conftest import Daemon
+
+
+def sr(vault: Path, *args: str, check: bool = True) -> tuple[int, Any]:
+    """Run ``siterecovery --json ARGS``; stdout must be exactly one JSON document."""
+    run = subprocess.run(
+        [sys.executable, "-m", "siterecovery", "--vault", str(vault), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    document = json.loads(run.stdout)
+    if check:
+        assert run.returncode == 0, (run.returncode, run.stdout, run.stderr)
+    return run.returncode, document
+
+
+def test_protect_and_inspect_through_the_cli(daemon: Daemon, vault: Path) -> None:
+    _, vms = sr(vault, "vm", "list")
+    assert {(v["name"], v["power"]) for v in vms} == {("web01", "running"), ("db01", "running")}
+
+    _, job = sr(vault, "protect", "web01", "--to", "cloud", "--interval", "1h", "--wait")
+    assert job["state"] == "succeeded" and job["kind"] == "protect"
+    assert [s["name"] for s in job["steps"]] == ["prepare", "initial-sync", "enable-replication"]
+    assert job["bytes_transferred"] == job["bytes_total"] > 0
+
+    _, report = sr(vault, "replicate", "web01", "--app-consistent")
+    assert report["point"]["type"] == "app-consistent"
+
+    _, item = sr(vault, "item", "show", "web01")
+    assert item["state"] == "protected" and item["direction"] == "onprem -> cloud"
+    assert item["latest_point"]["id"] == report["point"]["id"]
+
+    _, points = sr(vault, "points", "web01")
+    assert [p["type"] for p in points] == ["crash-consistent", "app-consistent"]
+    _, check = sr(vault, "vm", "check", "web01", "--point", points[-1]["id"])
+    assert check["consistent"] and check["last_seq"] == points[-1]["workload_seq"]
+
+    _, shown = sr(vault, "job", "show", job["id"])
+    assert shown["state"] == "succeeded" and shown["id"] == job["id"]
+    _, jobs = sr(vault, "jobs")
+    assert [j["id"] for j in jobs] == [job["id"]]
+    _, items = sr(vault, "items")
+    assert [i["vm"] for i in items] == ["web01"]
+
+
+def test_cancel_during_initial_sync_then_protect_again(daemon: Daemon, vault: Path) -> None:
+    _, started = sr(vault, "protect", "db01", "--to", "cloud", "--max-rate", "256K")
+    job_id = started["job"]
+    _, cancelling = sr(vault, "job", "cancel", job_id)
+    assert cancelling["id"] == job_id
+    _, job = sr(vault, "job", "wait", job_id, check=False)
+    assert job["state"] == "cancelled"
+    assert job["error"]["code"] in ("JOB_CANCELLED", "SYNC_CANCELLED")
+    _, item = sr(vault, "item", "show", "db01")
+    assert item["state"] == "disabled" and item["points"] == 0
+
+    code, refused = sr(vault, "job", "cancel", job_id, check=False)
+    assert (code, refused["error"]["code"]) == (3, "JOB_FINISHED")
+
+    _, again = sr(vault, "protect", "db01", "--to", "cloud", "--interval", "1h", "--wait")
+    assert again["state"] == "succeeded"
+    _, item = sr(vault, "item", "show", "db01")
+    assert item["state"] == "protected" and item["points"] == 1
+
+
+def test_disable_removes_the_replica(daemon: Daemon, vault: Path) -> None:
+    sr(vault, "protect", "web01", "--to", "cloud", "--interval", "1h", "--wait")
+    chain = vault / "sites" / "cloud" / "replicas" / "web01" / "d0"
+    assert any(chain.glob("p*.qcow2"))
+    _, item = sr(vault, "disable", "web01")
+    assert item["state"] == "disabled" and item["points"] == 0
+    assert not chain.exists()
+    code, refused = sr(vault, "replicate", "web01", check=False)
+    assert (code, refused["error"]["code"]) == (3, "OPERATION_NOT_ALLOWED")
+    code, refused = sr(vault, "disable", "web01", check=False)
+    assert (code, refused["error"]["code"]) == (3, "OPERATION_NOT_ALLOWED")
+
+
+def test_job_wait_shows_a_progress_bar_without_json(daemon: Daemon, vault: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "siterecovery", "--vault", str(vault), "protect", "web01",
+         "--to", "cloud", "--interval", "1h", "--wait"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "120"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "succeeded" in run.stdout
+    assert "MiB" in run.stdout  # bytes done/total of the bar's final frame
