@@ -25,6 +25,15 @@ class ProtectIn(BaseModel):
     verify_points: bool = False
 
 
+class PolicyIn(BaseModel):
+    interval: str | None = None
+    app_consistent_every: int | None = None
+    retention: str | None = None
+    threads: int | None = None
+    max_rate: str | None = None
+    verify_points: bool | None = None
+
+
 class ReplicateIn(BaseModel):
     app_consistent: bool | None = None
 
@@ -50,6 +59,11 @@ def list_items(ctx: Ctx) -> list[dict[str, Any]]:
 @router.get("/items/{vm}")
 def show_item(ctx: Ctx, vm: str) -> dict[str, Any]:
     return protection.show_item(ctx, vm=vm)
+
+
+@router.patch("/items/{vm}")
+def update_policy(ctx: Ctx, vm: str, body: PolicyIn) -> dict[str, Any]:
+    return protection.update_policy(ctx, vm=vm, **body.model_dump(exclude_none=True))
 
 
 @router.post("/items/{vm}/disable")

@@ -167,15 +167,7 @@ class Tracker:
         Raises BitmapInconsistent when a checkpoint of ``since`` is inconsistent
         or missing.
         """
-        view_id = self._view_id(tag)
-        parts = self._parts(view_id)
-        if not parts.job:
-            self._release(view_id)
-            self._check_since(since, new_checkpoint)
-            self._start_fleece(view_id, new_checkpoint, since)
-        elif not parts.export:
-            self._export(view_id, has_bitmap=parts.bitmap)
-        return PointInTimeView(self, tag, view_id, self._parts(view_id).bitmap)
+        return freeze_together([(self, since)], tag, new_checkpoint=new_checkpoint)[0]
 
     def find_view(self, tag: str) -> PointInTimeView | None:
         """The complete view frozen with ``tag``, or None."""
@@ -240,24 +232,16 @@ class Tracker:
             if name not in states or states[name].inconsistent:
                 raise BitmapInconsistent(disk=self._node, checkpoint=name)
 
-    def _start_fleece(self, view_id: str, new_checkpoint: str, since: Sequence[str]) -> None:
+    def _add_fleece(self, view_id: str) -> None:
+        """The temporary image and node of a view (not yet filled by a backup job)."""
         fleece = self._fleece_path(view_id)
         self._work_dir.mkdir(parents=True, exist_ok=True)
         qemu_img.create(fleece, self._virtual_size())
-        try:
-            self._qmp.execute(
-                "blockdev-add",
-                **{"driver": "qcow2", "node-name": view_id, "backing": self._node},
-                file={"driver": "file", "filename": str(fleece)},
-            )
-            actions = self._freeze_actions(view_id, new_checkpoint, since)
-            self._qmp.execute("transaction", actions=actions)
-        except BaseException:
-            self._release(view_id)
-            raise
-        # From here the checkpoints are split: a failed export is completed by
-        # the next freeze with the same tag.
-        self._export(view_id, has_bitmap=bool(since))
+        self._qmp.execute(
+            "blockdev-add",
+            **{"driver": "qcow2", "node-name": view_id, "backing": self._node},
+            file={"driver": "file", "filename": str(fleece)},
+        )
 
     def _freeze_actions(
         self, view_id: str, new_checkpoint: str, since: Sequence[str]
@@ -363,6 +347,58 @@ class Tracker:
 
     def _job_ids(self) -> set[str]:
         return {job["device"] for job in self._qmp.execute("query-block-jobs")}
+
+
+def freeze_together(
+    requests: Sequence[tuple[Tracker, Sequence[str]]], tag: str, *, new_checkpoint: str
+) -> list[PointInTimeView]:
+    """Freeze several disks of ONE daemon in one QMP transaction.
+
+    Each request is a tracker and the checkpoints its view must report changes
+    since (see :meth:`Tracker.freeze`). Every disk's view shows the same
+    instant, so a VM's disks stay crash-consistent with each other. Idempotent
+    by ``tag``: disks already frozen with it (the transaction is atomic, so
+    either all or none were) are only completed and returned.
+    """
+    fresh: list[tuple[Tracker, str, Sequence[str]]] = []
+    for tracker, since in requests:
+        view_id = tracker._view_id(tag)
+        parts = tracker._parts(view_id)
+        if parts.job and not parts.export:
+            tracker._export(view_id, has_bitmap=parts.bitmap)
+        elif not parts.job:
+            tracker._release(view_id)
+            tracker._check_since(since, new_checkpoint)
+            fresh.append((tracker, view_id, since))
+    if fresh:
+        _start_fleeces(fresh, new_checkpoint)
+    return [
+        PointInTimeView(tracker, tag, view_id, tracker._parts(view_id).bitmap)
+        for tracker, view_id in ((t, t._view_id(tag)) for t, _ in requests)
+    ]
+
+
+def _start_fleeces(
+    fresh: Sequence[tuple[Tracker, str, Sequence[str]]], new_checkpoint: str
+) -> None:
+    qmp = fresh[0][0]._qmp
+    try:
+        for tracker, view_id, _ in fresh:
+            tracker._add_fleece(view_id)
+        actions = [
+            action
+            for tracker, view_id, since in fresh
+            for action in tracker._freeze_actions(view_id, new_checkpoint, since)
+        ]
+        qmp.execute("transaction", actions=actions)
+    except BaseException:
+        for tracker, view_id, _ in fresh:
+            tracker._release(view_id)
+        raise
+    # From here the checkpoints are split: a failed export is completed by
+    # the next freeze with the same tag.
+    for tracker, view_id, since in fresh:
+        tracker._export(view_id, has_bitmap=bool(since))
 
 
 def _action(kind: str, **data: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker
+from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
@@ -42,7 +42,6 @@ from siterecovery.providers.base import DiskAccess, Provider
 from siterecovery.replication.sync import SyncMode, SyncOptions, SyncResult, sync
 from siterecovery.services.context import Context
 
-BITMAP_PREFIX = "sr-"
 CHECKPOINT_EVERY = 8 << 20  # bytes between persisted offsets of a resumable sync
 Progress = Callable[[int, int], None]
 
@@ -96,7 +95,7 @@ def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
             tracker = Tracker(
                 access.qmp, access.nodes[disk.name], access.work_dir, access.nbd_socket
             )
-            _drop_older_bitmaps(tracker, keep=_bitmap_name(options.tag))
+            _drop_older_bitmaps(tracker, keep=options.tag)
             views[disk.name].view.release()
         disks = {
             name: {**d, "seconds": round(time.monotonic() - started, 3)}
@@ -104,10 +103,6 @@ def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
         }
     apply_retention(ctx, item, target_site, target)
     return PassReport(point=point, disks=disks)
-
-
-def _bitmap_name(tag: str) -> str:
-    return BITMAP_PREFIX + tag
 
 
 def _freeze(
@@ -119,8 +114,11 @@ def _freeze(
         if guest is not None:
             workload_seq = guest.quiesce(timeout=60.0)
             stack.callback(guest.thaw)
-        views = {d.name: _freeze_disk(access, d.name, options) for d in vm.disks}
-    return views, workload_seq
+        trackers = {
+            d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
+            for d in vm.disks
+        }
+        return _freeze_disks(trackers, options), workload_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,17 +129,21 @@ class Frozen:
     tracking: str
 
 
-def _freeze_disk(access: DiskAccess, disk: str, options: PassOptions) -> Frozen:
-    tracker = Tracker(access.qmp, access.nodes[disk], access.work_dir, access.nbd_socket)
-    existing = tracker.find_view(options.tag)
-    if existing is not None:
-        return Frozen(existing, "resumed")
-    tracker.cleanup_views(keep_tags=(options.tag,))
-    bitmaps = tracker.bitmaps()
-    reason = tracking_state(options, bitmaps)
-    since = [b.name for b in bitmaps] if reason == "bitmap" else []
-    view = tracker.freeze(options.tag, new_checkpoint=_bitmap_name(options.tag), since=since)
-    return Frozen(view, reason)
+def _freeze_disks(trackers: dict[str, Tracker], options: PassOptions) -> dict[str, Frozen]:
+    """Views of every disk at one instant (one QMP transaction for all of them)."""
+    found = {name: tracker.find_view(options.tag) for name, tracker in trackers.items()}
+    if all(view is not None for view in found.values()):
+        return {name: Frozen(view, "resumed") for name, view in found.items() if view}
+    reasons = {}
+    requests = []
+    for name, tracker in trackers.items():
+        tracker.cleanup_views(keep_tags=(options.tag,))
+        bitmaps = tracker.bitmaps()
+        reasons[name] = tracking_state(options, bitmaps)
+        since = [b.name for b in bitmaps] if reasons[name] == "bitmap" else []
+        requests.append((tracker, since))
+    views = freeze_together(requests, options.tag, new_checkpoint=options.tag)
+    return {name: Frozen(view, reasons[name]) for name, view in zip(trackers, views, strict=True)}
 
 
 def tracking_state(options: PassOptions, bitmaps: list[BitmapState]) -> str:
@@ -287,29 +289,32 @@ def _drop_older_bitmaps(tracker: Tracker, *, keep: str) -> None:
 def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) -> list[str]:
     """Thin the item's points by its policy; returns the ids removed."""
     points = ctx.store.list_points(vm=item.vm, site=site.name)
-    doomed = points_to_drop(points, now=utcnow(), retention=item.policy.retention)
-    removed = []
-    for point in doomed:
-        current = ctx.store.list_points(vm=item.vm, site=site.name)
-        index = next(i for i, p in enumerate(current) if p.id == point.id)
-        child = current[index + 1]
-        grandchild = current[index + 2] if index + 2 < len(current) else None
-        merges = [
-            {
-                "dir": str(provider.replica_dir(site, item.vm, disk)),
-                "child": child.files[disk],
-                "parent": point.files[disk],
-                "grandchild": grandchild.files[disk] if grandchild else None,
-            }
-            for disk in point.files
-        ]
-        # Record the intent first: a crash in the middle is finished on the next pass.
-        ctx.store.merge_tracking(vm=item.vm, pending_merges=merges)
-        ctx.store.delete_points(ids=[point.id])
-        ctx.store.update_point_files(point_id=child.id, files=dict(point.files))
-        _finish_pending_merges(ctx, item.vm)
-        removed.append(point.id)
-    return removed
+    doomed = [p.id for p in points_to_drop(points, now=utcnow(), retention=item.policy.retention)]
+    for point_id in doomed:
+        _drop_point(ctx, item.vm, site, provider, point_id)
+    return doomed
+
+
+def _drop_point(ctx: Context, vm: str, site: Site, provider: Provider, point_id: str) -> None:
+    """Delete one point (never the newest) by folding its child's file into its own."""
+    current = ctx.store.list_points(vm=vm, site=site.name)
+    index = next(i for i, p in enumerate(current) if p.id == point_id)
+    point, child = current[index], current[index + 1]
+    grandchild = current[index + 2] if index + 2 < len(current) else None
+    merges = [
+        {
+            "dir": str(provider.replica_dir(site, vm, disk)),
+            "child": child.files[disk],
+            "parent": point.files[disk],
+            "grandchild": grandchild.files[disk] if grandchild else None,
+        }
+        for disk in point.files
+    ]
+    # Record the intent first: a crash in the middle is finished on the next pass.
+    ctx.store.merge_tracking(vm=vm, pending_merges=merges)
+    ctx.store.delete_points(ids=[point.id])
+    ctx.store.update_point_files(point_id=child.id, files=dict(point.files))
+    _finish_pending_merges(ctx, vm)
 
 
 def _finish_pending_merges(ctx: Context, vm: str) -> None:

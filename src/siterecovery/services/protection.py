@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 from siterecovery.disk.base import BlockDevice
@@ -183,7 +182,7 @@ def find_point(ctx: Context, *, vm: str, point_id: str) -> RecoveryPoint:
 def update_policy(ctx: Context, *, vm: str, **changes: Any) -> dict[str, Any]:
     item = ctx.store.get_item(vm=vm)
     policy = make_policy(**{**item.policy.to_dict(), **changes})
-    ctx.store.update_item(vm=vm, policy=replace(policy))
+    ctx.store.update_item(vm=vm, policy=policy)
     return item_view(ctx, ctx.store.get_item(vm=vm))
 
 
