@@ -98,3 +98,32 @@ def test_job_wait_shows_a_progress_bar_without_json(daemon: Daemon, vault: Path)
     assert run.returncode == 0, run.stderr
     assert "succeeded" in run.stdout
     assert "MiB" in run.stdout  # bytes done/total of the bar's final frame
+
+
+def test_inventory_and_policy_through_the_cli(daemon: Daemon, vault: Path, tmp_path: Path) -> None:
+    _, lab = sr(vault, "lab", "up")  # idempotent: nothing new, VMs still running
+    assert sorted(v["name"] for v in lab["vms"]) == ["db01", "web01"]
+    _, site = sr(vault, "site", "add", "dr2", "--path", str(tmp_path / "dr2"), "--role", "cloud")
+    assert site["role"] == "cloud" and (tmp_path / "dr2" / "site.json").exists()
+    _, host = sr(vault, "host", "add", "dr2", "dr2-host", "--switch", "vswitch-prod")
+    assert host["switches"] == ["vswitch-prod"]
+    _, vm = sr(vault, "vm", "create", "file01", "--host", "hv01", "--disk", "128M",
+               "--disk", "64M", "--os", "windows", "--no-workload")  # fmt: skip
+    assert [d["size"] for d in vm["disks"]] == [128 << 20, 64 << 20] and vm["os"] == "windows"
+    _, stopped = sr(vault, "vm", "stop", "file01")
+    assert stopped["power"] == "stopped"
+    _, running = sr(vault, "vm", "start", "file01")
+    assert running["power"] == "running"
+    _, shown = sr(vault, "vm", "show", "web01", "--site", "onprem")
+    assert shown["guest"]["seq"] > 0
+    _, check = sr(vault, "vm", "check", "web01")
+    assert check["consistent"] and check["site"] == "onprem"
+
+    sr(vault, "protect", "file01", "--to", "dr2", "--interval", "1h", "--wait")
+    _, item = sr(vault, "item", "set", "file01", "--interval", "2m", "--retention", "2h")
+    assert (item["policy"]["interval"], item["policy"]["retention"]) == (120.0, 7200.0)
+    code, refused = sr(vault, "item", "set", "file01", "--interval", "-1s", check=False)
+    assert (code, refused["error"]["code"]) == (2, "INVALID_INPUT")
+    _, item = sr(vault, "item", "show", "file01")
+    assert item["policy"]["interval"] == 120.0 and item["standby_site"] == "dr2"
+    assert (tmp_path / "dr2" / "replicas" / "file01" / "d1" / "p000001.qcow2").exists()

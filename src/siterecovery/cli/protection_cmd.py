@@ -1,5 +1,5 @@
 """Commands of protection: ``protect``, ``replicate``, ``items``, ``item show``,
-``disable`` and ``points``.
+``item set``, ``disable`` and ``points``.
 
 Option values go to the daemon as given (a negative ``--threads`` included):
 the daemon validates them and refuses bad ones with ``INVALID_INPUT`` (exit 2),
@@ -20,42 +20,45 @@ from siterecovery.cli.session import JsonOpt, Session, VaultOpt
 
 VmArg = Annotated[str, typer.Argument(metavar="VM", help="VM name.")]
 
-item_app = typer.Typer(help="Show a replicated item.", no_args_is_help=True)
+item_app = typer.Typer(help="Show a replicated item or change its policy.", no_args_is_help=True)
+
+
+IntervalOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--interval", metavar="DURATION", help="Crash-consistent point interval (default 30s)."
+    ),
+]
+AppEveryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--app-consistent-every",
+        metavar="N",
+        help="Every Nth point is app-consistent (default 0: never).",
+    ),
+]
+RetentionOpt = Annotated[
+    str | None,
+    typer.Option("--retention", metavar="DURATION", help="Keep points this long (default 24h)."),
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", metavar="N", help="Copy threads (default 4).")
+]
+MaxRateOpt = Annotated[
+    str | None,
+    typer.Option("--max-rate", metavar="RATE", help="Bytes/s cap, e.g. 50M (default 0: no cap)."),
+]
 
 
 def protect(
     ctx: typer.Context,
     vm: VmArg,
     to: Annotated[str, typer.Option("--to", metavar="SITE", help="Recovery site.")],
-    interval: Annotated[
-        str | None,
-        typer.Option(
-            "--interval", metavar="DURATION", help="Crash-consistent point interval (default 30s)."
-        ),
-    ] = None,
-    app_consistent_every: Annotated[
-        int | None,
-        typer.Option(
-            "--app-consistent-every",
-            metavar="N",
-            help="Every Nth point is app-consistent (default 0: never).",
-        ),
-    ] = None,
-    retention: Annotated[
-        str | None,
-        typer.Option(
-            "--retention", metavar="DURATION", help="Keep points this long (default 24h)."
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", metavar="N", help="Copy threads (default 4).")
-    ] = None,
-    max_rate: Annotated[
-        str | None,
-        typer.Option(
-            "--max-rate", metavar="RATE", help="Bytes/s cap, e.g. 50M (default 0: no cap)."
-        ),
-    ] = None,
+    interval: IntervalOpt = None,
+    app_consistent_every: AppEveryOpt = None,
+    retention: RetentionOpt = None,
+    threads: ThreadsOpt = None,
+    max_rate: MaxRateOpt = None,
     verify_points: Annotated[
         bool, typer.Option("--verify-points", help="Check each point's digests after sealing.")
     ] = False,
@@ -76,6 +79,36 @@ def protect(
     }
     with Session.of(ctx, vault, json_out) as session:
         started(session, session.client.post("/items", body), wait=wait)
+
+
+@item_app.command("set")
+def set_policy(
+    ctx: typer.Context,
+    vm: VmArg,
+    interval: IntervalOpt = None,
+    app_consistent_every: AppEveryOpt = None,
+    retention: RetentionOpt = None,
+    threads: ThreadsOpt = None,
+    max_rate: MaxRateOpt = None,
+    verify_points: Annotated[
+        bool | None,
+        typer.Option("--verify-points/--no-verify-points", help="Check digests of each point."),
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Change the replication policy of a protected VM (options not given are kept)."""
+    body = {
+        "interval": interval,
+        "app_consistent_every": app_consistent_every,
+        "retention": retention,
+        "threads": threads,
+        "max_rate": max_rate,
+        "verify_points": verify_points,
+    }
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.request("PATCH", f"/items/{segment(vm)}", body=body)
+        session.emit(answer, render.item)
 
 
 def replicate(
