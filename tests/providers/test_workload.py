@@ -26,7 +26,7 @@ from siterecovery.disk.file import FileDevice, create_raw
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import GuestError, InvalidInput
-from siterecovery.providers.local import journal, workload
+from siterecovery.providers.local import guest, journal
 from siterecovery.providers.local.journal import JournalWriter, check, format_disks
 
 MiB = 1024 * 1024
@@ -153,15 +153,15 @@ class Vm:
 
     def spawn(self, rate: float = FAST, **options: Any) -> int:
         options.setdefault("format_if_blank", True)
-        pid = workload.spawn(
+        pid = guest.spawn(
             nbd_socket=self.daemon.nbd_socket, exports=EXPORTS, control=self.control,
             state=self.state, log=self.log, rate=rate, journal_size=VM_JOURNAL, **options,
         )  # fmt: skip
         self.pids.append(pid)
         return pid
 
-    def client(self) -> workload.WorkloadControl:
-        return workload.WorkloadControl(self.control, timeout=10.0)
+    def client(self) -> guest.WorkloadControl:
+        return guest.WorkloadControl(self.control, timeout=10.0)
 
     def open(self) -> list[BlockDevice]:
         return [NbdDevice.connect(self.daemon.nbd_socket, name) for name in EXPORTS]
@@ -190,7 +190,7 @@ def vm(workdir: Path) -> Iterator[Vm]:
     machine = Vm(workdir, daemon)
     yield machine
     for pid in machine.pids:
-        workload.stop(pid, timeout=5)
+        guest.stop(pid, timeout=5)
     daemon.stop(timeout=5)
 
 
@@ -392,8 +392,8 @@ def test_run_then_sigterm_leaves_a_consistent_journal(vm: Vm) -> None:
     pid = vm.spawn(rate=FAST, seed=99)
     vm.wait_seq(above=300)  # The 256-slot ring has wrapped.
 
-    assert workload.stop(pid) == 0
-    state = workload.read_state(vm.state)
+    assert guest.stop(pid) == 0
+    state = guest.read_state(vm.state)
     report = vm.check()
 
     assert report.consistent, report.errors
@@ -461,8 +461,8 @@ def test_a_forgotten_quiesce_thaws_by_itself(vm: Vm) -> None:
 def test_a_restarted_workload_continues_the_journal(vm: Vm) -> None:
     first = vm.spawn(seed=5)
     vm.wait_seq(above=30)
-    workload.stop(first)
-    last = workload.read_state(vm.state)["seq"]
+    guest.stop(first)
+    last = guest.read_state(vm.state)["seq"]
 
     vm.spawn(seed=6)  # --format again: a no-op, the seed stays 5.
     status = vm.client().status()
@@ -472,7 +472,7 @@ def test_a_restarted_workload_continues_the_journal(vm: Vm) -> None:
     assert status["seq"] - status["records"] == last
     assert grown > last
     assert "--seed 6 ignored" in vm.log.read_text()
-    workload.stop(vm.pids[-1])
+    guest.stop(vm.pids[-1])
     assert vm.check().consistent
 
 
@@ -493,9 +493,9 @@ def test_the_workload_exits_when_the_nbd_server_goes_away(vm: Vm) -> None:
 
     vm.daemon.kill()
 
-    assert workload.wait(pid, timeout=20) == 1
+    assert guest.wait(pid, timeout=20) == 1
     assert "NBD server" in vm.log.read_text()
-    assert workload.read_state(vm.state)["running"] is False
+    assert guest.read_state(vm.state)["running"] is False
 
 
 def test_unformatted_disks_without_format_do_not_start(vm: Vm) -> None:
@@ -528,4 +528,4 @@ def test_bad_control_requests_get_an_error_reply(vm: Vm) -> None:
 
 def test_a_silent_control_socket_raises_guest_error(workdir: Path) -> None:
     with pytest.raises(GuestError, match="does not answer"):
-        workload.WorkloadControl(workdir / "nobody.sock").status()
+        guest.WorkloadControl(workdir / "nobody.sock").status()

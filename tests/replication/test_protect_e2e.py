@@ -18,8 +18,8 @@ from siterecovery.disk.file import FileDevice
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.domain.model import Site, SiteRole
 from siterecovery.providers.local import journal
+from siterecovery.providers.local.guest import WorkloadControl
 from siterecovery.providers.local.provider import LocalProvider
-from siterecovery.providers.local.workload import WorkloadControl
 
 from ..conftest import Daemon
 

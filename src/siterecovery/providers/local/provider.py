@@ -31,7 +31,7 @@ from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.providers.base import DiskAccess, GuestAgent, register
-from siterecovery.providers.local import workload
+from siterecovery.providers.local import guest
 
 RUN_ROOT_ENV = "SITERECOVERY_RUN_DIR"
 
@@ -81,7 +81,7 @@ class LocalProvider:
         with self._lock(site, vm):
             pid = self._guest_pid(site, vm)
             if pid is not None:
-                workload.stop(pid, timeout=timeout)
+                guest.stop(pid, timeout=timeout)
             daemon = StorageDaemon.attach(self._vm_run(site, vm))
             if daemon is not None:
                 daemon.stop(timeout=timeout)
@@ -115,7 +115,7 @@ class LocalProvider:
     def guest(self, site: Site, vm: Vm) -> GuestAgent | None:
         if not vm.workload or self._guest_pid(site, vm) is None:
             return None
-        return workload.WorkloadControl(self._vm_run(site, vm) / "workload.sock")
+        return guest.WorkloadControl(self._vm_run(site, vm) / "workload.sock")
 
     def guest_state(self, site: Site, vm: Vm) -> dict[str, object]:
         """The workload's persisted state (last acknowledged seq…), or {}."""
@@ -168,7 +168,7 @@ class LocalProvider:
 
     def _spawn_workload(self, site: Site, vm: Vm, daemon: StorageDaemon) -> None:
         run = self._vm_run(site, vm)
-        pid = workload.spawn(
+        pid = guest.spawn(
             nbd_socket=daemon.nbd_socket,
             exports=[d.name for d in vm.disks],
             control=run / "workload.sock",
