@@ -162,11 +162,7 @@ def vm_start(
     json_out: JsonOpt = False,
 ) -> None:
     """Start a VM."""
-    with Session.of(ctx, vault, json_out) as session:
-        answer = session.client.post(
-            f"/vms/{segment(name)}/start", read_timeout=NO_TIMEOUT, site=site
-        )
-        session.emit(answer, render.vm)
+    _power(ctx, "start", name, site, vault, json_out)
 
 
 @vm_app.command("stop")
@@ -178,9 +174,15 @@ def vm_stop(
     json_out: JsonOpt = False,
 ) -> None:
     """Stop a VM."""
+    _power(ctx, "stop", name, site, vault, json_out)
+
+
+def _power(
+    ctx: typer.Context, verb: str, name: str, site: str | None, vault: Path | None, json_out: bool
+) -> None:
     with Session.of(ctx, vault, json_out) as session:
         answer = session.client.post(
-            f"/vms/{segment(name)}/stop", read_timeout=NO_TIMEOUT, site=site
+            f"/vms/{segment(name)}/{verb}", read_timeout=NO_TIMEOUT, site=site
         )
         session.emit(answer, render.vm)
 

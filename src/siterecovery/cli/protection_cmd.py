@@ -50,6 +50,25 @@ MaxRateOpt = Annotated[
 ]
 
 
+def _policy(
+    interval: str | None,
+    app_consistent_every: int | None,
+    retention: str | None,
+    threads: int | None,
+    max_rate: str | None,
+    verify_points: bool | None,
+) -> dict[str, object]:
+    """The policy fields of a request body (None: left out, the daemon decides)."""
+    return {
+        "interval": interval,
+        "app_consistent_every": app_consistent_every,
+        "retention": retention,
+        "threads": threads,
+        "max_rate": max_rate,
+        "verify_points": verify_points,
+    }
+
+
 def protect(
     ctx: typer.Context,
     vm: VmArg,
@@ -70,12 +89,7 @@ def protect(
     body = {
         "vm": vm,
         "to": to,
-        "interval": interval,
-        "app_consistent_every": app_consistent_every,
-        "retention": retention,
-        "threads": threads,
-        "max_rate": max_rate,
-        "verify_points": verify_points,
+        **_policy(interval, app_consistent_every, retention, threads, max_rate, verify_points),
     }
     with Session.of(ctx, vault, json_out) as session:
         started(session, session.client.post("/items", body), wait=wait)
@@ -98,14 +112,7 @@ def set_policy(
     json_out: JsonOpt = False,
 ) -> None:
     """Change the replication policy of a protected VM (options not given are kept)."""
-    body = {
-        "interval": interval,
-        "app_consistent_every": app_consistent_every,
-        "retention": retention,
-        "threads": threads,
-        "max_rate": max_rate,
-        "verify_points": verify_points,
-    }
+    body = _policy(interval, app_consistent_every, retention, threads, max_rate, verify_points)
     with Session.of(ctx, vault, json_out) as session:
         answer = session.client.request("PATCH", f"/items/{segment(vm)}", body=body)
         session.emit(answer, render.item)
