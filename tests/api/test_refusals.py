@@ -134,3 +134,15 @@ def test_api_requires_the_token(daemon: Daemon) -> None:
     bad = httpx.get(f"{url}/items", headers={"Authorization": "Bearer wrong"})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "UNAUTHORIZED"
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_openapi_documents_every_route(daemon: Daemon) -> None:
+    assert daemon.client is not None
+    root = str(daemon.client.base_url).removesuffix("/").removesuffix("/api/v1")
+    import httpx
+
+    assert httpx.get(f"{root}/docs").status_code == 200
+    paths = httpx.get(f"{root}/openapi.json").json()["paths"]
+    for path in ("/api/v1/items", "/api/v1/items/{vm}/replicate", "/api/v1/jobs/{job_id}/cancel",
+                 "/api/v1/vms/{name}/check", "/api/v1/lab/up"):  # fmt: skip
+        assert path in paths

@@ -229,6 +229,13 @@ class InternalError(SiteRecoveryError):
     template = "{detail}"
 
 
+def describe(exc: BaseException) -> dict[str, Any]:
+    """The JSON error document of any exception (foreign ones become ``INTERNAL``)."""
+    if isinstance(exc, SiteRecoveryError):
+        return exc.to_dict()
+    return {"code": InternalError.code, "message": f"{type(exc).__name__}: {exc}", "details": {}}
+
+
 def all_error_classes() -> list[type[SiteRecoveryError]]:
     """Every class of the tree, root first (used to map a code back to its class)."""
     seen: list[type[SiteRecoveryError]] = []

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from siterecovery.domain.errors import describe
 from siterecovery.domain.lifecycle import ItemState
 
 
@@ -20,6 +21,11 @@ def utcnow() -> datetime:
 
 def iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z") if moment else None
+
+
+def failure(exc: BaseException) -> dict[str, Any]:
+    """An item's ``last_error``: the error document and when it happened."""
+    return {**describe(exc), "time": iso(utcnow())}
 
 
 class SiteRole(StrEnum):

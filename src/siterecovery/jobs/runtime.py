@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from dbos import DBOS, SetWorkflowID
 
-from siterecovery.domain.errors import InternalError, JobCancelled, SiteRecoveryError
+from siterecovery.domain.errors import InternalError, JobCancelled, describe
 from siterecovery.domain.model import Job, JobState, utcnow
 from siterecovery.services.context import Context
 
@@ -122,17 +122,11 @@ def job_scope(
         if on_error is not None:
             on_error(exc)
         state = JobState.CANCELLED if isinstance(exc, JobCancelled) else JobState.FAILED
-        store.update_job(job_id=job_id, state=state, error=error_dict(exc))
+        store.update_job(job_id=job_id, state=state, error=describe(exc))
         if not isinstance(exc, Exception):
             raise
         return
     store.update_job(job_id=job_id, state=JobState.SUCCEEDED)
-
-
-def error_dict(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, SiteRecoveryError):
-        return exc.to_dict()
-    return {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}", "details": {}}
 
 
 def run_step(job_id: str, name: str, body: Callable[[], T]) -> T:
@@ -145,9 +139,7 @@ def run_step(job_id: str, name: str, body: Callable[[], T]) -> T:
         store.record_step(job_id=job_id, name=name, state="cancelled")
         raise
     except BaseException as exc:
-        store.record_step(
-            job_id=job_id, name=name, state="failed", detail={"error": error_dict(exc)}
-        )
+        store.record_step(job_id=job_id, name=name, state="failed", detail={"error": describe(exc)})
         raise
     detail = result if isinstance(result, dict) else {}
     store.record_step(job_id=job_id, name=name, state="succeeded", detail=detail)

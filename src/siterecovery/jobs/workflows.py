@@ -8,8 +8,8 @@ from dbos import DBOS
 
 from siterecovery.domain.errors import JobCancelled
 from siterecovery.domain.lifecycle import ItemState
-from siterecovery.domain.model import utcnow
-from siterecovery.jobs.runtime import ProgressReporter, context, error_dict, job_scope, run_step
+from siterecovery.domain.model import failure, utcnow
+from siterecovery.jobs.runtime import ProgressReporter, context, job_scope, run_step
 from siterecovery.replication.cycle import PassOptions, run_pass
 
 
@@ -19,7 +19,7 @@ def protect_workflow(job_id: str, vm: str) -> None:
 
     def on_error(exc: BaseException) -> None:
         state = ItemState.DISABLED
-        context().store.update_item(vm=vm, state=state, last_error=error_dict(exc))
+        context().store.update_item(vm=vm, state=state, last_error=failure(exc))
 
     with job_scope(job_id, on_error=on_error):
         _prepare(job_id, vm)

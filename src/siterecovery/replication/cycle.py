@@ -34,7 +34,7 @@ from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
-from siterecovery.domain.errors import BitmapInconsistent, IntegrityError, SiteRecoveryError
+from siterecovery.domain.errors import BitmapInconsistent, IntegrityError
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
 from siterecovery.points.chain import ReplicaChain, merge_into_parent
 from siterecovery.points.retention import points_to_drop
@@ -323,16 +323,6 @@ def _finish_pending_merges(ctx: Context, vm: str) -> None:
         grandchild = directory / merge["grandchild"] if merge["grandchild"] else None
         merge_into_parent(directory / merge["child"], directory / merge["parent"], grandchild)
     ctx.store.merge_tracking(vm=vm, pending_merges=[])
-
-
-def describe_error(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, SiteRecoveryError):
-        return {**exc.to_dict(), "time": utcnow().isoformat()}
-    return {
-        "code": "INTERNAL",
-        "message": f"{type(exc).__name__}: {exc}",
-        "time": utcnow().isoformat(),
-    }
 
 
 __all__ = ["BitmapInconsistent", "PassOptions", "PassReport", "new_tag", "run_pass"]

@@ -16,11 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
 from siterecovery.domain.lifecycle import ItemState, Operation, require
-from siterecovery.domain.model import Item, utcnow
+from siterecovery.domain.model import Item, failure, utcnow
 from siterecovery.replication.cycle import (
     PassOptions,
     PassReport,
-    describe_error,
     new_tag,
     run_pass,
 )
@@ -51,7 +50,11 @@ def replicate_now(ctx: Context, vm: str, *, app_consistent: bool | None = None) 
         try:
             report = run_pass(ctx, vm, PassOptions(tag=new_tag(), app_consistent=consistent))
         except Exception as exc:
-            ctx.store.update_item(vm=vm, last_error=describe_error(exc), last_cycle=utcnow())
+            ctx.store.update_item(
+                vm=vm,
+                last_error=failure(exc),
+                last_cycle=utcnow(),
+            )
             raise
         ctx.store.update_item(vm=vm, cycles=item.cycles + 1, last_cycle=utcnow(), last_error=None)
         return report

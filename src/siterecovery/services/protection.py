@@ -16,7 +16,7 @@ from siterecovery.domain.errors import (
     PointNotFound,
     SameSite,
 )
-from siterecovery.domain.lifecycle import ItemState, Operation, require
+from siterecovery.domain.lifecycle import ALLOWED, ItemState, Operation, require
 from siterecovery.domain.model import (
     Health,
     Item,
@@ -117,20 +117,20 @@ def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
 
 
 def health(item: Item, latest: RecoveryPoint | None) -> tuple[Health, float | None]:
-    """Health and RPO (seconds since the latest point) of an item."""
-    if item.state is ItemState.DISABLED:
-        return Health.NONE, None
+    """Health and RPO (seconds since the latest point) of an item.
+
+    Protected items are healthy while the RPO stays within two intervals (plus
+    30 s of slack), in warning up to six, critical beyond or with no point. A
+    failed last pass makes a healthy item a warning. Items in other states
+    have no health unless their last operation failed (critical).
+    """
     rpo = (utcnow() - latest.time).total_seconds() if latest else None
     if item.state is not ItemState.PROTECTED:
-        return (Health.CRITICAL if item.last_error else Health.NONE), rpo
-    if item.last_error or rpo is None:
-        return (
-            Health.CRITICAL if rpo is None or rpo > 6 * item.policy.interval else Health.WARNING,
-            rpo,
-        )
-    if rpo > 6 * item.policy.interval + 60:
+        failed = item.last_error and item.state is not ItemState.DISABLED
+        return (Health.CRITICAL if failed else Health.NONE), rpo
+    if rpo is None or rpo > 6 * item.policy.interval + 60:
         return Health.CRITICAL, rpo
-    if rpo > 2 * item.policy.interval + 30:
+    if item.last_error or rpo > 2 * item.policy.interval + 30:
         return Health.WARNING, rpo
     return Health.HEALTHY, rpo
 
@@ -154,8 +154,6 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
 
 
 def _allowed(item: Item) -> set[Operation]:
-    from siterecovery.domain.lifecycle import ALLOWED
-
     return set(ALLOWED[item.state]) - {Operation.REPLICATE}
 
 
