@@ -63,3 +63,14 @@ def test_errors_survive_pickling_for_durable_jobs() -> None:
     assert isinstance(error, VmNotFound)
     assert error.to_dict()["code"] == "VM_NOT_FOUND"
     assert "cloud" in error.message
+
+
+def test_group_member_never_fails_over_alone() -> None:
+    from siterecovery.domain.errors import GroupMemberAlone
+    from siterecovery.domain.lifecycle import require_group_together
+
+    require_group_together("web01", None, whole_group=False)
+    require_group_together("web01", "app", whole_group=True)
+    with pytest.raises(GroupMemberAlone) as refused:
+        require_group_together("web01", "app", whole_group=False)
+    assert refused.value.code == "GROUP_MEMBER_ALONE" and "app" in refused.value.message

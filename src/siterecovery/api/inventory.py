@@ -18,12 +18,19 @@ class SiteIn(BaseModel):
     provider: str = "local"
     path: str
     role: str = "on-premises"
+    storage: str = "block"
 
 
 class HostIn(BaseModel):
     site: str
     name: str
     switches: list[str] = Field(default_factory=list)
+    kind: str | None = None
+    connected: bool = True
+
+
+class HostPatch(BaseModel):
+    connected: bool
 
 
 class VmIn(BaseModel):
@@ -65,6 +72,11 @@ def add_host(ctx: Ctx, body: HostIn) -> dict[str, Any]:
     return inventory.add_host(ctx, **body.model_dump()).to_dict()
 
 
+@router.patch("/hosts/{name}")
+def set_host(ctx: Ctx, name: str, body: HostPatch) -> dict[str, Any]:
+    return inventory.set_host(ctx, name=name, connected=body.connected).to_dict()
+
+
 @router.get("/vms")
 def list_vms(ctx: Ctx, site: str | None = None) -> list[dict[str, Any]]:
     return inventory.list_vms(ctx, site=site)
@@ -79,6 +91,11 @@ def create_vm(ctx: Ctx, body: VmIn) -> dict[str, Any]:
 @router.get("/vms/{name}")
 def show_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
     return inventory.show_vm(ctx, name=name, site=site)
+
+
+@router.delete("/vms/{name}")
+def delete_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
+    return inventory.delete_vm(ctx, name=name, site=site)
 
 
 @router.post("/vms/{name}/start")

@@ -53,11 +53,25 @@ def site_add(
         str | None,
         typer.Option("--role", metavar="on-premises|cloud", help="Role (default on-premises)."),
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            metavar="block|managed",
+            help="Disk storage; managed storage has no block access (no failback from it).",
+        ),
+    ] = None,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Add a site."""
-    body = {"name": name, "provider": provider, "path": str(path.absolute()), "role": role}
+    body = {
+        "name": name,
+        "provider": provider,
+        "path": str(path.absolute()),
+        "role": role,
+        "storage": storage,
+    }
     with Session.of(ctx, vault, json_out) as session:
         session.emit(session.client.post("/sites", body), render.site)
 
@@ -78,13 +92,44 @@ def host_add(
         list[str] | None,
         typer.Option("--switch", metavar="NAME", help="A virtual switch (repeatable)."),
     ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", metavar="KIND", help="Hypervisor kind (default: the provider's)."),
+    ] = None,
+    connected: Annotated[
+        bool, typer.Option("--connected/--disconnected", help="Whether the host is reachable.")
+    ] = True,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Add a hypervisor host to a site."""
-    body = {"site": site, "name": name, "switches": switches}
+    body = {
+        "site": site,
+        "name": name,
+        "switches": switches,
+        "kind": kind,
+        "connected": connected,
+    }
     with Session.of(ctx, vault, json_out) as session:
         session.emit(session.client.post("/hosts", body), render.host)
+
+
+@host_app.command("set")
+def host_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Host name.")],
+    connected: Annotated[
+        bool, typer.Option("--connected/--disconnected", help="Whether the host is reachable.")
+    ],
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Mark a host connected or disconnected."""
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.request(
+            "PATCH", f"/hosts/{segment(name)}", body={"connected": connected}
+        )
+        session.emit(answer, render.host)
 
 
 @host_app.command("list")
@@ -185,6 +230,22 @@ def _power(
             f"/vms/{segment(name)}/{verb}", read_timeout=NO_TIMEOUT, site=site
         )
         session.emit(answer, render.vm)
+
+
+@vm_app.command("delete")
+def vm_delete(
+    ctx: typer.Context,
+    name: NameArg,
+    site: SiteOpt = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stop and delete a VM with its disks."""
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.request(
+            "DELETE", f"/vms/{segment(name)}", params={"site": site}, read_timeout=NO_TIMEOUT
+        )
+        session.emit(answer, lambda doc: render.say(f"deleted {doc['deleted']}"))
 
 
 @vm_app.command("check")

@@ -23,7 +23,14 @@ import typer
 # Typer vendors Click; its exceptions are only importable from there.
 from typer._click.exceptions import ClickException, UsageError
 
-from siterecovery.cli import inventory_cmd, jobs_cmd, local_cmd, protection_cmd, render
+from siterecovery.cli import (
+    failover_cmd,
+    inventory_cmd,
+    jobs_cmd,
+    local_cmd,
+    protection_cmd,
+    render,
+)
 from siterecovery.cli.session import Globals, JsonOpt, VaultOpt
 from siterecovery.domain.errors import Category, InternalError, SiteRecoveryError, category_of
 
@@ -60,6 +67,12 @@ app.command("items")(protection_cmd.list_items)
 app.add_typer(protection_cmd.item_app, name="item")
 app.command("disable")(protection_cmd.disable)
 app.command("points")(protection_cmd.list_points)
+app.command("failover")(failover_cmd.failover)
+app.command("complete")(failover_cmd.complete)
+app.command("commit")(failover_cmd.commit)
+app.command("reprotect")(failover_cmd.reprotect)
+app.command("cleanup-test")(failover_cmd.cleanup_test)
+app.command("verify")(failover_cmd.verify)
 app.command("jobs")(jobs_cmd.list_jobs)
 app.add_typer(jobs_cmd.app, name="job")
 

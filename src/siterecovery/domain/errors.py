@@ -183,6 +183,109 @@ class JobFinished(RuleViolation):
     template = "job '{job}' is already {state}; only unfinished jobs can be {action}"
 
 
+class NoRecoveryPoint(RuleViolation):
+    code = "NO_RECOVERY_POINT"
+    template = (
+        "'{vm}' has no {kind} recovery point at site '{site}'; wait for replication to "
+        "seal one (`siterecovery points {vm}`) or pick another point"
+    )
+
+
+class FailoverNotCommitted(RuleViolation):
+    code = "FAILOVER_NOT_COMMITTED"
+    template = (
+        "'{vm}' failed over to '{site}' and the failover is not committed; "
+        "run `siterecovery commit {vm}` before failing back"
+    )
+
+
+class ReplicationUnhealthy(RuleViolation):
+    code = "REPLICATION_UNHEALTHY"
+    template = (
+        "reverse replication of '{vm}' ({direction}) is {health}{reason}; failing back needs "
+        "it healthy: check `siterecovery item show {vm}` and wait for a new point"
+    )
+
+
+class ProtectionDisabled(RuleViolation):
+    code = "PROTECTION_DISABLED"
+    template = (
+        "protection of '{vm}' is disabled; protect it again with "
+        "`siterecovery protect {vm} --to SITE` before any failover"
+    )
+
+
+class FailedOverVmMissing(RuleViolation):
+    code = "FAILED_OVER_VM_MISSING"
+    template = (
+        "the failed-over VM '{vm}' no longer exists at site '{site}' (deleted or moved); "
+        "it cannot fail back: protect the VM where it runs now"
+    )
+
+
+class HypervisorMismatch(RuleViolation):
+    code = "HYPERVISOR_MISMATCH"
+    template = (
+        "host '{host}' runs '{kind}' but '{vm}' came from '{expected}'; a VM fails back only "
+        "to the hypervisor kind it came from: pick a '{expected}' host"
+    )
+
+
+class HostDisconnected(RuleViolation):
+    code = "HOST_DISCONNECTED"
+    template = "host '{host}' is not connected; reconnect it or pick another host with --host"
+
+
+class SwitchMissing(RuleViolation):
+    code = "SWITCH_MISSING"
+    template = (
+        "host '{host}' has no virtual switch '{switch}' for a NIC of '{vm}'; add the switch "
+        "to the host or pick another host with --host"
+    )
+
+
+class TargetVmMissing(RuleViolation):
+    code = "TARGET_VM_MISSING"
+    template = (
+        "VM '{vm}' does not exist on host '{host}' at site '{site}'; pass --create-vm to "
+        "create it there (alternate location)"
+    )
+
+
+class NoBlockAccess(RuleViolation):
+    code = "NO_BLOCK_ACCESS"
+    template = (
+        "the disks of '{vm}' at site '{site}' are on '{storage}' storage without block "
+        "access; they cannot fail back (the seed: use a storage account, not managed disks)"
+    )
+
+
+class GroupMemberAlone(RuleViolation):
+    code = "GROUP_MEMBER_ALONE"
+    template = (
+        "'{vm}' belongs to replication group '{group}'; its members fail over together: "
+        "fail over the group's recovery plan instead"
+    )
+
+
+class KeyRequired(RuleViolation):
+    code = "KEY_REQUIRED"
+    template = "the data of '{vm}' is encrypted with key '{key}'; pass --key {key}"
+
+
+class DrillActive(RuleViolation):
+    code = "TEST_FAILOVER_ACTIVE"
+    template = (
+        "a test failover of '{vm}' runs at site '{site}'; clean it up first with "
+        "`siterecovery cleanup-test {vm}`"
+    )
+
+
+class NoDrill(RuleViolation):
+    code = "NO_TEST_FAILOVER"
+    template = "no test failover of '{vm}' to clean up"
+
+
 class Conflict(SiteRecoveryError):
     code = "CONFLICT"
     category = Category.CONFLICT

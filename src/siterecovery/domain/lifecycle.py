@@ -95,3 +95,15 @@ def require(state: ItemState, operation: Operation, *, vm: str) -> None:
             state=state.value,
             allowed=", ".join(allowed(state)) or "nothing (an operation is in progress)",
         )
+
+
+def require_group_together(vm: str, group: str | None, *, whole_group: bool) -> None:
+    """A replication-group member never fails over alone (the seed's rule).
+
+    ``whole_group`` is true when the request fails the whole group over (a
+    recovery plan); groups themselves arrive with the recovery-plan issue.
+    """
+    from siterecovery.domain.errors import GroupMemberAlone
+
+    if group is not None and not whole_group:
+        raise GroupMemberAlone(vm=vm, group=group)

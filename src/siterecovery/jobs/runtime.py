@@ -56,7 +56,10 @@ class JobRuntime:
         """Launch DBOS; interrupted workflows resume in the background."""
         global _context, _dbos
         _context = self.ctx
-        from siterecovery.jobs import workflows  # noqa: F401  (registers the workflows)
+        from siterecovery.jobs import (  # noqa: F401  (registers the workflows)
+            failover_flows,
+            workflows,
+        )
 
         _dbos = DBOS(
             config={
@@ -100,8 +103,18 @@ class JobRuntime:
         return job
 
     def cancel(self, job_id: str) -> None:
-        """Ask a job to stop: long steps poll the flag between chunks."""
+        """Ask a job to stop: long steps poll the flag between chunks, and a job
+        waiting for the user (awaiting-completion) gets a message."""
         self.ctx.store.update_job(job_id=job_id, cancel_requested=True)
+        from siterecovery.jobs.failover_flows import CANCEL, send_control
+
+        send_control(job_id, CANCEL)
+
+    def complete(self, job_id: str) -> None:
+        """Tell a job waiting in awaiting-completion to go on (phase 2)."""
+        from siterecovery.jobs.failover_flows import COMPLETE, send_control
+
+        send_control(job_id, COMPLETE)
 
 
 @contextmanager

@@ -58,12 +58,45 @@ class Provider(Protocol):
 
     kind: str
 
-    def prepare_site(self, site: Site) -> None:
-        """Create the site's storage layout. Idempotent."""
+    def prepare_site(self, site: Site, *, storage: str = "block") -> None:
+        """Create the site's storage layout. Idempotent.
+
+        ``storage`` is the kind of disk storage (``block``, or ``managed`` for
+        storage without block access: its disks cannot fail back).
+        """
         ...
 
-    def create_vm(self, site: Site, vm: Vm) -> None:
-        """Create the VM's definition and blank disks. Idempotent."""
+    def storage(self, site: Site) -> str:
+        """The kind of the site's disk storage (see :meth:`prepare_site`)."""
+        ...
+
+    def create_vm(
+        self,
+        site: Site,
+        vm: Vm,
+        *,
+        bases: dict[str, Path] | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        """Create the VM's definition and disks. Idempotent.
+
+        Disks are blank, or, for a disk named in ``bases``, a qcow2 overlay on that
+        image (failover to a recovery point: nothing is copied). ``checkpoint``
+        starts change tracking on every new disk from its first write.
+        """
+        ...
+
+    def replace_disks(self, site: Site, vm: Vm) -> None:
+        """Give a stopped VM new blank disks."""
+        ...
+
+    def adopt_disks(self, site: Site, vm: Vm, chains: dict[str, Path], seq: int) -> None:
+        """Turn a stopped VM's disks into the base file ``pSEQ`` of replica chains
+        and delete the VM. Idempotent."""
+        ...
+
+    def add_checkpoint(self, site: Site, vm: Vm, checkpoint: str) -> None:
+        """Start change tracking on a stopped VM's disks."""
         ...
 
     def delete_vm(self, site: Site, vm: Vm) -> None:

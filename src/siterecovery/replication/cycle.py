@@ -20,6 +20,7 @@ union of every bitmap present: nothing written by the guest is ever skipped.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -278,7 +279,13 @@ def _seal(
         workload_seq=workload_seq,
     )
     ctx.store.add_point(point=point)
-    ctx.store.merge_tracking(vm=item.vm, next_seq=seq + 1, resume=None, last_pass=disks)
+    ctx.store.merge_tracking(
+        vm=item.vm,
+        next_seq=seq + 1,
+        resume=None,
+        last_pass=disks,
+        last_checkpoint={"point": point.id, "tag": options.tag, "site": item.active_site},
+    )
     return point
 
 
@@ -289,7 +296,14 @@ def _drop_older_bitmaps(tracker: Tracker, *, keep: str) -> None:
 def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) -> list[str]:
     """Thin the item's points by its policy; returns the ids removed."""
     points = ctx.store.list_points(vm=item.vm, site=site.name)
-    doomed = [p.id for p in points_to_drop(points, now=utcnow(), retention=item.policy.retention)]
+    pinned = set(ctx.store.get_tracking(vm=item.vm).get("pinned") or [])
+    following = {p.id: n.id for p, n in itertools.pairwise(points)}
+    doomed = [
+        p.id
+        for p in points_to_drop(points, now=utcnow(), retention=item.policy.retention)
+        # A pinned point (a drill runs on it) keeps its file and its child's.
+        if p.id not in pinned and following.get(p.id) not in pinned
+    ]
     for point_id in doomed:
         _drop_point(ctx, item.vm, site, provider, point_id)
     return doomed

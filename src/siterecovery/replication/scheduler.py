@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
+from siterecovery.domain.errors import VmBusy
 from siterecovery.domain.lifecycle import ItemState, Operation, require
 from siterecovery.domain.model import Item, failure, utcnow
 from siterecovery.replication.cycle import (
@@ -46,6 +47,9 @@ def replicate_now(ctx: Context, vm: str, *, app_consistent: bool | None = None) 
     with ctx.item_lock(vm):
         item = ctx.store.get_item(vm=vm)
         require(item.state, Operation.REPLICATE, vm=vm)
+        busy = ctx.store.get_tracking(vm=vm).get("busy")
+        if busy:
+            raise VmBusy(vm=vm, state=f"owned by job {busy}", hint="wait for it or cancel it")
         consistent = wants_app_consistent(item) if app_consistent is None else app_consistent
         try:
             report = run_pass(ctx, vm, PassOptions(tag=new_tag(), app_consistent=consistent))
@@ -93,7 +97,7 @@ class Scheduler:
             busy = self._running.get(item.vm)
             if busy is not None and not busy.done():
                 continue
-            if is_due(item, now):
+            if is_due(item, now) and not self.ctx.store.get_tracking(vm=item.vm).get("busy"):
                 self._running[item.vm] = self._pool.submit(self._run, item.vm)
 
     def _run(self, vm: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from siterecovery.domain.errors import AlreadyExists, InvalidInput
+from siterecovery.domain.errors import AlreadyExists, InvalidInput, VmBusy
+from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, OsType, Site, SiteRole, Vm, VmPower
 from siterecovery.domain.values import check_name, parse_size
 from siterecovery.services.context import Context
@@ -18,13 +19,31 @@ MAX_DISKS = 8
 DEFAULT_DISK = "1G"
 
 
-def add_site(ctx: Context, *, name: str, provider: str, path: str, role: str) -> Site:
+STORAGE_KINDS = ("block", "managed")
+REPLICATING = frozenset(
+    {
+        ItemState.ENABLING,
+        ItemState.PROTECTED,
+        ItemState.REPROTECTING,
+        ItemState.SYNCING,
+        ItemState.AWAITING_COMPLETION,
+        ItemState.FINALIZING,
+    }
+)
+HYPERVISOR_KINDS = ("local", "kvm", "hyperv", "vmware")
+
+
+def add_site(
+    ctx: Context, *, name: str, provider: str, path: str, role: str, storage: str = "block"
+) -> Site:
     check_name("name", name)
     site = Site(name=name, provider=provider, path=str(Path(path).absolute()), role=_role(role))
     impl = ctx.provider(provider)
+    if storage not in STORAGE_KINDS:
+        raise InvalidInput(field="storage", reason=f"'{storage}' is not one of {STORAGE_KINDS}")
     if any(s.name == name for s in ctx.store.list_sites()):
         raise AlreadyExists(kind="site", name=name)
-    impl.prepare_site(site)
+    impl.prepare_site(site, storage=storage)
     return ctx.store.add_site(site=site)
 
 
@@ -37,13 +56,47 @@ def _role(role: str) -> SiteRole:
         ) from None
 
 
-def add_host(ctx: Context, *, site: str, name: str, switches: list[str]) -> Host:
+def add_host(
+    ctx: Context,
+    *,
+    site: str,
+    name: str,
+    switches: list[str],
+    kind: str | None = None,
+    connected: bool = True,
+) -> Host:
+    """A host of ``site``; ``kind`` is its hypervisor (the provider's own by default)."""
     check_name("name", name)
     for switch in switches:
         check_name("switch", switch)
     owner = ctx.store.get_site(name=site)
-    host = Host(site=owner.name, name=name, switches=tuple(switches), kind=ctx.provider(owner).kind)
+    kind = kind or ctx.provider(owner).kind
+    if kind not in HYPERVISOR_KINDS:
+        raise InvalidInput(field="kind", reason=f"'{kind}' is not one of {HYPERVISOR_KINDS}")
+    host = Host(owner.name, name, tuple(switches), connected=connected, kind=kind)
     return ctx.store.add_host(host=host)
+
+
+def set_host(ctx: Context, *, name: str, connected: bool) -> Host:
+    """Mark a host connected or not (a disconnected host takes no failover)."""
+    ctx.store.get_host(name=name)
+    return ctx.store.update_host(name=name, connected=connected)
+
+
+def delete_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:
+    """Stop and delete a VM with its disks (refused while it is protected from there)."""
+    vm = ctx.store.get_vm(name=name, site=site)
+    item = ctx.store.find_item(vm=name)
+    if item is not None and item.active_site == vm.site and item.state in REPLICATING:
+        raise VmBusy(
+            vm=name,
+            state=f"replicated ({item.state.value})",
+            hint=f"disable protection first (`siterecovery disable {name}`)",
+        )
+    owner = ctx.store.get_site(name=vm.site)
+    ctx.provider(owner).delete_vm(owner, vm)
+    ctx.store.delete_vm(name=name, site=vm.site)
+    return {"deleted": f"{name}@{vm.site}"}
 
 
 def create_vm(

@@ -94,10 +94,21 @@ def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -
             policy=policy,
             last_error=None,
         )
+    _remember_origin(ctx, item, source_vm)
     from siterecovery.jobs.workflows import protect_workflow
 
     job = submit(protect_workflow, kind="protect", vm=vm, params={"vm": vm})
     return {"job": job.id, "item": item_view(ctx, ctx.store.get_item(vm=vm))}
+
+
+def _remember_origin(ctx: Context, item: Item, vm: Vm) -> None:
+    """Where protection began: failing over toward that site is a failback."""
+    host = ctx.store.get_host(name=vm.host)
+    tracking = ctx.store.get_tracking(vm=item.vm)
+    hosts = {**(tracking.get("hosts") or {}), vm.site: vm.host}
+    kinds = {**(tracking.get("kinds") or {}), vm.site: host.kind}
+    home = tracking.get("home") or vm.site
+    ctx.store.merge_tracking(vm=item.vm, home=home, hosts=hosts, kinds=kinds)
 
 
 def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
@@ -149,6 +160,10 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
         "latest_point": latest.to_dict() if latest else None,
         "latest_app_consistent_point": app[-1].to_dict() if app else None,
         "last_pass": tracking.get("last_pass"),
+        "home_site": tracking.get("home"),
+        "busy_job": tracking.get("busy"),
+        "failover": tracking.get("failover"),
+        "drill": tracking.get("drill"),
         "allowed_operations": sorted(op.value for op in _allowed(item)),
     }
 
@@ -190,21 +205,21 @@ def check_vm(
     """Check the guest journal of a VM's disks, or of a recovery point's image."""
     if point is not None:
         target = find_point(ctx, vm=name, point_id=point)
-        with _point_devices(ctx, target) as devices:
+        with point_devices(ctx, target) as devices:
             report = journal.check(devices)
         return {**report.to_dict(), "vm": name, "point": point, "site": target.site}
     vm = ctx.store.get_vm(name=name, site=site)
     owner = ctx.store.get_site(name=vm.site)
     with (
         ctx.provider(owner).disk_access(owner, vm) as access,
-        _open_all(access.nbd_socket, [access.nodes[d.name] for d in vm.disks]) as devices,
+        open_all(access.nbd_socket, [access.nodes[d.name] for d in vm.disks]) as devices,
     ):
         report = journal.check(devices)
     return {**report.to_dict(), "vm": name, "site": vm.site}
 
 
 @contextmanager
-def _point_devices(ctx: Context, point: RecoveryPoint) -> Iterator[list[BlockDevice]]:
+def point_devices(ctx: Context, point: RecoveryPoint) -> Iterator[list[BlockDevice]]:
     """The disks of ``point`` served read-only by a private daemon."""
     site = ctx.store.get_site(name=point.site)
     provider = ctx.provider(site)
@@ -214,14 +229,14 @@ def _point_devices(ctx: Context, point: RecoveryPoint) -> Iterator[list[BlockDev
     ]
     daemon = StorageDaemon.start(provider.run_dir(site, f"point-{point.id}"), specs, detached=False)
     try:
-        with _open_all(daemon.nbd_socket, [s.node for s in specs]) as devices:
+        with open_all(daemon.nbd_socket, [s.node for s in specs]) as devices:
             yield devices
     finally:
         daemon.stop()
 
 
 @contextmanager
-def _open_all(socket: Any, exports: list[str]) -> Iterator[list[BlockDevice]]:
+def open_all(socket: Any, exports: list[str]) -> Iterator[list[BlockDevice]]:
     devices: list[BlockDevice] = []
     try:
         for export in exports:

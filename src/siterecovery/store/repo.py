@@ -163,6 +163,14 @@ class VaultStore:
                 raise HostNotFound(name=name)
             return _host(row)
 
+    def update_host(self, *, name: str, connected: bool) -> Host:
+        with self.session() as s:
+            row = s.get(HostRow, name, with_for_update=True)
+            if row is None:
+                raise HostNotFound(name=name)
+            row.connected = connected
+            return _host(row)
+
     def list_hosts(self, *, site: str | None = None) -> list[Host]:
         query = select(HostRow).order_by(HostRow.site, HostRow.name)
         if site is not None:

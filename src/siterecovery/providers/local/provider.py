@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from siterecovery.disk import qemu_img
+from siterecovery.disk.checkpoints import BITMAP_PREFIX
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import Site, Vm, VmPower
@@ -45,22 +46,82 @@ class LocalProvider:
 
     kind = "local"
 
-    def prepare_site(self, site: Site) -> None:
+    def prepare_site(self, site: Site, *, storage: str = "block") -> None:
         root = Path(site.path)
         for sub in ("vms", "replicas"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         marker = root / "site.json"
         if not marker.exists():
-            marker.write_text(json.dumps({"name": site.name, "provider": self.kind}) + "\n")
+            facts = {"name": site.name, "provider": self.kind, "storage": storage}
+            marker.write_text(json.dumps(facts) + "\n")
 
-    def create_vm(self, site: Site, vm: Vm) -> None:
+    def create_vm(
+        self,
+        site: Site,
+        vm: Vm,
+        *,
+        bases: dict[str, Path] | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
         vm_dir = self._vm_dir(site, vm.name)
         (vm_dir / "disks").mkdir(parents=True, exist_ok=True)
         for disk in vm.disks:
             path = self.disk_path(site, vm, disk.name)
-            if not path.exists():
-                qemu_img.create(path, disk.size)
+            if path.exists():
+                continue
+            base = (bases or {}).get(disk.name)
+            partial = path.with_suffix(".qcow2.partial")
+            qemu_img.create(partial, None if base else disk.size, backing=base)
+            if checkpoint is not None:
+                qemu_img.add_bitmap(partial, BITMAP_PREFIX + checkpoint, enable=True)
+            partial.rename(path)
         (vm_dir / "vm.json").write_text(json.dumps(vm.to_dict(), indent=2) + "\n")
+
+    def replace_disks(self, site: Site, vm: Vm) -> None:
+        """Give a stopped VM new blank disks (a full download starts from nothing)."""
+        for disk in vm.disks:
+            path = self.disk_path(site, vm, disk.name)
+            partial = path.with_suffix(".qcow2.partial")
+            qemu_img.create(partial, disk.size)
+            partial.replace(path)
+
+    def adopt_disks(self, site: Site, vm: Vm, chains: dict[str, Path], seq: int) -> None:
+        """Move a stopped VM's disks into replica chains as their newest base file.
+
+        The disk of each becomes ``CHAIN/pSEQ.qcow2`` (its own backing, if it has
+        one, re-pointed relative to the new place) and the VM is deleted: its
+        data now only serves as the common base of a new replication.
+        Idempotent: a disk already moved is skipped.
+        """
+        self.stop_vm(site, vm)
+        for disk in vm.disks:
+            source, target = (
+                self.disk_path(site, vm, disk.name),
+                chains[disk.name] / f"p{seq:06d}.qcow2",
+            )
+            if source.exists() and not target.exists():
+                chain = qemu_img.backing_chain(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
+                if len(chain) > 1:
+                    qemu_img.rebase_unsafe(target, chain[1])
+        self.delete_vm(site, vm)
+
+    def storage(self, site: Site) -> str:
+        """The kind of the site's disk storage: ``block`` unless site.json says otherwise."""
+        try:
+            marker = json.loads((Path(site.path) / "site.json").read_text())
+        except (OSError, ValueError):
+            return "block"
+        return str(marker.get("storage", "block"))
+
+    def add_checkpoint(self, site: Site, vm: Vm, checkpoint: str) -> None:
+        """Start change tracking on a stopped VM's disks (a persistent bitmap each)."""
+        for disk in vm.disks:
+            path = self.disk_path(site, vm, disk.name)
+            names = {b.name for b in qemu_img.bitmaps(path)}
+            if BITMAP_PREFIX + checkpoint not in names:
+                qemu_img.add_bitmap(path, BITMAP_PREFIX + checkpoint, enable=True)
 
     def delete_vm(self, site: Site, vm: Vm) -> None:
         self.stop_vm(site, vm)

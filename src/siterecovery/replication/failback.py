@@ -1,0 +1,253 @@
+"""Data movement of a failback: the disks of the VM running at one site are
+brought onto the disks of the VM at the other site (original or alternate
+location).
+
+- :func:`delta_phase1`: the source keeps running; a point-in-time view of it is
+  synced onto the target, sending only blocks that may differ: tracked (the
+  source's bitmaps since the failover point ∪ the target's bitmap since the same
+  point) when both sides kept change tracking, per-block checksums otherwise.
+  A new bitmap on the source records what changes after the view.
+- :func:`delta_phase2`: the source is stopped; only what its phase-1 bitmap
+  recorded is sent (time follows that change, not the disk size), then both
+  disks are digested (the integrity proof).
+- :func:`full_download`: the source is stopped, the target gets new blank
+  disks and every allocated block is copied (no checksums).
+
+Every function is idempotent by ``tag`` and resumes from the offsets it
+persisted in the item's ``tracking.resume``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from siterecovery.disk.base import BlockDevice, Extent
+from siterecovery.disk.checkpoints import PointInTimeView, Tracker, freeze_together
+from siterecovery.disk.digest import disk_digest
+from siterecovery.disk.nbd import NbdDevice
+from siterecovery.domain.errors import IntegrityError
+from siterecovery.domain.model import Site, Vm
+from siterecovery.providers.base import DiskAccess, Provider
+from siterecovery.replication.extents import UnionDirtyDevice
+from siterecovery.replication.sync import SyncMode, SyncOptions, sync
+from siterecovery.services.context import Context
+
+Progress = Callable[[int, int], None]
+CHECKPOINT_EVERY = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One end of a failback: a VM at a site, and the provider that runs it."""
+
+    site: Site
+    vm: Vm
+    provider: Provider
+
+    @contextmanager
+    def access(self) -> Iterator[DiskAccess]:
+        with self.provider.disk_access(self.site, self.vm) as access:
+            yield access
+
+    def trackers(self, access: DiskAccess) -> dict[str, Tracker]:
+        return {
+            d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
+            for d in self.vm.disks
+        }
+
+
+@dataclass
+class Movement:
+    """Callbacks and identity of one data movement of a job."""
+
+    ctx: Context
+    item: str
+    tag: str
+    threads: int
+    progress: Progress | None = None
+    cancelled: Callable[[], bool] | None = None
+
+    def resume_offset(self, disk: str) -> int:
+        state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
+        return int(state.get("offsets", {}).get(disk, 0)) if state.get("tag") == self.tag else 0
+
+    def save_offset(self, disk: str, offset: int) -> None:
+        state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
+        offsets = state.get("offsets", {}) if state.get("tag") == self.tag else {}
+        resume = {"tag": self.tag, "offsets": {**offsets, disk: offset}}
+        self.ctx.store.merge_tracking(vm=self.item, resume=resume)
+
+
+def delta_phase1(
+    move: Movement, source: Side, target: Side, since_point: dict[str, Any]
+) -> dict[str, Any]:
+    """Phase 1 of a delta failback (source running). ``since_point`` names the
+    source checkpoint taken at failover and the target's own, when known."""
+    report: dict[str, Any] = {}
+    with source.access() as src_access, target.access() as dst_access:
+        target_dirty = _target_dirty(
+            target, dst_access, since_point.get("target_checkpoint"), move.tag
+        )
+        sources = source.trackers(src_access)
+        since = {
+            n: _usable_since(t, since_point.get("source_checkpoint")) for n, t in sources.items()
+        }
+        tracked = target_dirty is not None and all(s is not None for s in since.values())
+        views = _freeze(
+            sources, move.tag, {n: (s or []) if tracked else [] for n, s in since.items()}
+        )
+        with _writable(dst_access) as targets:
+            for disk in source.vm.disks:
+                extra = target_dirty.get(disk.name, []) if target_dirty is not None else None
+                report[disk.name] = _send(
+                    move, views[disk.name], targets[disk.name], disk.name, extra
+                )
+        for view in views.values():
+            view.release()
+    return report
+
+
+def delta_phase2(move: Movement, source: Side, target: Side, phase1_tag: str) -> dict[str, Any]:
+    """Phase 2 (source stopped by the caller): send what changed since phase 1."""
+    report: dict[str, Any] = {}
+    with source.access() as src_access, target.access() as dst_access:
+        sources = source.trackers(src_access)
+        since = {n: _usable_since(t, phase1_tag) for n, t in sources.items()}
+        tracked = all(s is not None for s in since.values())
+        views = _freeze(
+            sources, move.tag, {n: (s or []) if tracked else [] for n, s in since.items()}
+        )
+        with _writable(dst_access) as targets:
+            for disk in source.vm.disks:
+                view, dst = views[disk.name], targets[disk.name]
+                report[disk.name] = _send(move, view, dst, disk.name, [] if tracked else None)
+                report[disk.name].update(_proof(view, dst, disk.name))
+        for view in views.values():
+            view.release()
+    return report
+
+
+def full_download(move: Movement, source: Side, target: Side) -> dict[str, Any]:
+    """Copy every allocated block of the stopped source onto new blank target disks."""
+    report: dict[str, Any] = {}
+    with source.access() as src_access, target.access() as dst_access:
+        views = _freeze(
+            source.trackers(src_access), move.tag, {d.name: [] for d in source.vm.disks}
+        )
+        with _writable(dst_access) as targets:
+            for disk in source.vm.disks:
+                view, dst = views[disk.name], targets[disk.name]
+                report[disk.name] = _send(move, view, dst, disk.name, None, full=True)
+                report[disk.name].update(_proof(view, dst, disk.name))
+        for view in views.values():
+            view.release()
+    return report
+
+
+def pending_bytes(source: Side, checkpoint: str) -> int:
+    """Bytes the source's ``checkpoint`` bitmap marks dirty (phase-2 prediction)."""
+    total = 0
+    with source.access() as access:
+        for tracker in source.trackers(access).values():
+            total += sum(b.count for b in tracker.bitmaps() if b.name == checkpoint)
+    return total
+
+
+def _usable_since(tracker: Tracker, checkpoint: str | None) -> list[str] | None:
+    """Every bitmap of ours when they are all consistent and include ``checkpoint``
+    (their union then covers every write since it), else None."""
+    bitmaps = tracker.bitmaps()
+    names = [b.name for b in bitmaps]
+    if checkpoint is None or checkpoint not in names or any(b.inconsistent for b in bitmaps):
+        return None
+    return names
+
+
+def _target_dirty(
+    target: Side, access: DiskAccess, checkpoint: str | None, tag: str
+) -> dict[str, list[Extent]] | None:
+    """Extents the target wrote since the failover point, or None if unknown."""
+    if checkpoint is None:
+        return None
+    found: dict[str, list[Extent]] = {}
+    for name, tracker in target.trackers(access).items():
+        since = _usable_since(tracker, checkpoint)
+        if since is None:
+            return None
+        view = tracker.find_view(tag + "t") or tracker.freeze(
+            tag + "t", new_checkpoint=tag + "t", since=since
+        )
+        with view.open() as device:
+            found[name] = [e for e in device.dirty_extents() if e.dirty]
+        view.release()
+    return found
+
+
+def _freeze(
+    trackers: dict[str, Tracker], tag: str, since: dict[str, list[str]]
+) -> dict[str, PointInTimeView]:
+    found = {name: t.find_view(tag) for name, t in trackers.items()}
+    if all(view is not None for view in found.values()):
+        return {name: view for name, view in found.items() if view is not None}
+    for tracker in trackers.values():
+        tracker.cleanup_views(keep_tags=(tag,))
+    views = freeze_together([(t, since[n]) for n, t in trackers.items()], tag, new_checkpoint=tag)
+    return dict(zip(trackers, views, strict=True))
+
+
+@contextmanager
+def _writable(access: DiskAccess) -> Iterator[dict[str, NbdDevice]]:
+    with ExitStack() as stack:
+        yield {
+            disk: stack.enter_context(NbdDevice.connect(access.nbd_socket, node, writable=True))
+            for disk, node in access.nodes.items()
+        }
+
+
+def _send(
+    move: Movement,
+    view: PointInTimeView,
+    dst: BlockDevice,
+    disk: str,
+    extra_dirty: list[Extent] | None,
+    *,
+    full: bool = False,
+) -> dict[str, Any]:
+    """Sync one disk: tracked (view bitmap ∪ ``extra_dirty``), checksum when
+    ``extra_dirty`` is None and not ``full``, or full."""
+    with view.open() as raw:
+        src: BlockDevice = raw
+        if full:
+            mode = SyncMode.FULL
+        elif extra_dirty is not None and view.has_bitmap:
+            mode, src = SyncMode.TRACKED, UnionDirtyDevice(raw, extra_dirty)
+        else:
+            mode = SyncMode.CHECKSUM
+        result = sync(
+            src,
+            dst,
+            SyncOptions(
+                mode=mode,
+                threads=move.threads,
+                resume_offset=move.resume_offset(disk),
+                target_is_blank=full,
+                checkpoint_every=CHECKPOINT_EVERY,
+            ),
+            progress=move.progress,
+            checkpoint=lambda offset: move.save_offset(disk, offset),
+            cancelled=move.cancelled,
+        )
+        dst.flush()
+    return {**result.to_dict(), "mode": mode.value}
+
+
+def _proof(view: PointInTimeView, dst: BlockDevice, disk: str) -> dict[str, Any]:
+    """Whole-disk digests of the stopped source and of the target after sync."""
+    with view.open() as src:
+        source, target = disk_digest(src), disk_digest(dst)
+    if source != target:
+        raise IntegrityError(what=f"disk {disk}", source=source, target=target)
+    return {"source_digest": source, "target_digest": target}

@@ -1,0 +1,459 @@
+"""Failover, failback, commit, reprotect and drills: plans, rules and jobs.
+
+Each operation builds a :class:`Plan` (its preconditions, the point, what moves,
+what is created and deleted). ``dry_run`` returns the plan; otherwise the first
+failed precondition is raised before any side effect and a durable job is
+submitted. The jobs themselves are in ``jobs/failover_flows.py``.
+
+Per-item bookkeeping (``items.tracking``): ``home`` (the site protection began
+at: failing toward it is a failback), ``hosts`` (the VM's host per site),
+``failover`` (the last failover: kind, point, checkpoints), ``drill``,
+``pinned`` (points a drill runs on) and ``busy`` (the job that owns the item).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from siterecovery.domain.errors import (
+    DrillActive,
+    FailedOverVmMissing,
+    FailoverNotCommitted,
+    HostDisconnected,
+    HypervisorMismatch,
+    InvalidInput,
+    NoBlockAccess,
+    NoDrill,
+    NoRecoveryPoint,
+    OperationNotAllowed,
+    PointNotFound,
+    ProtectionDisabled,
+    ReplicationUnhealthy,
+    SwitchMissing,
+    TargetVmMissing,
+    VmBusy,
+)
+from siterecovery.domain.lifecycle import ItemState, Operation, require, require_group_together
+from siterecovery.domain.model import Host, Item, PointType, RecoveryPoint, Vm
+from siterecovery.domain.plan import Plan
+from siterecovery.domain.values import check_name, check_positive
+from siterecovery.services.context import Context
+from siterecovery.services.protection import health, item_view
+
+Submit = Callable[..., Any]
+
+TYPES = ("test", "planned", "unplanned")
+SYNCS = ("delta", "full")
+SELECTORS = ("latest", "latest-processed", "latest-app-consistent")
+DRILL_SWITCH = "sr-drill-isolated"
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverRequest:
+    vm: str
+    type: str
+    point: str = "latest"
+    sync: str = "delta"
+    host: str | None = None
+    create_vm: bool = False
+    switch: str | None = None
+    threads: int | None = None
+    key: str | None = None
+
+    def validated(self) -> FailoverRequest:
+        if self.type not in TYPES:
+            raise InvalidInput(field="type", reason=f"'{self.type}' is not one of {TYPES}")
+        if self.sync not in SYNCS:
+            raise InvalidInput(field="sync", reason=f"'{self.sync}' is not one of {SYNCS}")
+        if self.threads is not None:
+            check_positive("threads", self.threads, maximum=64)
+        if self.switch is not None:
+            check_name("switch", self.switch)
+        return self
+
+
+def tracking(ctx: Context, vm: str) -> dict[str, Any]:
+    return ctx.store.get_tracking(vm=vm)
+
+
+def home_of(ctx: Context, item: Item) -> str:
+    return str(tracking(ctx, item.vm).get("home") or item.active_site)
+
+
+def require_idle(ctx: Context, item: Item) -> None:
+    busy = tracking(ctx, item.vm).get("busy")
+    if busy:
+        raise VmBusy(vm=item.vm, state=f"owned by job {busy}", hint="wait for it or cancel it")
+
+
+# Failover -------------------------------------------------------------------
+
+
+def failover(
+    ctx: Context, request: FailoverRequest, *, submit: Submit, dry_run: bool = False
+) -> dict[str, Any]:
+    """Plan, then (unless ``dry_run``) start the failover job of ``request``."""
+    request = request.validated()
+    item = ctx.store.get_item(vm=request.vm)
+    kind = failover_kind(item, request)
+    plan = _PLANNERS[kind](ctx, item, request)
+    if dry_run:
+        return plan.to_dict()
+    plan.raise_first()
+    from siterecovery.jobs import failover_flows as flows
+
+    params = _job_params(kind, request, plan)
+    job = submit(_WORKFLOWS(flows)[kind], kind=kind, vm=item.vm, params=params)
+    ctx.store.merge_tracking(vm=item.vm, busy=job.id)
+    return {"job": job.id, "kind": kind, "plan": plan.to_dict()}
+
+
+def failover_kind(item: Item, request: FailoverRequest) -> str:
+    if request.type == "test":
+        return "test-failover"
+    if request.type == "unplanned":
+        return "unplanned-failover"
+    if item.state in (ItemState.COMMITTED, ItemState.INCONSISTENT):
+        return "failback"
+    return "planned-failover"
+
+
+def _WORKFLOWS(flows: Any) -> dict[str, Callable[..., Any]]:
+    return {
+        "test-failover": flows.test_failover_workflow,
+        "unplanned-failover": flows.unplanned_failover_workflow,
+        "planned-failover": flows.planned_failover_workflow,
+        "failback": flows.failback_workflow,
+    }
+
+
+def _job_params(kind: str, request: FailoverRequest, plan: Plan) -> dict[str, Any]:
+    params: dict[str, Any] = {"vm": request.vm, "host": plan.host}
+    if kind in ("test-failover", "unplanned-failover"):
+        params["point"] = plan.point["id"] if plan.point else None
+    if kind == "test-failover":
+        params["switch"] = request.switch or DRILL_SWITCH
+    if kind == "failback":
+        params.update(sync=request.sync, create_vm=request.create_vm, threads=request.threads)
+    return params
+
+
+def _common_checks(ctx: Context, plan: Plan, item: Item, operation: Operation) -> None:
+    def state_allows() -> None:
+        if item.state is ItemState.DISABLED:
+            raise ProtectionDisabled(vm=item.vm)
+        if item.state is ItemState.FAILED_OVER and operation is Operation.PLANNED_FAILOVER:
+            raise FailoverNotCommitted(vm=item.vm, site=item.active_site)
+        require(item.state, operation, vm=item.vm)
+
+    plan.add("state allows " + operation.value, state_allows)
+    plan.add(
+        "not a group member alone", lambda: require_group_together(item.vm, None, whole_group=False)
+    )
+    plan.add("no other job owns the item", lambda: require_idle(ctx, item))
+
+
+def select_point(ctx: Context, item: Item, selector: str) -> RecoveryPoint:
+    """The point ``selector`` names among the item's points at its standby site."""
+    points = ctx.store.list_points(vm=item.vm, site=item.standby_site)
+    if selector in ("latest", "latest-processed"):
+        if not points:
+            raise NoRecoveryPoint(vm=item.vm, kind="", site=item.standby_site)
+        return points[-1]
+    if selector == "latest-app-consistent":
+        app = [p for p in points if p.type is PointType.APP_CONSISTENT]
+        if not app:
+            raise NoRecoveryPoint(vm=item.vm, kind="app-consistent", site=item.standby_site)
+        return app[-1]
+    for point in points:
+        if point.id == selector:
+            return point
+    raise PointNotFound(name=selector, vm=item.vm)
+
+
+def _plan_point(ctx: Context, plan: Plan, item: Item, selector: str) -> RecoveryPoint | None:
+    found: list[RecoveryPoint] = []
+    plan.add("recovery point", lambda: found.append(select_point(ctx, item, selector)))
+    if found:
+        plan.point = found[0].to_dict()
+    return found[0] if found else None
+
+
+def _source_vm(ctx: Context, item: Item) -> Vm | None:
+    found = ctx.store.find_vms(name=item.vm, site=item.active_site)
+    return found[0] if found else None
+
+
+def choose_host(ctx: Context, item: Item, site: str, requested: str | None, vm: Vm) -> Host:
+    """The host the VM will run on at ``site``: asked for, its last one, or a fitting one."""
+    if requested is not None:
+        host = ctx.store.get_host(name=requested)
+        if host.site != site:
+            raise InvalidInput(field="host", reason=f"host '{requested}' is not at site '{site}'")
+        return host
+    hosts = ctx.store.list_hosts(site=site)
+    previous = (tracking(ctx, item.vm).get("hosts") or {}).get(site)
+    for host in hosts:
+        if host.name == previous:
+            return host
+    fitting = [h for h in hosts if h.connected and set(vm.nics) <= set(h.switches)]
+    if not (fitting or hosts):
+        raise InvalidInput(field="host", reason=f"site '{site}' has no host; add one")
+    return (fitting or hosts)[0]
+
+
+def _host_checks(
+    ctx: Context, plan: Plan, item: Item, vm: Vm, site: str, requested: str | None
+) -> Host | None:
+    hosts: list[Host] = []
+    if not plan.add(
+        "target host", lambda: hosts.append(choose_host(ctx, item, site, requested, vm))
+    ):
+        return None
+    host = hosts[0]
+    plan.host = host.name
+
+    def connected() -> None:
+        if not host.connected:
+            raise HostDisconnected(host=host.name)
+
+    def switches() -> None:
+        for nic in vm.nics:
+            if nic not in host.switches:
+                raise SwitchMissing(host=host.name, switch=nic, vm=vm.name)
+
+    plan.add("host connected", connected)
+    plan.add("host has the VM's switches", switches)
+    if site == home_of(ctx, item):
+        plan.add("same hypervisor kind", lambda: _same_kind(ctx, item, host))
+    return host
+
+
+def _same_kind(ctx: Context, item: Item, host: Host) -> None:
+    origin = (tracking(ctx, item.vm).get("kinds") or {}).get(home_of(ctx, item), host.kind)
+    if host.kind != origin:
+        raise HypervisorMismatch(host=host.name, kind=host.kind, vm=item.vm, expected=origin)
+
+
+def _block_access(ctx: Context, item: Item) -> None:
+    site = ctx.store.get_site(name=item.active_site)
+    storage = ctx.provider(site).storage(site)
+    if storage != "block":
+        raise NoBlockAccess(vm=item.vm, site=site.name, storage=storage)
+
+
+def _healthy_reverse(ctx: Context, item: Item) -> None:
+    """Failing back a replicated item (VMware path) needs healthy replication."""
+    points = ctx.store.list_points(vm=item.vm, site=item.standby_site)
+    state, _rpo = health(item, points[-1] if points else None)
+    if state.value != "healthy":
+        reason = f": {item.last_error['message']}" if item.last_error else ""
+        raise ReplicationUnhealthy(
+            vm=item.vm,
+            direction=f"{item.active_site} -> {item.standby_site}",
+            health=state.value,
+            reason=reason,
+        )
+
+
+def _plan_unplanned(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
+    plan = Plan("unplanned-failover", item.vm, item.active_site, item.standby_site)
+    _common_checks(ctx, plan, item, Operation.UNPLANNED_FAILOVER)
+    point = _plan_point(ctx, plan, item, request.point)
+    vm = _source_vm(ctx, item) or _any_vm(ctx, item)
+    if item.state is ItemState.PROTECTED and item.standby_site == home_of(ctx, item):
+        plan.add("reverse replication healthy", lambda: _healthy_reverse(ctx, item))
+        plan.add("recovery-site disks have block access", lambda: _block_access(ctx, item))
+    if vm is not None:
+        _host_checks(ctx, plan, item, vm, item.standby_site, request.host)
+    if point is not None:
+        plan.bytes_note = "nothing is copied: the VM starts on an overlay of the point"
+    plan.will_create.append(f"VM {item.vm} at {item.standby_site}")
+    if ctx.store.find_vms(name=item.vm, site=item.standby_site):
+        plan.will_delete.append(f"VM {item.vm} at {item.standby_site} (the previous failover)")
+    return plan
+
+
+def _any_vm(ctx: Context, item: Item) -> Vm | None:
+    found = ctx.store.find_vms(name=item.vm)
+    return found[0] if found else None
+
+
+def _plan_planned(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
+    plan = Plan("planned-failover", item.vm, item.active_site, item.standby_site)
+    _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER)
+    vm = _source_vm(ctx, item)
+    plan.add("source VM exists", lambda: _require_vm(vm, item.vm, item.active_site))
+    if item.standby_site == home_of(ctx, item):
+        plan.add("reverse replication healthy", lambda: _healthy_reverse(ctx, item))
+        plan.add("recovery-site disks have block access", lambda: _block_access(ctx, item))
+    if vm is not None:
+        _host_checks(ctx, plan, item, vm, item.standby_site, request.host)
+    plan.bytes_note = "the changes since the latest point, sent after the source stops"
+    plan.will_create.append(f"VM {item.vm} at {item.standby_site}")
+    return plan
+
+
+def _require_vm(vm: Vm | None, name: str, site: str) -> None:
+    if vm is None:
+        raise FailedOverVmMissing(vm=name, site=site)
+
+
+def _plan_failback(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
+    plan = Plan("failback", item.vm, item.active_site, item.standby_site, sync=request.sync)
+    _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER)
+    vm = _source_vm(ctx, item)
+    plan.add("failed-over VM still exists", lambda: _require_vm(vm, item.vm, item.active_site))
+    plan.add("recovery-site disks have block access", lambda: _block_access(ctx, item))
+    if vm is None:
+        return plan
+    host = _host_checks(ctx, plan, item, vm, item.standby_site, request.host)
+    target = ctx.store.find_vms(name=item.vm, site=item.standby_site)
+
+    def target_exists() -> None:
+        if not target and not request.create_vm:
+            where = host.name if host else "?"
+            raise TargetVmMissing(vm=item.vm, host=where, site=item.standby_site)
+
+    plan.add("target VM exists or --create-vm", target_exists)
+    if not target:
+        plan.will_create.append(f"VM {item.vm} at {item.standby_site} on {plan.host}")
+    plan.bytes_to_move = sum(d.size for d in vm.disks)
+    plan.bytes_note = (
+        "at most the disk size: phase 1 sends only blocks that differ, phase 2 only what "
+        "changed after phase 1"
+        if request.sync == "delta"
+        else "every allocated block of the source (full download)"
+    )
+    return plan
+
+
+def _plan_test(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
+    plan = Plan("test-failover", item.vm, item.active_site, item.standby_site)
+    _common_checks(ctx, plan, item, Operation.TEST_FAILOVER)
+    drill = tracking(ctx, item.vm).get("drill")
+
+    def no_drill() -> None:
+        if drill:
+            raise DrillActive(vm=item.vm, site=drill["site"])
+
+    plan.add("no drill running", no_drill)
+    _plan_point(ctx, plan, item, request.point)
+    vm = _source_vm(ctx, item)
+    if vm is not None:
+        hosts: list[Host] = []
+        plan.add(
+            "target host",
+            lambda: hosts.append(choose_host(ctx, item, item.standby_site, request.host, vm)),
+        )
+        plan.host = hosts[0].name if hosts else None
+    plan.bytes_note = "nothing is copied; replication goes on"
+    plan.will_create.append(
+        f"VM {item.vm}-test at {item.standby_site} on switch {request.switch or DRILL_SWITCH}"
+    )
+    return plan
+
+
+_PLANNERS: dict[str, Callable[[Context, Item, FailoverRequest], Plan]] = {
+    "test-failover": _plan_test,
+    "unplanned-failover": _plan_unplanned,
+    "planned-failover": _plan_planned,
+    "failback": _plan_failback,
+}
+
+
+# Commit, reprotect, complete, cleanup ----------------------------------------
+
+
+def commit(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -> dict[str, Any]:
+    item = ctx.store.get_item(vm=vm)
+    plan = Plan("commit", vm, item.standby_site, item.active_site)
+    _state_check(plan, item, Operation.COMMIT)
+    plan.add("no other job owns the item", lambda: require_idle(ctx, item))
+    is_failback = item.active_site == home_of(ctx, item)
+    if is_failback and ctx.store.find_vms(name=vm, site=item.standby_site):
+        plan.will_delete.append(f"VM {vm} and its disks at {item.standby_site}")
+    if dry_run:
+        return plan.to_dict()
+    plan.raise_first()
+    from siterecovery.jobs.failover_flows import commit_workflow
+
+    job = submit(commit_workflow, kind="commit", vm=vm, params={"vm": vm})
+    ctx.store.merge_tracking(vm=vm, busy=job.id)
+    return {"job": job.id, "plan": plan.to_dict()}
+
+
+def _state_check(plan: Plan, item: Item, operation: Operation) -> None:
+    def state_allows() -> None:
+        if item.state is ItemState.DISABLED:
+            raise ProtectionDisabled(vm=item.vm)
+        require(item.state, operation, vm=item.vm)
+
+    plan.add("state allows " + operation.value, state_allows)
+
+
+def reprotect(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -> dict[str, Any]:
+    """Replicate again, from where the VM runs now to the other site."""
+    item = ctx.store.get_item(vm=vm)
+    plan = Plan("reprotect", vm, item.active_site, item.standby_site)
+    _state_check(plan, item, Operation.REPROTECT)
+    plan.add("no other job owns the item", lambda: require_idle(ctx, item))
+    source = _source_vm(ctx, item)
+    plan.add("VM exists where it runs", lambda: _require_vm(source, vm, item.active_site))
+    base = ctx.store.find_vms(name=vm, site=item.standby_site)
+    chain = ctx.store.list_points(vm=vm, site=item.standby_site)
+    if base:
+        plan.will_delete.append(
+            f"VM {vm} at {item.standby_site}: its disks become the base of the new replica"
+        )
+    if source is not None:
+        plan.bytes_to_move = sum(d.size for d in source.disks)
+    plan.bytes_note = (
+        "only blocks that differ from the common base (checksums)"
+        if base or chain
+        else "every allocated block (no common base at the other site)"
+    )
+    if dry_run:
+        return plan.to_dict()
+    plan.raise_first()
+    from siterecovery.jobs.failover_flows import reprotect_workflow
+
+    ctx.store.update_item(vm=vm, state=ItemState.REPROTECTING, last_error=None)
+    job = submit(reprotect_workflow, kind="reprotect", vm=vm, params={"vm": vm})
+    ctx.store.merge_tracking(vm=vm, busy=job.id)
+    return {
+        "job": job.id,
+        "plan": plan.to_dict(),
+        "item": item_view(ctx, ctx.store.get_item(vm=vm)),
+    }
+
+
+def complete(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[str, Any]:
+    """Let a failback waiting in ``awaiting-completion`` start phase 2."""
+    job = ctx.store.get_job(job_id=job_id)
+    if job.state.value != "awaiting-completion":
+        raise OperationNotAllowed(
+            operation="complete",
+            vm=job.vm or job_id,
+            state=f"in job {job_id} {job.state.value}",
+            allowed=", ".join(job.allowed_actions()) or "nothing (the job is finished)",
+        )
+    send(job_id)
+    return ctx.store.get_job(job_id=job_id).to_dict()
+
+
+def cleanup_test(ctx: Context, *, vm: str, submit: Submit) -> dict[str, Any]:
+    item = ctx.store.get_item(vm=vm)
+    if not tracking(ctx, vm).get("drill"):
+        raise NoDrill(vm=vm)
+    from siterecovery.jobs.failover_flows import cleanup_test_workflow
+
+    job = submit(cleanup_test_workflow, kind="cleanup-test", vm=vm, params={"vm": vm})
+    return {"job": job.id, "item": item_view(ctx, item)}
+
+
+def target_vm(ctx: Context, item: Item, site: str, host: str, *, source: Vm) -> Vm:
+    """The VM definition at ``site`` on ``host``, copied from ``source``."""
+    return replace(source, site=site, host=host)
