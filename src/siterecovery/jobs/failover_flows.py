@@ -329,7 +329,7 @@ def _delta(job_id: str, vm: str, prepared: dict[str, Any], threads: int) -> None
     _wait_for_complete(job_id)
     ctx.store.update_item(vm=vm, state=ItemState.FINALIZING)
     ctx.store.update_job(job_id=job_id, state=JobState.RUNNING)
-    prediction = _step(job_id, "predict-phase2", lambda: _predict(vm, tag1, phase1))
+    prediction = _step(job_id, "predict-phase2", lambda: _predict(vm, phase1))
     started = _step(
         job_id, "stop-source", lambda: {"at": time.time(), **_stop(ctx, _sides(vm)[0].vm)}
     )
@@ -338,7 +338,7 @@ def _delta(job_id: str, vm: str, prepared: dict[str, Any], threads: int) -> None
         job_id,
         "phase2-sync",
         lambda: _timed(
-            lambda: data.delta_phase2(_movement(job_id, vm, tag2, threads), *_sides(vm), tag1)
+            lambda: data.delta_phase2(_movement(job_id, vm, tag2, threads), *_sides(vm), phase1)
         ),
     )
     done = _step(job_id, "start-target", lambda: {"at": time.time(), **_start_target(vm)})
@@ -385,19 +385,23 @@ def _resumable_tag(vm: str, phase: str, job_id: str) -> str:
 
 
 def _timed(body: Any) -> dict[str, Any]:
+    """Run a data movement; its result with seconds and byte totals added."""
     started = time.monotonic()
-    disks = body()
+    result = body()
     seconds = time.monotonic() - started
-    total = sum(
-        int(d.get("bytes_written", 0)) + int(d.get("bytes_zeroed", 0)) for d in disks.values()
-    )
-    read = sum(int(d.get("bytes_read", 0)) for d in disks.values())
-    return {"disks": disks, "seconds": round(seconds, 3), "bytes": total, "bytes_read": read}
+    disks = result["disks"].values()
+    return {
+        **result,
+        "seconds": round(seconds, 3),
+        "bytes": sum(int(d.get("bytes_written", 0)) for d in disks),
+        "bytes_zeroed": sum(int(d.get("bytes_zeroed", 0)) for d in disks),
+        "bytes_read": sum(int(d.get("bytes_read", 0)) for d in disks),
+    }
 
 
-def _predict(vm: str, tag1: str, phase1: dict[str, Any]) -> dict[str, Any]:
-    source = _sides(vm)[0]
-    pending = data.pending_bytes(source, tag1)
+def _predict(vm: str, phase1: dict[str, Any]) -> dict[str, Any]:
+    """Phase 2's bytes (the phase-1 checkpoint's dirty count) and time at phase 1's rate."""
+    pending = data.pending_bytes(_sides(vm)[0], phase1["checkpoint"])
     rate = phase1["bytes_read"] / phase1["seconds"] if phase1["seconds"] > 0 else 0.0
     seconds = pending / rate if rate > 0 else None
     return {

@@ -139,6 +139,10 @@ def _freeze_disks(trackers: dict[str, Tracker], options: PassOptions) -> dict[st
     requests = []
     for name, tracker in trackers.items():
         tracker.cleanup_views(keep_tags=(options.tag,))
+        if options.initial:
+            # A lost view of an initial sync (the VM restarted): start over; its
+            # bitmap, kept by a clean stop, would clash with the new one.
+            tracker.drop([options.tag])
         bitmaps = tracker.bitmaps()
         reasons[name] = tracking_state(options, bitmaps)
         since = [b.name for b in bitmaps] if reasons[name] == "bitmap" else []
@@ -170,7 +174,9 @@ def _send_disk(
 ) -> dict[str, Any]:
     view = frozen.view
     mode = _mode(options, view, chain)
-    resume = _resume_offset(ctx, item.vm, options.tag, disk) if options.initial else 0
+    # Offsets only hold for the very view they were taken from.
+    resumed = options.initial and frozen.tracking == "resumed"
+    resume = _resume_offset(ctx, item.vm, options.tag, disk) if resumed else 0
     if not resume:
         chain.discard_partials()
     partial = chain.begin(seq, backing=chain.head())

@@ -70,6 +70,14 @@ class Movement:
     progress: Progress | None = None
     cancelled: Callable[[], bool] | None = None
 
+    def resuming(self, resumed: bool) -> None:
+        """Saved offsets only hold for the view they were taken from: forget
+        them when the views had to be frozen anew."""
+        if not resumed:
+            state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
+            if state.get("tag") == self.tag:
+                self.ctx.store.merge_tracking(vm=self.item, resume=None)
+
     def resume_offset(self, disk: str) -> int:
         state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
         return int(state.get("offsets", {}).get(disk, 0)) if state.get("tag") == self.tag else 0
@@ -88,63 +96,75 @@ def delta_phase1(
     source checkpoint taken at failover and the target's own, when known."""
     report: dict[str, Any] = {}
     with source.access() as src_access, target.access() as dst_access:
-        target_dirty = _target_dirty(
-            target, dst_access, since_point.get("target_checkpoint"), move.tag
-        )
+        dirty = _target_dirty(target, dst_access, since_point.get("target_checkpoint"), move.tag)
         sources = source.trackers(src_access)
-        since = {
-            n: _usable_since(t, since_point.get("source_checkpoint")) for n, t in sources.items()
-        }
-        tracked = target_dirty is not None and all(s is not None for s in since.values())
-        views = _freeze(
-            sources, move.tag, {n: (s or []) if tracked else [] for n, s in since.items()}
-        )
+        checkpoint = since_point.get("source_checkpoint")
+        since = {n: _usable_since(t, checkpoint) for n, t in sources.items()}
+        tracked = dirty is not None and all(s is not None for s in since.values())
+        frozen = _freeze(sources, move.tag, _since_if(tracked, since))
+        move.resuming(frozen.resumed)
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
-                extra = target_dirty.get(disk.name, []) if target_dirty is not None else None
-                report[disk.name] = _send(
-                    move, views[disk.name], targets[disk.name], disk.name, extra
-                )
-        for view in views.values():
-            view.release()
-    return report
+                extra = dirty.get(disk.name, []) if dirty is not None else None
+                view, dst = frozen.views[disk.name], targets[disk.name]
+                report[disk.name] = _send(move, view, dst, disk.name, extra)
+        frozen.release()
+    return {"disks": report, "checkpoint": frozen.checkpoint, "older": frozen.older}
 
 
-def delta_phase2(move: Movement, source: Side, target: Side, phase1_tag: str) -> dict[str, Any]:
-    """Phase 2 (source stopped by the caller): send what changed since phase 1."""
+def _since_if(tracked: bool, since: dict[str, list[str] | None]) -> dict[str, list[str]]:
+    """What each view reports changes since: every usable bitmap, or nothing
+    at all (a checksum sync) unless every disk can be tracked."""
+    return {name: (names or []) if tracked else [] for name, names in since.items()}
+
+
+def delta_phase2(
+    move: Movement, source: Side, target: Side, phase1: dict[str, Any]
+) -> dict[str, Any]:
+    """Phase 2 (source stopped by the caller): send what changed after phase 1.
+
+    ``phase1`` is phase 1's result: its checkpoint and the bitmaps older than
+    it; only the newer ones are read (phase 1's data is not sent again).
+    """
     report: dict[str, Any] = {}
     with source.access() as src_access, target.access() as dst_access:
         sources = source.trackers(src_access)
-        since = {n: _usable_since(t, phase1_tag) for n, t in sources.items()}
+        since = {n: _newer_than(t, phase1) for n, t in sources.items()}
         tracked = all(s is not None for s in since.values())
-        views = _freeze(
-            sources, move.tag, {n: (s or []) if tracked else [] for n, s in since.items()}
-        )
+        frozen = _freeze(sources, move.tag, _since_if(tracked, since))
+        move.resuming(frozen.resumed)
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
-                view, dst = views[disk.name], targets[disk.name]
+                view, dst = frozen.views[disk.name], targets[disk.name]
                 report[disk.name] = _send(move, view, dst, disk.name, [] if tracked else None)
                 report[disk.name].update(_proof(view, dst, disk.name))
-        for view in views.values():
-            view.release()
-    return report
+        frozen.release()
+    return {"disks": report, "checkpoint": frozen.checkpoint}
 
 
 def full_download(move: Movement, source: Side, target: Side) -> dict[str, Any]:
     """Copy every allocated block of the stopped source onto new blank target disks."""
     report: dict[str, Any] = {}
     with source.access() as src_access, target.access() as dst_access:
-        views = _freeze(
-            source.trackers(src_access), move.tag, {d.name: [] for d in source.vm.disks}
-        )
+        trackers = source.trackers(src_access)
+        frozen = _freeze(trackers, move.tag, {name: [] for name in trackers})
+        move.resuming(frozen.resumed)
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
-                view, dst = views[disk.name], targets[disk.name]
+                view, dst = frozen.views[disk.name], targets[disk.name]
                 report[disk.name] = _send(move, view, dst, disk.name, None, full=True)
                 report[disk.name].update(_proof(view, dst, disk.name))
-        for view in views.values():
-            view.release()
-    return report
+        frozen.release()
+    return {"disks": report}
+
+
+def _newer_than(tracker: Tracker, phase1: dict[str, Any]) -> list[str] | None:
+    """The bitmaps started by phase 1's freeze or later, if all are consistent."""
+    bitmaps = [b for b in tracker.bitmaps() if b.name not in set(phase1["older"])]
+    names = [b.name for b in bitmaps]
+    if phase1["checkpoint"] not in names or any(b.inconsistent for b in bitmaps):
+        return None
+    return names
 
 
 def pending_bytes(source: Side, checkpoint: str) -> int:
@@ -173,29 +193,63 @@ def _target_dirty(
     if checkpoint is None:
         return None
     found: dict[str, list[Extent]] = {}
+    reader = tag + "t"
     for name, tracker in target.trackers(access).items():
+        tracker.cleanup_views()
+        tracker.drop([reader])  # left by an interrupted attempt
         since = _usable_since(tracker, checkpoint)
         if since is None:
             return None
-        view = tracker.find_view(tag + "t") or tracker.freeze(
-            tag + "t", new_checkpoint=tag + "t", since=since
-        )
+        view = tracker.freeze(reader, new_checkpoint=reader, since=since)
         with view.open() as device:
             found[name] = [e for e in device.dirty_extents() if e.dirty]
         view.release()
+        tracker.drop([reader])
     return found
 
 
-def _freeze(
-    trackers: dict[str, Tracker], tag: str, since: dict[str, list[str]]
-) -> dict[str, PointInTimeView]:
+@dataclass(frozen=True, slots=True)
+class Frozen:
+    """Views of every disk, the checkpoint that records after them, and whether
+    they were found from an earlier attempt (then saved offsets still hold)."""
+
+    views: dict[str, PointInTimeView]
+    checkpoint: str
+    resumed: bool
+    older: list[str]
+
+    def release(self) -> None:
+        for view in self.views.values():
+            view.release()
+
+
+def _freeze(trackers: dict[str, Tracker], tag: str, since: dict[str, list[str]]) -> Frozen:
     found = {name: t.find_view(tag) for name, t in trackers.items()}
+    names = sorted({b.name for t in trackers.values() for b in t.bitmaps()})
     if all(view is not None for view in found.values()):
-        return {name: view for name, view in found.items() if view is not None}
+        views = {name: view for name, view in found.items() if view is not None}
+        return Frozen(views, _recording(trackers, tag), True, names)
     for tracker in trackers.values():
         tracker.cleanup_views(keep_tags=(tag,))
-    views = freeze_together([(t, since[n]) for n, t in trackers.items()], tag, new_checkpoint=tag)
-    return dict(zip(trackers, views, strict=True))
+    checkpoint = _free_name(tag, names)
+    requests = [(t, since[n]) for n, t in trackers.items()]
+    fresh = freeze_together(requests, tag, new_checkpoint=checkpoint)
+    return Frozen(dict(zip(trackers, fresh, strict=True)), checkpoint, False, names)
+
+
+def _free_name(tag: str, taken: list[str]) -> str:
+    """``tag``, or ``tag`` with a suffix when an earlier attempt left that bitmap."""
+    name, attempt = tag, 1
+    while name in taken:
+        name, attempt = f"{tag}r{attempt}", attempt + 1
+    return name
+
+
+def _recording(trackers: dict[str, Tracker], tag: str) -> str:
+    """The checkpoint a found view's freeze started (the newest name of ``tag``)."""
+    names = {b.name for t in trackers.values() for b in t.bitmaps() if b.recording}
+    candidates = sorted(n for n in names if n == tag or n.startswith(tag + "r"))
+    return candidates[-1] if candidates else tag
 
 
 @contextmanager
