@@ -244,12 +244,13 @@ class Tracker:
         )
 
     def _freeze_actions(
-        self, view_id: str, new_checkpoint: str, since: Sequence[str]
+        self, view_id: str, new_checkpoint: str, since: Sequence[str], granularity: int | None
     ) -> list[dict[str, Any]]:
         node = self._node
+        fine = {"granularity": granularity} if granularity else {}
         actions = [
             _action("block-dirty-bitmap-add", node=node, name=BITMAP_PREFIX + new_checkpoint,
-                    persistent=True),
+                    persistent=True, **fine),
             *(
                 _action("block-dirty-bitmap-disable", node=node, name=BITMAP_PREFIX + b.name)
                 for b in self.bitmaps()
@@ -257,9 +258,14 @@ class Tracker:
             ),
         ]  # fmt: skip
         if since:
+            # The read bitmap is as fine as the finest it merges (merging into a
+            # coarser one would widen every dirty range to its granularity).
+            wanted = {BITMAP_PREFIX + name for name in since}
+            grains = [b["granularity"] for b in self._node_bitmaps() if b.get("name") in wanted]
+            read = {"granularity": min(grains)} if grains else {}
             actions += [
                 _action("block-dirty-bitmap-add", node=node, name=view_id, persistent=False,
-                        disabled=True),
+                        disabled=True, **read),
                 _action("block-dirty-bitmap-merge", node=node, target=view_id,
                         bitmaps=[BITMAP_PREFIX + name for name in dict.fromkeys(since)]),
             ]  # fmt: skip
@@ -350,9 +356,17 @@ class Tracker:
 
 
 def freeze_together(
-    requests: Sequence[tuple[Tracker, Sequence[str]]], tag: str, *, new_checkpoint: str
+    requests: Sequence[tuple[Tracker, Sequence[str]]],
+    tag: str,
+    *,
+    new_checkpoint: str,
+    granularity: int | None = None,
 ) -> list[PointInTimeView]:
     """Freeze several disks of ONE daemon in one QMP transaction.
+
+    ``granularity`` (bytes, a power of two) of the new checkpoint: finer than
+    the default (the cluster size, 64 KiB) when what follows must be sent
+    exactly, e.g. phase 2 of a failback.
 
     Each request is a tracker and the checkpoints its view must report changes
     since (see :meth:`Tracker.freeze`). Every disk's view shows the same
@@ -371,7 +385,7 @@ def freeze_together(
             tracker._check_since(since, new_checkpoint)
             fresh.append((tracker, view_id, since))
     if fresh:
-        _start_fleeces(fresh, new_checkpoint)
+        _start_fleeces(fresh, new_checkpoint, granularity)
     return [
         PointInTimeView(tracker, tag, view_id, tracker._parts(view_id).bitmap)
         for tracker, view_id in ((t, t._view_id(tag)) for t, _ in requests)
@@ -379,7 +393,9 @@ def freeze_together(
 
 
 def _start_fleeces(
-    fresh: Sequence[tuple[Tracker, str, Sequence[str]]], new_checkpoint: str
+    fresh: Sequence[tuple[Tracker, str, Sequence[str]]],
+    new_checkpoint: str,
+    granularity: int | None,
 ) -> None:
     qmp = fresh[0][0]._qmp
     try:
@@ -388,7 +404,7 @@ def _start_fleeces(
         actions = [
             action
             for tracker, view_id, since in fresh
-            for action in tracker._freeze_actions(view_id, new_checkpoint, since)
+            for action in tracker._freeze_actions(view_id, new_checkpoint, since, granularity)
         ]
         qmp.execute("transaction", actions=actions)
     except BaseException:

@@ -310,7 +310,13 @@ def _sides(vm: str) -> tuple[data.Side, data.Side]:
 def _movement(job_id: str, vm: str, tag: str, threads: int) -> data.Movement:
     reporter = ProgressReporter(job_id)
     return data.Movement(
-        context(), vm, tag, threads, progress=reporter, cancelled=_cancel_check(reporter, job_id)
+        context(),
+        vm,
+        tag,
+        threads,
+        progress=reporter,
+        cancelled=_cancel_check(reporter, job_id),
+        max_rate=_item(vm).policy.max_rate,
     )
 
 

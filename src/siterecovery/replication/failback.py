@@ -28,6 +28,7 @@ from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.checkpoints import PointInTimeView, Tracker, freeze_together
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.nbd import NbdDevice
+from siterecovery.disk.wrappers import RateLimitedDevice
 from siterecovery.domain.errors import IntegrityError
 from siterecovery.domain.model import Site, Vm
 from siterecovery.providers.base import DiskAccess, Provider
@@ -37,6 +38,9 @@ from siterecovery.services.context import Context
 
 Progress = Callable[[int, int], None]
 CHECKPOINT_EVERY = 8 << 20
+PHASE2_GRANULARITY = 4096
+"""Bytes per bit of the bitmap phase 1 starts: phase 2 sends what the guest
+wrote after phase 1 at 4 KiB precision (a bitmap of 32 KiB per GiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ class Movement:
     threads: int
     progress: Progress | None = None
     cancelled: Callable[[], bool] | None = None
+    max_rate: int = 0
+    """Bandwidth cap in bytes/s (the item's policy), 0 for none."""
 
     def resuming(self, resumed: bool) -> None:
         """Saved offsets only hold for the view they were taken from: forget
@@ -101,7 +107,7 @@ def delta_phase1(
         checkpoint = since_point.get("source_checkpoint")
         since = {n: _usable_since(t, checkpoint) for n, t in sources.items()}
         tracked = dirty is not None and all(s is not None for s in since.values())
-        frozen = _freeze(sources, move.tag, _since_if(tracked, since))
+        frozen = _freeze(sources, move.tag, _since_if(tracked, since), PHASE2_GRANULARITY)
         move.resuming(frozen.resumed)
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
@@ -223,7 +229,12 @@ class Frozen:
             view.release()
 
 
-def _freeze(trackers: dict[str, Tracker], tag: str, since: dict[str, list[str]]) -> Frozen:
+def _freeze(
+    trackers: dict[str, Tracker],
+    tag: str,
+    since: dict[str, list[str]],
+    granularity: int | None = None,
+) -> Frozen:
     found = {name: t.find_view(tag) for name, t in trackers.items()}
     names = sorted({b.name for t in trackers.values() for b in t.bitmaps()})
     if all(view is not None for view in found.values()):
@@ -233,7 +244,7 @@ def _freeze(trackers: dict[str, Tracker], tag: str, since: dict[str, list[str]])
         tracker.cleanup_views(keep_tags=(tag,))
     checkpoint = _free_name(tag, names)
     requests = [(t, since[n]) for n, t in trackers.items()]
-    fresh = freeze_together(requests, tag, new_checkpoint=checkpoint)
+    fresh = freeze_together(requests, tag, new_checkpoint=checkpoint, granularity=granularity)
     return Frozen(dict(zip(trackers, fresh, strict=True)), checkpoint, False, names)
 
 
@@ -273,11 +284,11 @@ def _send(
     """Sync one disk: tracked (view bitmap ∪ ``extra_dirty``), checksum when
     ``extra_dirty`` is None and not ``full``, or full."""
     with view.open() as raw:
-        src: BlockDevice = raw
+        src: BlockDevice = RateLimitedDevice(raw, move.max_rate) if move.max_rate else raw
         if full:
             mode = SyncMode.FULL
         elif extra_dirty is not None and view.has_bitmap:
-            mode, src = SyncMode.TRACKED, UnionDirtyDevice(raw, extra_dirty)
+            mode, src = SyncMode.TRACKED, UnionDirtyDevice(src, extra_dirty)
         else:
             mode = SyncMode.CHECKSUM
         result = sync(

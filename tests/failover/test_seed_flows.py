@@ -1,0 +1,194 @@
+"""The two seed flows end to end on the lab, workloads running, data checked at
+every step (``vm check`` from the disks themselves, digests in the jobs).
+
+Each flow is one test: it stops at its first failure, like a runbook would.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from siterecovery.disk.nbd import NbdDevice
+from siterecovery.providers.local import journal
+from siterecovery.providers.local.provider import LocalProvider
+
+from ..conftest import Daemon
+from .support import (
+    check,
+    failover,
+    guest,
+    item,
+    job,
+    protect,
+    site,
+    step,
+    written_bytes,
+)
+
+GiB = 1 << 30
+
+
+def _superblock(vault: Path, vm: str, where: str) -> journal.Superblock:
+    run = LocalProvider().run_dir(site(vault, where), f"vm-{vm}")
+    with NbdDevice.connect(run / "nbd.sock", "d0") as device:
+        found = journal.read_superblock(device)
+    assert found is not None
+    return found
+
+
+def _to_cloud_and_commit(daemon: Daemon, vm: str) -> None:
+    """protect → unplanned failover → commit (the first half of the Hyper-V story)."""
+    protect(daemon, vm)
+    daemon.call("POST", f"/items/{vm}/replicate", json={"app_consistent": True})
+    done = job(daemon, failover(daemon, vm, type="unplanned", point="latest"))
+    assert step(done, "stop-source")["stopped"] == f"{vm}@onprem"
+    assert item(daemon, vm)["state"] == "failed-over"
+    assert item(daemon, vm)["direction"] == "cloud -> onprem"
+    check(daemon, vm, "cloud")
+    job(daemon, daemon.call("POST", f"/items/{vm}/commit", json={}))
+    assert item(daemon, vm)["state"] == "committed"
+    assert daemon.call("GET", f"/vms/{vm}", params={"site": "onprem"})["power"] == "stopped"
+
+
+def test_hyperv_flow_failback_delta(daemon: Daemon, vault: Path) -> None:
+    _to_cloud_and_commit(daemon, "web01")
+    time.sleep(1.0)  # the app keeps writing at the cloud site
+    before = check(daemon, "web01", "cloud")["last_seq"]
+
+    # Phase 1, with the guest held still so that we know where phase 1 stands.
+    held = guest(vault, "web01", "cloud")
+    first = held.quiesce(timeout=120)
+    try:
+        started = failover(daemon, "web01", type="planned", sync="delta")
+        waiting = job(daemon, started, "awaiting-completion")
+    finally:
+        held.thaw()
+    assert first >= before
+    assert item(daemon, "web01")["state"] == "awaiting-completion"
+    phase1 = step(waiting, "phase1-sync")
+    assert phase1["bytes_read"] < 64 << 20 < GiB  # far below the 1 GiB disk
+    assert phase1["disks"]["d0"]["mode"] == "tracked"
+    # The target holds a half-finished sync: it refuses to start.
+    status, error = daemon.error("POST", "/vms/web01/start", params={"site": "onprem"})
+    assert (status, error["code"]) == (409, "VM_INCONSISTENT")
+
+    time.sleep(1.0)  # writes after phase 1
+    daemon.call("POST", f"/jobs/{started['job']}/complete")
+    done = job(daemon, started)
+    last = step(done, "stop-source")["acknowledged_seq"]
+    assert last > first
+    phase2 = done["result"]["phase2"]
+    after_phase1 = written_bytes(_superblock(vault, "web01", "onprem"), first + 1, last)
+    assert 0 < phase2["bytes"] <= 1.1 * after_phase1, (phase2, after_phase1)
+    assert phase2["predicted_bytes"] > 0 and phase2["downtime_seconds"] > 0
+    assert done["result"]["integrity"]["equal"] is True
+    integrity = done["result"]["integrity"]
+    assert integrity["source_digest"] == integrity["target_digest"]
+    # Zero data loss: every record the cloud VM acknowledged is on-premises.
+    assert check(daemon, "web01", "onprem")["last_seq"] >= last
+    assert item(daemon, "web01")["direction"] == "onprem -> cloud"
+
+    job(daemon, daemon.call("POST", "/items/web01/commit", json={}))
+    assert not daemon.call("GET", "/vms", params={"site": "cloud"})  # deleted by commit
+    reprotected = job(daemon, daemon.call("POST", "/items/web01/reprotect", json={}))
+    sync = step(reprotected, "initial-sync")["disks"]["d0"]
+    assert sync["mode"] == "checksum"  # a common base: only differing blocks
+    assert sync["bytes_written"] < 64 << 20
+    assert sync["source_digest"] == sync["target_digest"]
+    assert item(daemon, "web01")["state"] == "protected"
+    report = daemon.call("POST", "/items/web01/replicate", json={"app_consistent": True})
+    point = report["point"]
+    assert report["disks"]["d0"]["mode"] == "tracked"
+    assert daemon.call("GET", "/vms/web01/check", params={"point": point["id"]})["consistent"]
+
+
+def test_hyperv_flow_failback_full(daemon: Daemon, vault: Path) -> None:
+    _to_cloud_and_commit(daemon, "db01")
+    time.sleep(1.0)
+    done = job(daemon, failover(daemon, "db01", type="planned", sync="full"))
+    download = step(done, "full-download")["disks"]["d0"]
+    assert download["mode"] == "full" and download["bytes_hashed"] == 0  # no checksums
+    assert done["result"]["integrity"]["equal"] is True
+    assert done["result"]["phase2"]["downtime_seconds"] > 0
+    last = step(done, "stop-source")["acknowledged_seq"]
+    assert check(daemon, "db01", "onprem")["last_seq"] >= last
+    job(daemon, daemon.call("POST", "/items/db01/commit", json={}))
+    job(daemon, daemon.call("POST", "/items/db01/reprotect", json={}))
+    assert item(daemon, "db01")["state"] == "protected"
+
+
+def test_hyperv_flow_to_an_alternate_host_with_create_vm(daemon: Daemon, vault: Path) -> None:
+    daemon.call(
+        "POST", "/hosts", json={"site": "onprem", "name": "hv02", "switches": ["vswitch-prod"]}
+    )
+    _to_cloud_and_commit(daemon, "db01")
+    daemon.call("DELETE", "/vms/db01", params={"site": "onprem"})  # the original VM is lost
+    status, error = daemon.error(
+        "POST", "/items/db01/failover", json={"type": "planned", "host": "hv02"}
+    )
+    assert (status, error["code"]) == (409, "TARGET_VM_MISSING")
+    assert "--create-vm" in error["message"]
+    body = {"type": "planned", "sync": "full", "host": "hv02", "create_vm": True}
+    done = job(daemon, failover(daemon, "db01", **body))
+    assert step(done, "prepare-target")["created"] is True
+    assert done["result"]["integrity"]["equal"] is True
+    vm = daemon.call("GET", "/vms/db01", params={"site": "onprem"})
+    assert (vm["host"], vm["power"]) == ("hv02", "running")
+    check(daemon, "db01", "onprem")
+
+
+def test_vmware_flow(daemon: Daemon, vault: Path) -> None:
+    protect(daemon, "web01")
+    daemon.call("POST", "/items/web01/replicate", json={"app_consistent": True})
+    # Planned failover: zero data loss.
+    done = job(daemon, failover(daemon, "web01", type="planned"))
+    acked = step(done, "stop-source")["acknowledged_seq"]
+    point = done["result"]["zero_data_loss"]["point"]
+    assert daemon.call("GET", "/vms/web01/check", params={"point": point})["last_seq"] == acked
+    assert check(daemon, "web01", "cloud")["last_seq"] >= acked
+    job(daemon, daemon.call("POST", "/items/web01/commit", json={}))
+
+    # Reprotect cloud -> onprem: the on-premises VM's disk is the common base.
+    plan = daemon.call("POST", "/items/web01/reprotect", json={"dry_run": True})
+    assert plan["ok"] and "checksums" in plan["bytes_note"]
+    reprotected = job(daemon, daemon.call("POST", "/items/web01/reprotect", json={}))
+    assert step(reprotected, "adopt-base")["base"] == "VM web01 at onprem"
+    sync = step(reprotected, "initial-sync")["disks"]["d0"]
+    assert sync["mode"] == "checksum" and sync["bytes_written"] < 64 << 20
+    assert item(daemon, "web01")["direction"] == "cloud -> onprem"
+    time.sleep(0.5)
+    app = daemon.call("POST", "/items/web01/replicate", json={"app_consistent": True})["point"]
+    time.sleep(0.5)
+    crash = daemon.call("POST", "/items/web01/replicate", json={"app_consistent": False})["point"]
+    assert crash["seq"] > app["seq"]
+
+    # Fail back to the latest app-consistent point: data after it is lost, nothing before.
+    body = {"type": "unplanned", "point": "latest-app-consistent"}
+    done = job(daemon, failover(daemon, "web01", **body))
+    assert item(daemon, "web01")["failover"]["point"] == app["id"]
+    home = check(daemon, "web01", "onprem")
+    assert home["last_seq"] >= app["workload_seq"]
+    job(daemon, daemon.call("POST", "/items/web01/commit", json={}))
+    assert not daemon.call("GET", "/vms", params={"site": "cloud"})
+    job(daemon, daemon.call("POST", "/items/web01/reprotect", json={}))
+    assert item(daemon, "web01")["state"] == "protected"
+    assert item(daemon, "web01")["direction"] == "onprem -> cloud"
+
+
+def test_drill_never_pauses_protection(daemon: Daemon, vault: Path) -> None:
+    protect(daemon, "web01")
+    point = daemon.call("POST", "/items/web01/replicate", json={})["point"]
+    drill = job(daemon, failover(daemon, "web01", type="test", switch="drill-net"))
+    assert drill["result"]["drill"]["vm"] == "web01-test"
+    test_vm = daemon.call("GET", "/vms/web01-test", params={"site": "cloud"})
+    assert test_vm["nics"] == ["drill-net"] and test_vm["power"] == "running"
+    check(daemon, "web01-test", "cloud")
+    # Replication goes on while the drill runs, and the drill's point stays put.
+    after = daemon.call("POST", "/items/web01/replicate", json={})["point"]
+    assert after["seq"] > point["seq"] and item(daemon, "web01")["state"] == "protected"
+    status, error = daemon.error("POST", "/items/web01/failover", json={"type": "test"})
+    assert (status, error["code"]) == (409, "TEST_FAILOVER_ACTIVE")
+    job(daemon, daemon.call("POST", "/items/web01/cleanup-test"))
+    assert not daemon.call("GET", "/vms", params={"site": "cloud"})
+    assert item(daemon, "web01")["drill"] is None
