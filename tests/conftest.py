@@ -193,3 +193,30 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+STABLE_ITEM_FIELDS = ("vm", "state", "active_site", "standby_site", "policy", "points", "cycles")
+
+
+def vault_snapshot(daemon: Daemon, vault: Path) -> dict[str, Any]:
+    """Everything a refused operation must leave as it was: every listing of
+    the vault and the replica files (VM disks change as their guests write)."""
+    items = [{k: i[k] for k in STABLE_ITEM_FIELDS} for i in daemon.call("GET", "/items")]
+    vms = [
+        (v["name"], v["site"], v["host"], v["disks"], v["power"])
+        for v in daemon.call("GET", "/vms")
+    ]
+    replicas = sorted(
+        (str(p.relative_to(vault)), p.stat().st_size)
+        for p in (vault / "sites").glob("*/replicas/**/*")
+        if p.is_file()
+    )
+    return {
+        "sites": daemon.call("GET", "/sites"),
+        "hosts": daemon.call("GET", "/hosts"),
+        "vms": vms,
+        "items": items,
+        "points": {i["vm"]: daemon.call("GET", f"/items/{i['vm']}/points") for i in items},
+        "jobs": [(j["id"], j["state"]) for j in daemon.call("GET", "/jobs")],
+        "replicas": replicas,
+    }

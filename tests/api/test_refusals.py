@@ -14,28 +14,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Daemon
-
-STABLE_ITEM_FIELDS = ("vm", "state", "active_site", "standby_site", "policy", "points", "cycles")
-
-
-def _snapshot(daemon: Daemon, vault: Path) -> dict[str, Any]:
-    items = [{k: i[k] for k in STABLE_ITEM_FIELDS} for i in daemon.call("GET", "/items")]
-    vms = [(v["name"], v["site"], v["host"], v["disks"]) for v in daemon.call("GET", "/vms")]
-    replicas = sorted(
-        (str(p.relative_to(vault)), p.stat().st_size)
-        for p in (vault / "sites").glob("*/replicas/**/*")
-        if p.is_file()
-    )
-    return {
-        "sites": daemon.call("GET", "/sites"),
-        "hosts": daemon.call("GET", "/hosts"),
-        "vms": vms,
-        "items": items,
-        "points": {i["vm"]: daemon.call("GET", f"/items/{i['vm']}/points") for i in items},
-        "jobs": [(j["id"], j["state"]) for j in daemon.call("GET", "/jobs")],
-        "replicas": replicas,
-    }
+from ..conftest import Daemon, vault_snapshot
 
 
 def _cli(vault: Path, *args: str) -> tuple[int, dict[str, Any]]:
@@ -92,21 +71,21 @@ def test_protect_refusals_change_nothing(
     exit_code: int,
     words: list[str],
 ) -> None:
-    before = _snapshot(protected, vault)
+    before = vault_snapshot(protected, vault)
     got_status, error = protected.error("POST", "/items", json=body)
     assert (got_status, error["code"]) == (status, code)
     for word in words:
         assert word in error["message"]
-    assert _snapshot(protected, vault) == before
+    assert vault_snapshot(protected, vault) == before
 
     got_exit, document = _cli(vault, *args)
     assert got_exit == exit_code
     assert document["error"]["code"] == code
-    assert _snapshot(protected, vault) == before
+    assert vault_snapshot(protected, vault) == before
 
 
 def test_other_refusals(protected: Daemon, vault: Path) -> None:
-    before = _snapshot(protected, vault)
+    before = vault_snapshot(protected, vault)
     assert protected.error("GET", "/items/db01")[1]["code"] == "ITEM_NOT_FOUND"
     assert protected.error("GET", "/jobs/j000000000000")[1]["code"] == "JOB_NOT_FOUND"
     assert protected.error("POST", "/items/db01/replicate", json={})[1]["code"] == "ITEM_NOT_FOUND"
@@ -122,7 +101,7 @@ def test_other_refusals(protected: Daemon, vault: Path) -> None:
     assert protected.error("POST", "/vms", json=body)[1]["code"] == "ALREADY_EXISTS"
     finished = protected.call("GET", "/jobs")[0]["id"]
     assert protected.error("POST", f"/jobs/{finished}/cancel")[1]["code"] == "JOB_FINISHED"
-    assert _snapshot(protected, vault) == before
+    assert vault_snapshot(protected, vault) == before
 
 
 def test_api_requires_the_token(daemon: Daemon) -> None:

@@ -56,6 +56,11 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(exc.status_code, code, str(exc.detail))
 
 
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    """A bug or an untranslated foreign error: still the one JSON error shape."""
+    return _error(500, "INTERNAL", f"{type(exc).__name__}: {exc}")
+
+
 def create_app(ctx: Context, runtime: JobRuntime, *, token: str) -> FastAPI:
     app = FastAPI(
         title="siterecovery",
@@ -68,6 +73,7 @@ def create_app(ctx: Context, runtime: JobRuntime, *, token: str) -> FastAPI:
     app.add_exception_handler(SiteRecoveryError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
     secured = [Depends(require_token)]
     app.include_router(inventory.router, prefix="/api/v1", dependencies=secured)
     app.include_router(protection.router, prefix="/api/v1", dependencies=secured)

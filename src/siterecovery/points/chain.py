@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.disk import qemu_img
+from siterecovery.domain.errors import DiskError
 
 _SEALED = re.compile(r"^p(\d{6})\.qcow2$")
 
@@ -56,7 +57,10 @@ class ReplicaChain:
         An existing partial with the right backing is reused (a resumed sync);
         one with another backing is recreated.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DiskError(detail=f"replica storage {self.directory} is unusable: {exc}") from exc
         partial = self.partial_for(seq)
         if partial.exists() and _backing_name(partial) == (backing.name if backing else None):
             return partial

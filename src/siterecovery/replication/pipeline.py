@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.domain.errors import SyncCancelled
@@ -106,12 +107,13 @@ def _blocks(view: memoryview, offset: int, grain: int) -> Iterator[tuple[int, in
         yield head + body, len(view) - head - body, _is_zero(view[head + body :])
 
 
-def _zero_rows(view: memoryview, grain: int) -> np.ndarray:  # type: ignore[type-arg]
+def _zero_rows(view: memoryview, grain: int) -> npt.NDArray[np.bool_]:
     """Per ``grain`` block of ``view`` (a whole number of them): all zero?"""
     if grain % 8 == 0:
         words = np.frombuffer(view, dtype=np.uint64).reshape(-1, grain // 8)
-        return words.max(axis=1) == 0  # Fast path: max vectorises, any() does not.
-    return ~np.frombuffer(view, dtype=np.uint8).reshape(-1, grain).any(axis=1)
+        return np.asarray(words.max(axis=1) == 0)  # Fast path: max vectorises, any() does not.
+    rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, grain)
+    return np.asarray(~rows.any(axis=1))
 
 
 def _is_zero(view: memoryview) -> bool:
