@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,52 @@ def test_inventory_and_policy_through_the_cli(daemon: Daemon, vault: Path, tmp_p
     _, item = sr(vault, "item", "show", "file01")
     assert item["policy"]["interval"] == 120.0 and item["standby_site"] == "dr2"
     assert (tmp_path / "dr2" / "replicas" / "file01" / "d1" / "p000001.qcow2").exists()
+
+
+def test_failover_verbs_through_the_cli(daemon: Daemon, vault: Path) -> None:
+    from siterecovery.domain.model import Site, SiteRole
+    from siterecovery.providers.local.guest import WorkloadControl
+    from siterecovery.providers.local.provider import LocalProvider
+
+    sr(vault, "protect", "web01", "--to", "cloud", "--interval", "1h", "--wait")
+    onprem = Site("onprem", "local", str(vault / "sites" / "onprem"), SiteRole.ON_PREMISES)
+    guest = WorkloadControl(LocalProvider().run_dir(onprem, "vm-web01") / "workload.sock")
+    guest.quiesce(timeout=120)
+    try:
+        sr(vault, "replicate", "web01")
+        _, same = sr(vault, "verify", "web01")
+    finally:
+        guest.thaw()
+    assert same["equal"] and same["other"].startswith("point ")
+    time.sleep(0.5)
+    code, differs = sr(vault, "verify", "web01", check=False)
+    assert code == 1 and not differs["equal"]
+    assert differs["disks"]["d0"]["differing_blocks"] > 0 and differs["disks"]["d0"]["ranges"]
+
+    _, plan = sr(vault, "failover", "web01", "--type", "unplanned", "--dry-run")
+    assert plan["dry_run"] and plan["ok"] and plan["bytes_to_move"] == 0
+    assert plan["point"]["id"] and plan["will_create"] == ["VM web01 at cloud"]
+    assert [i["state"] for i in sr(vault, "items")[1]] == ["protected"]  # nothing changed
+    _, done = sr(vault, "failover", "web01", "--type", "unplanned", "--wait")
+    assert done["state"] == "succeeded"
+    _, plan = sr(vault, "commit", "web01", "--dry-run")
+    assert plan["ok"] and plan["will_delete"] == []
+    sr(vault, "commit", "web01", "--wait")
+    _, waiting = sr(vault, "failover", "web01", "--type", "planned", "--sync", "delta", "--wait")
+    assert waiting["state"] == "awaiting-completion"
+    _, done = sr(vault, "complete", waiting["id"], "--wait")
+    assert done["state"] == "succeeded" and done["result"]["integrity"]["equal"]
+    assert set(done["result"]["phase2"]) >= {
+        "predicted_bytes", "predicted_seconds", "bytes", "downtime_seconds"
+    }  # fmt: skip
+    _, plan = sr(vault, "commit", "web01", "--dry-run")
+    assert plan["will_delete"] == ["VM web01 and its disks at cloud"]
+    sr(vault, "commit", "web01", "--wait")
+    _, plan = sr(vault, "reprotect", "web01", "--dry-run")
+    assert plan["ok"] and plan["direction"] == "onprem -> cloud"
+    _, done = sr(vault, "reprotect", "web01", "--wait")
+    assert done["state"] == "succeeded"
+    _, drill = sr(vault, "failover", "web01", "--type", "test", "--wait")
+    assert drill["result"]["drill"]["vm"] == "web01-test"
+    _, cleaned = sr(vault, "cleanup-test", "web01", "--wait")
+    assert cleaned["state"] == "succeeded"

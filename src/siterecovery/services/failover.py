@@ -13,6 +13,7 @@ at: failing toward it is a failback), ``hosts`` (the VM's host per site),
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -441,7 +442,15 @@ def complete(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[
             allowed=", ".join(job.allowed_actions()) or "nothing (the job is finished)",
         )
     send(job_id)
-    return ctx.store.get_job(job_id=job_id).to_dict()
+    # Answer once phase 2 has begun, so that a caller reading the job next
+    # never sees the wait it just ended.
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        job = ctx.store.get_job(job_id=job_id)
+        if job.state.value != "awaiting-completion":
+            break
+        time.sleep(0.05)
+    return job.to_dict()
 
 
 def cleanup_test(ctx: Context, *, vm: str, submit: Submit) -> dict[str, Any]:
