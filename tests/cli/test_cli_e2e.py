@@ -177,3 +177,13 @@ def test_failover_verbs_through_the_cli(daemon: Daemon, vault: Path) -> None:
     assert drill["result"]["drill"]["vm"] == "web01-test"
     _, cleaned = sr(vault, "cleanup-test", "web01", "--wait")
     assert cleaned["state"] == "succeeded"
+
+
+def test_demo_tells_the_hyperv_story(daemon: Daemon, vault: Path) -> None:
+    _, report = sr(vault, "demo", "--vm", "db01", "--seconds", "1")
+    assert [s["step"] for s in report["steps"]][-3:] == [
+        "complete failover (phase 2)", "commit", "reverse replicate"
+    ]  # fmt: skip
+    assert report["integrity"]["equal"] is True
+    assert report["phase2"]["downtime_seconds"] > 0
+    assert (report["state"], report["direction"]) == ("protected", "onprem -> cloud")

@@ -24,6 +24,7 @@ import typer
 from typer._click.exceptions import ClickException, UsageError
 
 from siterecovery.cli import (
+    demo_cmd,
     failover_cmd,
     inventory_cmd,
     jobs_cmd,
@@ -73,6 +74,7 @@ app.command("commit")(failover_cmd.commit)
 app.command("reprotect")(failover_cmd.reprotect)
 app.command("cleanup-test")(failover_cmd.cleanup_test)
 app.command("verify")(failover_cmd.verify)
+app.command("demo")(demo_cmd.demo)
 app.command("jobs")(jobs_cmd.list_jobs)
 app.add_typer(jobs_cmd.app, name="job")
 
