@@ -476,7 +476,8 @@ def test_site_add_sends_an_absolute_path(cli: Cli, daemon: DaemonDouble) -> None
 def test_host_add_repeats_switches(cli: Cli, daemon: DaemonDouble) -> None:
     daemon.route("POST", "/hosts", (201, {"site": "dr", "name": "h1", "switches": ["a", "b"]}))
     assert cli("host", "add", "dr", "h1", "--switch", "a", "--switch", "b", "--json").code == 0
-    assert daemon.requests[-1].body == {"site": "dr", "name": "h1", "switches": ["a", "b"]}
+    body = {"site": "dr", "name": "h1", "switches": ["a", "b"], "connected": True}
+    assert daemon.requests[-1].body == body
 
 
 def test_vm_create_body(cli: Cli, daemon: DaemonDouble) -> None:

@@ -135,10 +135,9 @@ def _switch(ctx: Context, item: Item, kind: str, **failover: Any) -> dict[str, A
 @DBOS.workflow(name="unplanned-failover")
 def unplanned_failover_workflow(job_id: str, vm: str, point: str, host: str) -> None:
     """Start the VM at the other site on a recovery point (no copy first)."""
-    with job_scope(job_id, on_error=lambda exc: _failed(vm, exc)):
+    with job_scope(job_id, on_error=lambda exc: _failed(vm, exc), on_exit=lambda: _release(vm)):
         _step(job_id, "stop-source", lambda: _stop_source_best_effort(vm))
         _start_on_point(job_id, vm, point, host, "unplanned")
-    _release(vm)
 
 
 def _failed(vm: str, exc: BaseException) -> None:
@@ -213,7 +212,7 @@ def _remove_previous(vm: str) -> dict[str, Any]:
 @DBOS.workflow(name="planned-failover")
 def planned_failover_workflow(job_id: str, vm: str, host: str) -> None:
     """Stop the source cleanly, replicate its last changes, start the VM at the other site."""
-    with job_scope(job_id, on_error=lambda exc: _failed(vm, exc)):
+    with job_scope(job_id, on_error=lambda exc: _failed(vm, exc), on_exit=lambda: _release(vm)):
         ctx = context()
         item = _item(vm)
         source = _vm_at(ctx, vm, item.active_site)
@@ -228,7 +227,6 @@ def planned_failover_workflow(job_id: str, vm: str, host: str) -> None:
             },
         )
         _start_on_point(job_id, vm, final["point"]["id"], host, "planned")
-    _release(vm)
 
 
 def _final_pass(job_id: str, vm: str) -> dict[str, Any]:
@@ -250,7 +248,7 @@ def failback_workflow(
     def on_error(exc: BaseException) -> None:
         context().store.update_item(vm=vm, state=ItemState.INCONSISTENT, last_error=failure(exc))
 
-    with job_scope(job_id, on_error=on_error):
+    with job_scope(job_id, on_error=on_error, on_exit=lambda: _release(vm)):
         prepared = _step(
             job_id, "prepare-target", lambda: _prepare_target(job_id, vm, host, create_vm)
         )
@@ -261,7 +259,6 @@ def failback_workflow(
             _full(job_id, vm, prepared, move_threads)
         item = _item(vm)
         _step(job_id, "switch-direction", lambda: _switch_failback(job_id, item, host))
-    _release(vm)
 
 
 def _prepare_target(job_id: str, vm: str, host: str, create_vm: bool) -> dict[str, Any]:
@@ -494,9 +491,8 @@ def send_control(job_id: str, message: str) -> None:
 @DBOS.workflow(name="commit")
 def commit_workflow(job_id: str, vm: str) -> None:
     """End the failover; after a failback, delete the VM left at the other site."""
-    with job_scope(job_id, on_error=lambda exc: _failed(vm, exc)):
+    with job_scope(job_id, on_error=lambda exc: _failed(vm, exc), on_exit=lambda: _release(vm)):
         _step(job_id, "commit", lambda: _commit(vm))
-    _release(vm)
 
 
 def _commit(vm: str) -> dict[str, Any]:
@@ -517,12 +513,11 @@ def reprotect_workflow(job_id: str, vm: str) -> None:
     def on_error(exc: BaseException) -> None:
         context().store.update_item(vm=vm, state=ItemState.COMMITTED, last_error=failure(exc))
 
-    with job_scope(job_id, on_error=on_error):
+    with job_scope(job_id, on_error=on_error, on_exit=lambda: _release(vm)):
         _step(job_id, "adopt-base", lambda: _adopt_base(vm))
         report = _step(job_id, "initial-sync", lambda: _initial_pass(job_id, vm))
         context().store.merge_job_result(job_id=job_id, initial_sync=report)
         _step(job_id, "enable-replication", lambda: _enable(vm))
-    _release(vm)
 
 
 def _adopt_base(vm: str) -> dict[str, Any]:
@@ -576,7 +571,7 @@ def _enable(vm: str) -> dict[str, Any]:
 @DBOS.workflow(name="test-failover")
 def test_failover_workflow(job_id: str, vm: str, point: str, host: str, switch: str) -> None:
     """Start a copy of the VM at the recovery site on an isolated switch; replication goes on."""
-    with job_scope(job_id):
+    with job_scope(job_id, on_exit=lambda: _release(vm)):
         ctx = context()
         ctx.store.merge_tracking(vm=vm, pinned=[point])
         item = _item(vm)
@@ -600,7 +595,6 @@ def test_failover_workflow(job_id: str, vm: str, point: str, host: str, switch: 
                 "rpo_seconds": round((utcnow() - chosen.time).total_seconds(), 3),
             },
         )
-    _release(vm)
 
 
 def _drill_vm(

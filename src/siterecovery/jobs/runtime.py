@@ -119,11 +119,16 @@ class JobRuntime:
 
 @contextmanager
 def job_scope(
-    job_id: str, *, on_error: Callable[[BaseException], None] | None = None
+    job_id: str,
+    *,
+    on_error: Callable[[BaseException], None] | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Mark the job running, then succeeded, failed or cancelled.
 
-    ``on_error`` runs first on failure (e.g. to put the item in a safe state).
+    ``on_error`` runs first on failure (e.g. to put the item in a safe state);
+    ``on_exit`` runs in every case just before the final state is written (e.g.
+    to release the item), so whoever sees the job finished sees it done.
     Errors are recorded on the job and not re-raised: the job table is the
     user's view and a failed job is a finished workflow.
     """
@@ -134,11 +139,15 @@ def job_scope(
     except BaseException as exc:
         if on_error is not None:
             on_error(exc)
+        if on_exit is not None:
+            on_exit()
         state = JobState.CANCELLED if isinstance(exc, JobCancelled) else JobState.FAILED
         store.update_job(job_id=job_id, state=state, error=describe(exc))
         if not isinstance(exc, Exception):
             raise
         return
+    if on_exit is not None:
+        on_exit()
     store.update_job(job_id=job_id, state=JobState.SUCCEEDED)
 
 
