@@ -192,3 +192,21 @@ def test_drill_never_pauses_protection(daemon: Daemon, vault: Path) -> None:
     job(daemon, daemon.call("POST", "/items/web01/cleanup-test"))
     assert not daemon.call("GET", "/vms", params={"site": "cloud"})
     assert item(daemon, "web01")["drill"] is None
+
+
+def test_unplanned_failover_rerun_with_an_older_point(daemon: Daemon, vault: Path) -> None:
+    protect(daemon, "db01")
+    older = daemon.call("POST", "/items/db01/replicate", json={"app_consistent": True})["point"]
+    time.sleep(0.5)
+    daemon.call("POST", "/items/db01/replicate", json={"app_consistent": True})
+    job(daemon, failover(daemon, "db01", type="unplanned", point="latest"))
+    latest_seq = check(daemon, "db01", "cloud")["last_seq"]
+    # Until commit, the failover may be re-run with another point.
+    done = job(daemon, failover(daemon, "db01", type="unplanned", point=older["id"]))
+    assert step(done, "remove-previous-failover")["deleted"] == "db01@cloud"
+    assert item(daemon, "db01")["failover"]["point"] == older["id"]
+    report = check(daemon, "db01", "cloud")
+    assert older["workload_seq"] <= report["last_seq"]
+    assert older["workload_seq"] < latest_seq
+    job_json = daemon.call("GET", f"/jobs/{done['id']}")
+    assert job_json["state"] == "succeeded" and "integrity" in job_json

@@ -262,6 +262,9 @@ class Job:
             "params": self.params,
             "result": self.result,
             "allowed_actions": self.allowed_actions(),
+            # A failback's headline figures, where scripts look first.
+            "phase2": self.result.get("phase2"),
+            "integrity": self.result.get("integrity"),
         }
 
     def allowed_actions(self) -> list[str]:

@@ -162,7 +162,7 @@ def _stop_source_best_effort(vm: str) -> dict[str, Any]:
 def _start_on_point(job_id: str, vm: str, point: str, host: str, kind: str) -> None:
     ctx = context()
     item = _item(vm)
-    if item.state is ItemState.FAILED_OVER and item.active_site != home_or(item):
+    if item.state is ItemState.FAILED_OVER:
         # Re-run with another point: the previous failed-over VM goes first.
         _step(job_id, "remove-previous-failover", lambda: _remove_previous(vm))
         item = _item(vm)

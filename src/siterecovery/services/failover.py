@@ -156,17 +156,24 @@ def _common_checks(ctx: Context, plan: Plan, item: Item, operation: Operation) -
     plan.add("no other job owns the item", lambda: require_idle(ctx, item))
 
 
+def recovery_site(item: Item) -> str:
+    """Where a failover of ``item`` starts the VM: the standby site, or, when it
+    already failed over (a re-run with another point), where it went."""
+    return item.active_site if item.state is ItemState.FAILED_OVER else item.standby_site
+
+
 def select_point(ctx: Context, item: Item, selector: str) -> RecoveryPoint:
-    """The point ``selector`` names among the item's points at its standby site."""
-    points = ctx.store.list_points(vm=item.vm, site=item.standby_site)
+    """The point ``selector`` names among the item's points at its recovery site."""
+    site = recovery_site(item)
+    points = ctx.store.list_points(vm=item.vm, site=site)
     if selector in ("latest", "latest-processed"):
         if not points:
-            raise NoRecoveryPoint(vm=item.vm, kind="", site=item.standby_site)
+            raise NoRecoveryPoint(vm=item.vm, kind="", site=site)
         return points[-1]
     if selector == "latest-app-consistent":
         app = [p for p in points if p.type is PointType.APP_CONSISTENT]
         if not app:
-            raise NoRecoveryPoint(vm=item.vm, kind="app-consistent", site=item.standby_site)
+            raise NoRecoveryPoint(vm=item.vm, kind="app-consistent", site=site)
         return app[-1]
     for point in points:
         if point.id == selector:
@@ -260,20 +267,22 @@ def _healthy_reverse(ctx: Context, item: Item) -> None:
 
 
 def _plan_unplanned(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
-    plan = Plan("unplanned-failover", item.vm, item.active_site, item.standby_site)
+    source = item.standby_site if item.state is ItemState.FAILED_OVER else item.active_site
+    plan = Plan("unplanned-failover", item.vm, source, recovery_site(item))
     _common_checks(ctx, plan, item, Operation.UNPLANNED_FAILOVER)
     point = _plan_point(ctx, plan, item, request.point)
     vm = _source_vm(ctx, item) or _any_vm(ctx, item)
     if item.state is ItemState.PROTECTED and item.standby_site == home_of(ctx, item):
         plan.add("reverse replication healthy", lambda: _healthy_reverse(ctx, item))
         plan.add("recovery-site disks have block access", lambda: _block_access(ctx, item))
+    target = recovery_site(item)
     if vm is not None:
-        _host_checks(ctx, plan, item, vm, item.standby_site, request.host)
+        _host_checks(ctx, plan, item, vm, target, request.host)
     if point is not None:
         plan.bytes_note = "nothing is copied: the VM starts on an overlay of the point"
-    plan.will_create.append(f"VM {item.vm} at {item.standby_site}")
-    if ctx.store.find_vms(name=item.vm, site=item.standby_site):
-        plan.will_delete.append(f"VM {item.vm} at {item.standby_site} (the previous failover)")
+    plan.will_create.append(f"VM {item.vm} at {target}")
+    if item.state is ItemState.FAILED_OVER:
+        plan.will_delete.append(f"VM {item.vm} at {target} (the previous failover)")
     return plan
 
 
