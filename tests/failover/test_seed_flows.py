@@ -56,6 +56,11 @@ def test_hyperv_flow_failback_delta(daemon: Daemon, vault: Path) -> None:
     time.sleep(1.0)  # the app keeps writing at the cloud site
     before = check(daemon, "web01", "cloud")["last_seq"]
 
+    plan = failover(daemon, "web01", type="planned", sync="delta", dry_run=True)
+    assert plan["ok"] and plan["operation"] == "failback"
+    assert 0 < plan["bytes_to_move"] < 64 << 20 and plan["bytes_note"].startswith("tracked")
+    assert item(daemon, "web01")["state"] == "committed"  # a dry run changes nothing
+
     # Phase 1, with the guest held still so that we know where phase 1 stands.
     held = guest(vault, "web01", "cloud")
     first = held.quiesce(timeout=120)
@@ -106,6 +111,8 @@ def test_hyperv_flow_failback_delta(daemon: Daemon, vault: Path) -> None:
 def test_hyperv_flow_failback_full(daemon: Daemon, vault: Path) -> None:
     _to_cloud_and_commit(daemon, "db01")
     time.sleep(1.0)
+    plan = failover(daemon, "db01", type="planned", sync="full", dry_run=True)
+    assert plan["ok"] and "full download" in plan["bytes_note"] and plan["bytes_to_move"] > 0
     done = job(daemon, failover(daemon, "db01", type="planned", sync="full"))
     download = step(done, "full-download")["disks"]["d0"]
     assert download["mode"] == "full" and download["bytes_hashed"] == 0  # no checksums

@@ -316,3 +316,43 @@ def _proof(view: PointInTimeView, dst: BlockDevice, disk: str) -> dict[str, Any]
     if source != target:
         raise IntegrityError(what=f"disk {disk}", source=source, target=target)
     return {"source_digest": source, "target_digest": target}
+
+
+def estimate(source: Side, target: Side, since_point: dict[str, Any], sync: str) -> tuple[int, str]:
+    """Bytes a failback would move, and how the figure was found (for --dry-run).
+
+    Tracked: the dirty counts of the bitmaps on both sides (an upper bound, as
+    blocks both sides changed count twice). Otherwise every allocated byte of
+    the source: all of it for a full download, at most that for checksums.
+    """
+    with source.access() as src_access:
+        allocated = sum(_allocated(src_access, node) for node in src_access.nodes.values())
+        counts = _tracked_count(source.trackers(src_access), since_point.get("source_checkpoint"))
+    if sync == "full":
+        return allocated, "every allocated byte of the source (full download)"
+    if counts is not None:
+        with target.access() as dst_access:
+            theirs = _tracked_count(
+                target.trackers(dst_access), since_point.get("target_checkpoint")
+            )
+        if theirs is not None:
+            return (
+                counts + theirs,
+                "tracked: blocks changed on either side since the failover point",
+            )
+    return allocated, "at most the allocated bytes: per-block checksums find what differs"
+
+
+def _allocated(access: DiskAccess, node: str) -> int:
+    with NbdDevice.connect(access.nbd_socket, node) as device:
+        return sum(e.length for e in device.extents() if not e.zero)
+
+
+def _tracked_count(trackers: dict[str, Tracker], checkpoint: str | None) -> int | None:
+    total = 0
+    for tracker in trackers.values():
+        names = _usable_since(tracker, checkpoint)
+        if names is None:
+            return None
+        total += sum(b.count for b in tracker.bitmaps() if b.name in names)
+    return total

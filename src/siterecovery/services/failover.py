@@ -330,14 +330,25 @@ def _plan_failback(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     plan.add("target VM exists or --create-vm", target_exists)
     if not target:
         plan.will_create.append(f"VM {item.vm} at {item.standby_site} on {plan.host}")
-    plan.bytes_to_move = sum(d.size for d in vm.disks)
-    plan.bytes_note = (
-        "at most the disk size: phase 1 sends only blocks that differ, phase 2 only what "
-        "changed after phase 1"
-        if request.sync == "delta"
-        else "every allocated block of the source (full download)"
-    )
+    if target and plan.ok:
+        plan.bytes_to_move, plan.bytes_note = _failback_bytes(ctx, item, vm, target[0], request)
+    elif plan.ok:
+        plan.bytes_to_move = sum(d.size for d in vm.disks)
+        plan.bytes_note = "a new VM: every allocated byte of the source"
     return plan
+
+
+def _failback_bytes(
+    ctx: Context, item: Item, source: Vm, target: Vm, request: FailoverRequest
+) -> tuple[int, str]:
+    from siterecovery.replication import failback
+
+    def side(vm: Vm) -> failback.Side:
+        site = ctx.store.get_site(name=vm.site)
+        return failback.Side(site, vm, ctx.provider(site))
+
+    since = tracking(ctx, item.vm).get("failover") or {}
+    return failback.estimate(side(source), side(target), since, request.sync)
 
 
 def _plan_test(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
