@@ -8,6 +8,7 @@ bar; a delta failback stops following at ``awaiting-completion``, where
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -117,9 +118,7 @@ def commit(
     json_out: JsonOpt = False,
 ) -> None:
     """Commit a failover (after a failback: delete the VM left at the other site)."""
-    with Session.of(ctx, vault, json_out) as session:
-        answer = session.client.post(f"/items/{segment(vm)}/commit", {"dry_run": dry_run})
-        _started_or_plan(session, answer, wait=wait)
+    _item_action(ctx, "commit", vm, dry_run=dry_run, wait=wait, vault=vault, json_out=json_out)
 
 
 def reprotect(
@@ -131,8 +130,21 @@ def reprotect(
     json_out: JsonOpt = False,
 ) -> None:
     """Reprotect (reverse replicate): replicate from where the VM runs to the other site."""
+    _item_action(ctx, "reprotect", vm, dry_run=dry_run, wait=wait, vault=vault, json_out=json_out)
+
+
+def _item_action(
+    ctx: typer.Context,
+    action: str,
+    vm: str,
+    *,
+    dry_run: bool,
+    wait: bool,
+    vault: Path | None,
+    json_out: bool,
+) -> None:
     with Session.of(ctx, vault, json_out) as session:
-        answer = session.client.post(f"/items/{segment(vm)}/reprotect", {"dry_run": dry_run})
+        answer = session.client.post(f"/items/{segment(vm)}/{action}", {"dry_run": dry_run})
         _started_or_plan(session, answer, wait=wait)
 
 

@@ -20,6 +20,7 @@ from siterecovery.points.chain import ReplicaChain
 from siterecovery.replication import failback as data
 from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services.context import Context
+from siterecovery.services.failover import home_of
 
 CONTROL = "control"
 COMPLETE, CANCEL = "complete", "cancel"
@@ -190,10 +191,6 @@ def _start_on_point(job_id: str, vm: str, point: str, host: str, kind: str) -> N
             target_checkpoint=source_checkpoint,
         ),
     )
-
-
-def home_or(item: Item) -> str:
-    return str(context().store.get_tracking(vm=item.vm).get("home") or item.active_site)
 
 
 def _remove_previous(vm: str) -> dict[str, Any]:
@@ -499,7 +496,7 @@ def _commit(vm: str) -> dict[str, Any]:
     ctx = context()
     item = _item(vm)
     deleted = None
-    if item.active_site == home_or(item):
+    if item.active_site == home_of(context(), item):
         _delete_vm(ctx, vm, item.standby_site)
         deleted = f"{vm}@{item.standby_site}"
     ctx.store.update_item(vm=vm, state=ItemState.COMMITTED, last_error=None)
