@@ -57,6 +57,7 @@ class JobRuntime:
         global _context, _dbos
         _context = self.ctx
         from siterecovery.jobs import (  # noqa: F401  (registers the workflows)
+            failback_flow,
             failover_flows,
             workflows,
         )
@@ -106,13 +107,13 @@ class JobRuntime:
         """Ask a job to stop: long steps poll the flag between chunks, and a job
         waiting for the user (awaiting-completion) gets a message."""
         self.ctx.store.update_job(job_id=job_id, cancel_requested=True)
-        from siterecovery.jobs.failover_flows import CANCEL, send_control
+        from siterecovery.jobs.failback_flow import CANCEL, send_control
 
         send_control(job_id, CANCEL)
 
     def complete(self, job_id: str) -> None:
         """Tell a job waiting in awaiting-completion to go on (phase 2)."""
-        from siterecovery.jobs.failover_flows import COMPLETE, send_control
+        from siterecovery.jobs.failback_flow import COMPLETE, send_control
 
         send_control(job_id, COMPLETE)
 

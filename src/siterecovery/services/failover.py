@@ -103,10 +103,8 @@ def failover(
     if dry_run:
         return plan.to_dict()
     plan.raise_first()
-    from siterecovery.jobs import failover_flows as flows
-
     params = _job_params(kind, request, plan)
-    job = submit(_WORKFLOWS(flows)[kind], kind=kind, vm=item.vm, params=params)
+    job = submit(_workflows()[kind], kind=kind, vm=item.vm, params=params)
     ctx.store.merge_tracking(vm=item.vm, busy=job.id)
     return {"job": job.id, "kind": kind, "plan": plan.to_dict()}
 
@@ -121,12 +119,15 @@ def failover_kind(item: Item, request: FailoverRequest) -> str:
     return "planned-failover"
 
 
-def _WORKFLOWS(flows: Any) -> dict[str, Callable[..., Any]]:
+def _workflows() -> dict[str, Callable[..., Any]]:
+    """The workflow of each kind (imported late: jobs depend on services)."""
+    from siterecovery.jobs import failback_flow, failover_flows
+
     return {
-        "test-failover": flows.test_failover_workflow,
-        "unplanned-failover": flows.unplanned_failover_workflow,
-        "planned-failover": flows.planned_failover_workflow,
-        "failback": flows.failback_workflow,
+        "test-failover": failover_flows.test_failover_workflow,
+        "unplanned-failover": failover_flows.unplanned_failover_workflow,
+        "planned-failover": failover_flows.planned_failover_workflow,
+        "failback": failback_flow.failback_workflow,
     }
 
 
