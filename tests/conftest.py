@@ -57,7 +57,7 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.client: httpx.Client | None = None
 
-    def start(self, *, lab: bool = False, timeout: float = 60.0) -> Daemon:
+    def start(self, *, lab: bool = False, timeout: float = 180.0) -> Daemon:
         (self.vault / "daemon.json").unlink(missing_ok=True)
         argv = [sys.executable, "-m", "siterecovery", "serve", "--vault", str(self.vault)]
         log = open(self.vault.parent / "daemon.out", "ab")  # noqa: SIM115 - kept by Popen
