@@ -65,6 +65,14 @@ def test_rules_from_the_seeds(daemon: Daemon, vault: Path) -> None:
     cli_refused(vault, ["failover", "web01", "--type", "planned"], "FAILOVER_NOT_COMMITTED", daemon)
     job(daemon, daemon.call("POST", "/items/web01/commit", json={}))
 
+    # A key for data that is not encrypted is a mistake, said as such.
+    before = vault_snapshot(daemon, vault)
+    status, error = daemon.error(
+        "POST", "/items/web01/failover", json={"type": "planned", "key": "k1"}
+    )
+    assert (status, error["code"]) == (400, "INVALID_INPUT") and "not encrypted" in error["message"]
+    assert vault_snapshot(daemon, vault) == before
+
     # Alternate hosts: another hypervisor kind, disconnected, without the switch.
     hosts = [
         {"site": "onprem", "name": "hv-hyperv", "switches": ["vswitch-prod"], "kind": "hyperv"},

@@ -157,6 +157,20 @@ def _common_checks(ctx: Context, plan: Plan, item: Item, operation: Operation) -
     plan.add("no other job owns the item", lambda: require_idle(ctx, item))
 
 
+def _key_check(plan: Plan, item: Item, key: str | None) -> None:
+    """``--key`` names the key of an encrypted item; this item's replicas are not
+    encrypted, so a key given for it is a mistake worth saying."""
+
+    def matches() -> None:
+        if key is not None:
+            raise InvalidInput(
+                field="key",
+                reason=f"the replicas of '{item.vm}' are not encrypted; drop --key {key}",
+            )
+
+    plan.add("key matches the item's encryption", matches)
+
+
 def recovery_site(item: Item) -> str:
     """Where a failover of ``item`` starts the VM: the standby site, or, when it
     already failed over (a re-run with another point), where it went."""
@@ -315,6 +329,7 @@ def _require_vm(vm: Vm | None, name: str, site: str) -> None:
 def _plan_failback(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     plan = Plan("failback", item.vm, item.active_site, item.standby_site, sync=request.sync)
     _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER)
+    _key_check(plan, item, request.key)
     vm = _source_vm(ctx, item)
     plan.add("failed-over VM still exists", lambda: _require_vm(vm, item.vm, item.active_site))
     plan.add("recovery-site disks have block access", lambda: _block_access(ctx, item))
