@@ -217,3 +217,12 @@ def test_unplanned_failover_rerun_with_an_older_point(daemon: Daemon, vault: Pat
     assert older["workload_seq"] < latest_seq
     job_json = daemon.call("GET", f"/jobs/{done['id']}")
     assert job_json["state"] == "succeeded" and "integrity" in job_json
+
+
+def test_lab_up_restarts_only_the_live_copy(daemon: Daemon, vault: Path) -> None:
+    protect(daemon, "web01")
+    job(daemon, failover(daemon, "web01", type="unplanned"))
+    daemon.call("POST", "/lab/up")
+    power = {(v["name"], v["site"]): v["power"] for v in daemon.call("GET", "/vms")}
+    assert power[("web01", "cloud")] == "running"
+    assert power[("web01", "onprem")] == "stopped"  # no split brain

@@ -31,13 +31,21 @@ def lab_up(ctx: Context) -> dict[str, Any]:
         if not ctx.store.find_vms(name=vm):
             inventory.create_vm(ctx, name=vm, host=host, disks=[DISK], switch=SWITCH)
         else:
-            for found in ctx.store.find_vms(name=vm):
-                inventory.start_vm(ctx, name=found.name, site=found.site)
+            _start_where_it_runs(ctx, vm)
     return {
         "sites": [s.to_dict() for s in ctx.store.list_sites()],
         "hosts": [h.to_dict() for h in ctx.store.list_hosts()],
         "vms": inventory.list_vms(ctx),
     }
+
+
+def _start_where_it_runs(ctx: Context, name: str) -> None:
+    """Restart the lab VM's live copy only: after a failover the copy left at
+    the other site stays stopped (starting both would split the brain)."""
+    item = ctx.store.find_item(vm=name)
+    for vm in ctx.store.find_vms(name=name):
+        if item is None or vm.site == item.active_site:
+            inventory.start_vm(ctx, name=vm.name, site=vm.site)
 
 
 def lab_down(ctx: Context) -> dict[str, Any]:
