@@ -1,7 +1,7 @@
 # The two set-up commands of the README are `make run` and `make test`.
 VENV := .venv/bin
 
-.PHONY: install run test lint
+.PHONY: install run test lint bench
 
 install:
 	bash scripts/install.sh
@@ -15,3 +15,8 @@ test: install lint
 lint:
 	$(VENV)/ruff check src tests
 	$(VENV)/mypy
+
+# The data-plane benchmark (docs/PERFORMANCE.md): generates its images in /tmp,
+# compares with cp, qemu-img, nbdcopy and rsync. BENCH_ARGS=--quick for a smoke test.
+bench: install
+	$(VENV)/python -m bench.datapath $(BENCH_ARGS)

@@ -28,9 +28,11 @@ from siterecovery.cli import (
     failover_cmd,
     inventory_cmd,
     jobs_cmd,
+    keys_cmd,
     local_cmd,
     protection_cmd,
     render,
+    sync_cmd,
 )
 from siterecovery.cli.session import Globals, JsonOpt, VaultOpt
 from siterecovery.domain.errors import Category, InternalError, SiteRecoveryError, category_of
@@ -77,6 +79,9 @@ app.command("verify")(failover_cmd.verify)
 app.command("demo")(demo_cmd.demo)
 app.command("jobs")(jobs_cmd.list_jobs)
 app.add_typer(jobs_cmd.app, name="job")
+app.command("sync")(sync_cmd.sync)
+app.command("sync-receive")(sync_cmd.receive)
+app.add_typer(keys_cmd.app, name="key")
 
 
 def exit_code(code: str) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import blake3
 import numpy as np
@@ -100,13 +100,31 @@ def _zero_runs(extents: Iterable[Extent]) -> Iterator[tuple[int, int]]:
         yield run
 
 
-def bytes_to_hash(
+def hash_plan(
     dev: BlockDevice, block_size: int, offset: int = 0, length: int | None = None
+) -> list[Extent]:
+    """The allocation map of the range at block granularity (:func:`coarsen`).
+
+    What :func:`block_digests` works from: made once (one scan of the map;
+    ``SEEK_DATA``/``SEEK_HOLE`` on ext4 cost more than reading the range from
+    the page cache when asked chunk by chunk), it can be passed to
+    :func:`bytes_to_hash` and :func:`block_digests` of the same range.
+    """
+    end = _range_end(dev, block_size, offset, length)
+    return list(coarsen(dev.extents(offset, end - offset), block_size, offset, end))
+
+
+def bytes_to_hash(
+    dev: BlockDevice,
+    block_size: int,
+    offset: int = 0,
+    length: int | None = None,
+    *,
+    plan: Sequence[Extent] | None = None,
 ) -> int:
     """How many bytes :func:`block_digests` will read for the same range."""
-    end = _range_end(dev, block_size, offset, length)
-    extents = coarsen(dev.extents(offset, end - offset), block_size, offset, end)
-    return sum(extent.length for extent in extents if not extent.zero)
+    plan = hash_plan(dev, block_size, offset, length) if plan is None else plan
+    return sum(extent.length for extent in plan if not extent.zero)
 
 
 def block_digests(
@@ -118,20 +136,23 @@ def block_digests(
     threads: int = 2,
     on_read: OnRead | None = None,
     cancelled: Cancelled | None = None,
+    plan: Sequence[Extent] | None = None,
 ) -> Digests:
     """Digests of the blocks of ``[offset, offset + length)`` (default: to the end).
 
     ``offset`` must be a multiple of ``block_size``; the last block may be
     short (its digest is that of its bytes). Zero blocks are not read.
+    ``plan`` is :func:`hash_plan` of the same range (made here when None).
     ``dev`` itself is not used for I/O, only cloned (one clone per thread).
     Raises SyncCancelled when ``cancelled()`` (polled between chunks, from any
     worker thread, one call at a time) returns True, and the first error of a
     worker after joining them all.
     """
     end = _range_end(dev, block_size, offset, length)
+    plan = hash_plan(dev, block_size, offset, end - offset) if plan is None else plan
     blocks = -(-(end - offset) // block_size)
     out: Digests = np.empty((blocks, DIGEST_SIZE), dtype=np.uint8)
-    job = _HashJob(dev, block_size, offset, end, out, on_read or _ignore, cancelled)
+    job = _HashJob(dev, block_size, offset, out, plan, on_read or _ignore, cancelled)
     job.run(max(1, threads))
     return out
 
@@ -164,28 +185,32 @@ def _ignore(nbytes: int) -> None:
 
 
 class _HashJob:
-    """Hashes the chunks of one range with several workers into ``out``."""
+    """Hashes the extents of one plan with several workers into ``out``.
+
+    Zero extents are one item each (their digests are filled in at once);
+    data extents are cut into items of at most :data:`CHUNK_SIZE`.
+    """
 
     def __init__(
         self,
         dev: BlockDevice,
         block_size: int,
         start: int,
-        end: int,
         out: Digests,
+        plan: Sequence[Extent],
         on_read: OnRead,
         cancelled: Cancelled | None,
     ) -> None:
         self._dev = dev
         self._block_size = block_size
         self._start = start
-        self._end = end
         self._rows = out
         self._out = out.data.cast("B")
         self._on_read = on_read
         self._cancelled = cancelled
         self._chunk = max(block_size, CHUNK_SIZE // block_size * block_size)
-        self._next = start
+        self._items = _pieces(plan, self._chunk)
+        self._zero_row = np.frombuffer(zero_digest(block_size), dtype=np.uint8)
         self._lock = threading.Lock()
         self._errors: list[BaseException] = []
 
@@ -203,37 +228,32 @@ class _HashJob:
         try:
             dev = self._dev.clone()
             try:
-                self._hash_chunks(dev, memoryview(bytearray(self._chunk)))
+                self._hash_items(dev, memoryview(bytearray(self._chunk)))
             finally:
                 dev.close()
         except BaseException as e:
             self._errors.append(e)
 
-    def _hash_chunks(self, dev: BlockDevice, buf: memoryview) -> None:
-        while (chunk := self._take()) is not None:
-            start, end = chunk
-            for extent in coarsen(dev.extents(start, end - start), self._block_size, start, end):
-                if extent.zero:
-                    self._put_zeroes(extent)  # Fast path.
-                else:
-                    self._hash_data(dev, extent, buf)  # Slow path.
+    def _hash_items(self, dev: BlockDevice, buf: memoryview) -> None:
+        while (extent := self._take()) is not None:
+            if extent.zero:
+                self._put_zeroes(extent)  # Fast path.
+            else:
+                self._hash_data(dev, extent, buf)  # Slow path.
 
-    def _take(self) -> tuple[int, int] | None:
-        """The next chunk to hash, or None when done or stopping."""
+    def _take(self) -> Extent | None:
+        """The next item to hash, or None when done or stopping."""
         with self._lock:
-            if self._errors or self._next >= self._end:
+            if self._errors:
                 return None
             if self._cancelled is not None and self._cancelled():
                 raise SyncCancelled(what="block digest")
-            start = self._next
-            self._next = min(self._end, start + self._chunk)
-            return start, self._next
+            return next(self._items, None)
 
     def _put_zeroes(self, extent: Extent) -> None:
         first = (extent.start - self._start) // self._block_size
         full, tail = divmod(extent.length, self._block_size)
-        zero_row = np.frombuffer(zero_digest(self._block_size), dtype=np.uint8)
-        self._rows[first : first + full] = zero_row
+        self._rows[first : first + full] = self._zero_row
         if tail:
             self._put(extent.end - tail, zero_digest(tail))
 
@@ -247,3 +267,13 @@ class _HashJob:
     def _put(self, offset: int, digest: bytes) -> None:
         index = (offset - self._start) // self._block_size * DIGEST_SIZE
         self._out[index : index + DIGEST_SIZE] = digest
+
+
+def _pieces(plan: Sequence[Extent], chunk: int) -> Iterator[Extent]:
+    """Zero extents whole; data extents cut into pieces of at most ``chunk`` bytes."""
+    for extent in plan:
+        if extent.zero:
+            yield extent
+            continue
+        for pos in range(extent.start, extent.end, chunk):
+            yield Extent(pos, min(chunk, extent.end - pos))

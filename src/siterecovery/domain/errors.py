@@ -383,3 +383,25 @@ class GuestError(SiteRecoveryError):
     code = "GUEST_AGENT_ERROR"
     category = Category.IO
     template = "{detail}"
+
+
+class KeyNotFound(NotFound):
+    """An encryption key named by a sync or a policy is not in the vault."""
+
+    code = "KEY_NOT_FOUND"
+    template = "key '{name}' does not exist; `siterecovery key list` shows the keys"
+
+
+class DecryptionFailed(DiskError):
+    """A sync stream cannot be decrypted or authenticated: the two sides hold
+    different keys (or none on one side), or the data was tampered with."""
+
+    code = "DECRYPTION_FAILED"
+    template = "cannot decrypt the sync stream from {peer}: {reason}"
+
+
+class WireError(DiskError):
+    """The sync peer broke the wire protocol, went away, or kept sending corrupt frames."""
+
+    code = "WIRE_ERROR"
+    template = "sync peer {peer}: {detail}"

@@ -285,8 +285,9 @@ class Pipeline:
         self._queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=buffers)
         self._readers_left = stage.readers
 
-    def execute(self) -> Stats:
-        """Run every stage, join all threads; raise the first error, then SyncCancelled."""
+    def execute(self, *, what: str = "sync") -> Stats:
+        """Run every stage, join all threads; raise the first error, then SyncCancelled
+        (``what`` names the operation in it, with the last checkpoint as ``resume_offset``)."""
         threads = [
             threading.Thread(target=self._read, name=f"sync-read-{i}")
             for i in range(self._stage.readers)
@@ -302,7 +303,7 @@ class Pipeline:
             raise self._errors[0]
         if self._stopped:
             self._tally.save(self._dst)
-            raise SyncCancelled(what="sync", resume_offset=self._tally.saved)
+            raise SyncCancelled(what=what, resume_offset=self._tally.saved)
         return self._stats
 
     @property

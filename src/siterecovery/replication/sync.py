@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.digest import Digests, block_digests, bytes_to_hash
+from siterecovery.disk.base import BlockDevice, Extent
+from siterecovery.disk.digest import Digests, block_digests, bytes_to_hash, hash_plan
 from siterecovery.domain.errors import DiskError, InvalidInput, SyncCancelled
 from siterecovery.replication import plan as planning
 from siterecovery.replication.pipeline import (
@@ -76,9 +76,11 @@ class SyncMode(StrEnum):
 class SyncOptions:
     """How to sync. Sizes and offsets are bytes.
 
-    ``threads`` is the number of workers of each stage: readers, writers (each
-    with its own source or target handle, so also connections), and hashers
-    on each side in checksum mode.
+    ``threads`` is the number of readers, and of hashers on each side in
+    checksum mode; writers are half as many (at least one). Each worker has its
+    own source or target handle (so its own NBD or wire connection). Measured
+    (docs/PERFORMANCE.md): buffered writes to one file serialise on its inode
+    lock, so one writer is best there; an NBD target does best with two.
 
     ``chunk_size`` is the largest read, write or zero sent in one request
     (one work item, one buffer, one wire frame) and a multiple of
@@ -198,18 +200,9 @@ def sync(
     tally = Tally(start, progress, checkpoint, options.checkpoint_every, flush=options.flush)
     plan = _plan(src, dst, options, start, tally, cancelled)
     tally.add_total(plan.bytes_to_copy)
-    stage = Stage(
-        readers=options.threads,
-        writers=options.threads,
-        chunk_size=options.chunk_size,
-        grain=options.block_size,
-        target_is_blank=options.target_is_blank,
-    )
     items = planning.items(plan.extents, options.chunk_size)
-    try:
-        stats = Pipeline(src, dst, stage, items, tally, cancelled).execute()
-    except SyncCancelled as e:
-        raise SyncCancelled(what=f"{options.mode} sync", **_resume(e)) from None
+    pipeline = Pipeline(src, dst, _stage(options), items, tally, cancelled)
+    stats = pipeline.execute(what=f"{options.mode} sync")
     tally.save(dst, src.size)
     return SyncResult(
         mode=options.mode,
@@ -225,8 +218,14 @@ def sync(
     )
 
 
-def _resume(error: SyncCancelled) -> dict[str, Any]:
-    return {"resume_offset": error.fields["resume_offset"]}
+def _stage(options: SyncOptions) -> Stage:
+    return Stage(
+        readers=options.threads,
+        writers=max(1, options.threads // 2),
+        chunk_size=options.chunk_size,
+        grain=options.block_size,
+        target_is_blank=options.target_is_blank,
+    )
 
 
 def _check(
@@ -273,18 +272,22 @@ def _plan_checksum(
     """Hash both sides at once (holes by the zero digest, unread); plan the differing blocks."""
     bs, length = options.block_size, src.size - start
     remote = isinstance(dst, DigestSource)
+    ours_plan = hash_plan(src, bs, start, length)
+    theirs_plan = None if remote else hash_plan(dst, bs, start, length)
     tally.add_total(
-        bytes_to_hash(src, bs, start, length)
-        + (0 if remote else bytes_to_hash(dst, bs, start, length))
+        bytes_to_hash(src, bs, plan=ours_plan)
+        + (0 if theirs_plan is None else bytes_to_hash(dst, bs, plan=theirs_plan))
     )
     before = tally.done
     hash_blocks = functools.partial(
         block_digests, block_size=bs, offset=start, length=length,
         threads=options.threads, on_read=tally.read, cancelled=cancelled,
     )  # fmt: skip
-    theirs = _Background(lambda: _target_digests(dst, options, start, length, hash_blocks))
+    theirs = _Background(
+        lambda: _target_digests(dst, options, start, length, hash_blocks, theirs_plan)
+    )
     try:
-        ours = hash_blocks(src)
+        ours = hash_blocks(src, plan=ours_plan)
         digests, hashed_remotely = theirs.result()
     except SyncCancelled:
         raise SyncCancelled(what="checksum sync", resume_offset=start) from None
@@ -301,13 +304,14 @@ def _target_digests(
     start: int,
     length: int,
     hash_blocks: functools.partial[Digests],
+    plan: list[Extent] | None,
 ) -> tuple[Digests, int]:
     """The target's digests and the bytes hashed where it lives (0 when counted here)."""
     if isinstance(dst, DigestSource):
         return dst.block_digests(
             options.block_size, offset=start, length=length, threads=options.threads
         )
-    return hash_blocks(dst), 0
+    return hash_blocks(dst, plan=plan), 0
 
 
 class _Background(Generic[T]):

@@ -89,6 +89,22 @@ def require_idle(ctx: Context, item: Item) -> None:
         raise VmBusy(vm=item.vm, state=f"owned by job {busy}", hint="wait for it or cancel it")
 
 
+def owned_submit(
+    ctx: Context, submit: Submit, workflow: Callable[..., Any], *, kind: str, vm: str, **rest: Any
+) -> Any:
+    """Submit a job that owns its item: the item is marked busy *before* the job
+    can start, so the job's own release at its end can never come first."""
+    from siterecovery.jobs.runtime import new_job_id
+
+    job_id = new_job_id()
+    ctx.store.merge_tracking(vm=vm, busy=job_id)
+    try:
+        return submit(workflow, kind=kind, vm=vm, job_id=job_id, **rest)
+    except BaseException:
+        ctx.store.merge_tracking(vm=vm, busy=None)
+        raise
+
+
 # Failover -------------------------------------------------------------------
 
 
@@ -104,8 +120,7 @@ def failover(
         return plan.to_dict()
     plan.raise_first()
     params = _job_params(kind, request, plan)
-    job = submit(_workflows()[kind], kind=kind, vm=item.vm, params=params)
-    ctx.store.merge_tracking(vm=item.vm, busy=job.id)
+    job = owned_submit(ctx, submit, _workflows()[kind], kind=kind, vm=item.vm, params=params)
     return {"job": job.id, "kind": kind, "plan": plan.to_dict()}
 
 
@@ -417,8 +432,7 @@ def commit(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -> d
     plan.raise_first()
     from siterecovery.jobs.failover_flows import commit_workflow
 
-    job = submit(commit_workflow, kind="commit", vm=vm, params={"vm": vm})
-    ctx.store.merge_tracking(vm=vm, busy=job.id)
+    job = owned_submit(ctx, submit, commit_workflow, kind="commit", vm=vm, params={"vm": vm})
     return {"job": job.id, "plan": plan.to_dict()}
 
 
@@ -458,8 +472,7 @@ def reprotect(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -
     from siterecovery.jobs.failover_flows import reprotect_workflow
 
     ctx.store.update_item(vm=vm, state=ItemState.REPROTECTING, last_error=None)
-    job = submit(reprotect_workflow, kind="reprotect", vm=vm, params={"vm": vm})
-    ctx.store.merge_tracking(vm=vm, busy=job.id)
+    job = owned_submit(ctx, submit, reprotect_workflow, kind="reprotect", vm=vm, params={"vm": vm})
     return {
         "job": job.id,
         "plan": plan.to_dict(),
