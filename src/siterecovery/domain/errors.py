@@ -10,14 +10,22 @@ adapter that calls them.
     SiteRecoveryError                      category
     ├── InvalidInput                       usage       bad value, the user must change it
     ├── NotFound                           not-found   a named object does not exist
+    │   └── Site/Host/Vm/Item/Point/Job/KeyNotFound
     ├── RuleViolation                      rule        the request is valid but a rule refuses it
     │   ├── OperationNotAllowed            rule        the item's state does not allow it
-    │   └── ...                            rule        one class per rule from the seeds
+    │   └── NoRecoveryPoint, FailoverNotCommitted, ReplicationUnhealthy, ProtectionDisabled,
+    │       FailedOverVmMissing, HypervisorMismatch, HostDisconnected, SwitchMissing,
+    │       TargetVmMissing, NoBlockAccess, GroupMemberAlone, VmInconsistent, VmBusy,
+    │       DrillActive, NoDrill, AlreadyExists, AlreadyProtected, SameSite, JobFinished…
     ├── Conflict                           conflict    concurrent change, retry
     ├── DiskError                          io          block device, NBD, QMP, qemu-img
     │   ├── BitmapInconsistent             io          change tracking cannot be trusted
-    │   └── IntegrityError                 io          digests differ after a sync
+    │   ├── IntegrityError                 io          digests differ after a sync
+    │   ├── QmpError                       io          qemu refused a QMP command
+    │   ├── WireError, DecryptionFailed    io          the sync protocol between sites
+    ├── GuestError                         io          the guest agent (workload) failed
     ├── JobCancelled                       cancelled   a job was cancelled by the user
+    │   └── SyncCancelled
     └── InternalError                      internal    a bug; the message carries the detail
 
 Only ``api/`` knows HTTP statuses and only ``cli/`` knows exit codes; both map
