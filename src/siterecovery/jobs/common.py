@@ -12,6 +12,7 @@ from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, Vm, failure
 from siterecovery.jobs.runtime import ProgressReporter, context, run_step
 from siterecovery.replication import failback as data
+from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services.context import Context
 
 
@@ -102,3 +103,14 @@ def step(job_id: str, name: str, body: Any) -> Any:
     """Run ``body`` as the durable step ``name`` of the job (recorded in DBOS and
     in the job's steps)."""
     return DBOS.run_step({"name": name}, lambda: run_step(job_id, name, body))
+
+
+def initial_pass(job_id: str, vm: str) -> dict[str, Any]:
+    """The first pass of a (re)protection: tagged by the job so a restarted job
+    finds its view again and resumes; progress and cancel go through the job."""
+    reporter = ProgressReporter(job_id)
+    options = PassOptions(
+        tag=job_id, initial=True, progress=reporter, cancelled=cancel_check(reporter, job_id)
+    )
+    with context().item_lock(vm):
+        return run_pass(context(), vm, options).to_dict()

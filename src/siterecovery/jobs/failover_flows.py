@@ -16,9 +16,9 @@ from siterecovery.domain.errors import SiteRecoveryError
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, Vm, failure, utcnow
 from siterecovery.jobs.common import (
-    cancel_check,
     delete_vm,
     failed,
+    initial_pass,
     load_item,
     release,
     start_vm,
@@ -198,7 +198,7 @@ def reprotect_workflow(job_id: str, vm: str) -> None:
 
     with job_scope(job_id, on_error=on_error, on_exit=lambda: release(vm)):
         step(job_id, "adopt-base", lambda: _adopt_base(vm))
-        report = step(job_id, "initial-sync", lambda: _initial_pass(job_id, vm))
+        report = step(job_id, "initial-sync", lambda: initial_pass(job_id, vm))
         context().store.merge_job_result(job_id=job_id, initial_sync=report)
         step(job_id, "enable-replication", lambda: _enable(vm))
 
@@ -229,15 +229,6 @@ def _has_chain(ctx: Context, item: Item) -> bool:
     return vm is not None and any(
         ReplicaChain(provider.replica_dir(site, item.vm, d.name), d.size).head() for d in vm.disks
     )
-
-
-def _initial_pass(job_id: str, vm: str) -> dict[str, Any]:
-    reporter = ProgressReporter(job_id)
-    options = PassOptions(
-        tag=job_id, initial=True, progress=reporter, cancelled=cancel_check(reporter, job_id)
-    )
-    with context().item_lock(vm):
-        return run_pass(context(), vm, options).to_dict()
 
 
 def _enable(vm: str) -> dict[str, Any]:

@@ -6,11 +6,10 @@ from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.domain.errors import JobCancelled
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import failure, utcnow
-from siterecovery.jobs.runtime import ProgressReporter, context, job_scope, run_step
-from siterecovery.replication.cycle import PassOptions, run_pass
+from siterecovery.jobs.common import initial_pass
+from siterecovery.jobs.runtime import context, job_scope, run_step
 
 
 @DBOS.workflow(name="protect")
@@ -42,20 +41,7 @@ def _prepare(job_id: str, vm: str) -> dict[str, Any]:
 
 @DBOS.step(name="protect.initial-sync")
 def _initial_sync(job_id: str, vm: str) -> dict[str, Any]:
-    def body() -> dict[str, Any]:
-        reporter = ProgressReporter(job_id)
-
-        def cancelled() -> bool:
-            if reporter.cancelled():
-                raise JobCancelled(job=job_id)
-            return False
-
-        options = PassOptions(tag=job_id, initial=True, progress=reporter, cancelled=cancelled)
-        with context().item_lock(vm):
-            report = run_pass(context(), vm, options)
-        return report.to_dict()
-
-    return run_step(job_id, "initial-sync", body)
+    return run_step(job_id, "initial-sync", lambda: initial_pass(job_id, vm))
 
 
 @DBOS.step(name="protect.enable")

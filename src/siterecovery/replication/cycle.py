@@ -40,6 +40,7 @@ from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, 
 from siterecovery.points.chain import ReplicaChain, merge_into_parent
 from siterecovery.points.retention import points_to_drop
 from siterecovery.providers.base import DiskAccess, Provider
+from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.sync import SyncMode, SyncOptions, SyncResult, sync
 from siterecovery.services.context import Context
 
@@ -176,7 +177,8 @@ def _send_disk(
     mode = _mode(options, view, chain)
     # Offsets only hold for the very view they were taken from.
     resumed = options.initial and frozen.tracking == "resumed"
-    resume = _resume_offset(ctx, item.vm, options.tag, disk) if resumed else 0
+    offsets = ResumeOffsets(ctx.store, item.vm, options.tag)
+    resume = offsets.get(disk) if resumed else 0
     if not resume:
         chain.discard_partials()
     partial = chain.begin(seq, backing=chain.head())
@@ -194,7 +196,7 @@ def _send_disk(
                 checkpoint_every=CHECKPOINT_EVERY,
             ),
             progress=options.progress,
-            checkpoint=lambda offset: _save_offset(ctx, item.vm, options.tag, disk, offset),
+            checkpoint=lambda offset: offsets.save(disk, offset),
             cancelled=options.cancelled,
         )
         report = _disk_report(result, mode, src)
@@ -241,19 +243,6 @@ def _writer(run_dir: Path, partial: Path) -> Iterator[NbdDevice]:
             device.flush()
     finally:
         daemon.stop()
-
-
-def _resume_offset(ctx: Context, vm: str, tag: str, disk: str) -> int:
-    state = ctx.store.get_tracking(vm=vm).get("resume") or {}
-    if state.get("tag") != tag:
-        return 0
-    return int(state.get("offsets", {}).get(disk, 0))
-
-
-def _save_offset(ctx: Context, vm: str, tag: str, disk: str, offset: int) -> None:
-    state = ctx.store.get_tracking(vm=vm).get("resume") or {}
-    offsets = state.get("offsets", {}) if state.get("tag") == tag else {}
-    ctx.store.merge_tracking(vm=vm, resume={"tag": tag, "offsets": {**offsets, disk: offset}})
 
 
 def _seal(

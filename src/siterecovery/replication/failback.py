@@ -33,6 +33,7 @@ from siterecovery.domain.errors import IntegrityError
 from siterecovery.domain.model import Site, Vm
 from siterecovery.providers.base import DiskAccess, Provider
 from siterecovery.replication.extents import UnionDirtyDevice
+from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.sync import SyncMode, SyncOptions, sync
 from siterecovery.services.context import Context
 
@@ -76,23 +77,15 @@ class Movement:
     max_rate: int = 0
     """Bandwidth cap in bytes/s (the item's policy), 0 for none."""
 
+    @property
+    def offsets(self) -> ResumeOffsets:
+        return ResumeOffsets(self.ctx.store, self.item, self.tag)
+
     def resuming(self, resumed: bool) -> None:
         """Saved offsets only hold for the view they were taken from: forget
         them when the views had to be frozen anew."""
         if not resumed:
-            state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
-            if state.get("tag") == self.tag:
-                self.ctx.store.merge_tracking(vm=self.item, resume=None)
-
-    def resume_offset(self, disk: str) -> int:
-        state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
-        return int(state.get("offsets", {}).get(disk, 0)) if state.get("tag") == self.tag else 0
-
-    def save_offset(self, disk: str, offset: int) -> None:
-        state = self.ctx.store.get_tracking(vm=self.item).get("resume") or {}
-        offsets = state.get("offsets", {}) if state.get("tag") == self.tag else {}
-        resume = {"tag": self.tag, "offsets": {**offsets, disk: offset}}
-        self.ctx.store.merge_tracking(vm=self.item, resume=resume)
+            self.offsets.forget()
 
 
 def delta_phase1(
@@ -297,12 +290,12 @@ def _send(
             SyncOptions(
                 mode=mode,
                 threads=move.threads,
-                resume_offset=move.resume_offset(disk),
+                resume_offset=move.offsets.get(disk),
                 target_is_blank=full,
                 checkpoint_every=CHECKPOINT_EVERY,
             ),
             progress=move.progress,
-            checkpoint=lambda offset: move.save_offset(disk, offset),
+            checkpoint=lambda offset: move.offsets.save(disk, offset),
             cancelled=move.cancelled,
         )
         dst.flush()

@@ -158,14 +158,7 @@ def _job_params(kind: str, request: FailoverRequest, plan: Plan) -> dict[str, An
 
 
 def _common_checks(ctx: Context, plan: Plan, item: Item, operation: Operation) -> None:
-    def state_allows() -> None:
-        if item.state is ItemState.DISABLED:
-            raise ProtectionDisabled(vm=item.vm)
-        if item.state is ItemState.FAILED_OVER and operation is Operation.PLANNED_FAILOVER:
-            raise FailoverNotCommitted(vm=item.vm, site=item.active_site)
-        require(item.state, operation, vm=item.vm)
-
-    plan.add("state allows " + operation.value, state_allows)
+    _state_check(plan, item, operation)
     plan.add(
         "not a group member alone", lambda: require_group_together(item.vm, None, whole_group=False)
     )
@@ -437,9 +430,13 @@ def commit(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -> d
 
 
 def _state_check(plan: Plan, item: Item, operation: Operation) -> None:
+    """The lifecycle allows ``operation``; the seeds' own words where they have some."""
+
     def state_allows() -> None:
         if item.state is ItemState.DISABLED:
             raise ProtectionDisabled(vm=item.vm)
+        if item.state is ItemState.FAILED_OVER and operation is Operation.PLANNED_FAILOVER:
+            raise FailoverNotCommitted(vm=item.vm, site=item.active_site)
         require(item.state, operation, vm=item.vm)
 
     plan.add("state allows " + operation.value, state_allows)
