@@ -195,7 +195,9 @@ def _free_port() -> int:
         return port
 
 
-STABLE_ITEM_FIELDS = ("vm", "state", "active_site", "standby_site", "policy", "points", "cycles")
+STABLE_ITEM_FIELDS = (
+    "vm", "state", "active_site", "standby_site", "policy", "points", "cycles", "busy_job",
+)  # fmt: skip
 
 
 def vault_snapshot(daemon: Daemon, vault: Path) -> dict[str, Any]:
@@ -218,5 +220,7 @@ def vault_snapshot(daemon: Daemon, vault: Path) -> dict[str, Any]:
         "items": items,
         "points": {i["vm"]: daemon.call("GET", f"/items/{i['vm']}/points") for i in items},
         "jobs": [(j["id"], j["state"]) for j in daemon.call("GET", "/jobs")],
+        "groups": daemon.call("GET", "/groups"),
+        "plans": daemon.call("GET", "/plans"),
         "replicas": replicas,
     }

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from siterecovery import __version__
-from siterecovery.api import failover, inventory, keys, protection
+from siterecovery.api import failover, inventory, keys, protection, recovery
 from siterecovery.api.deps import require_token
 from siterecovery.domain.errors import Category, SiteRecoveryError
 from siterecovery.jobs.runtime import JobRuntime
@@ -79,6 +79,8 @@ def create_app(ctx: Context, runtime: JobRuntime, *, token: str) -> FastAPI:
     app.include_router(protection.router, prefix="/api/v1", dependencies=secured)
     app.include_router(keys.router, prefix="/api/v1", dependencies=secured)
     app.include_router(failover.router, prefix="/api/v1", dependencies=secured)
+    app.include_router(recovery.router, prefix="/api/v1", dependencies=secured)
+
 
     @app.get("/api/v1/health")
     def health() -> dict[str, str]:

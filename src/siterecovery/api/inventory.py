@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from siterecovery.api.deps import Ctx
@@ -113,3 +113,14 @@ def check_vm(
     ctx: Ctx, name: str, site: str | None = None, point: str | None = None
 ) -> dict[str, Any]:
     return protection.check_vm(ctx, name=name, site=site, point=point)
+
+
+@router.get("/checks")
+def check_together(
+    ctx: Ctx,
+    vm: Annotated[list[str], Query()],
+    site: str | None = None,
+    point: Annotated[list[str] | None, Query()] = None,
+) -> dict[str, Any]:
+    """Check several VMs (or points of them) and the links between their records."""
+    return protection.check_together(ctx, vms=vm, site=site, points=point)

@@ -100,3 +100,8 @@ def wait_job(ctx: Ctx, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job(ctx: Ctx, runtime: Runtime, job_id: str) -> dict[str, Any]:
     return jobs.cancel_job(ctx, job_id=job_id, request_cancel=runtime.cancel)
+
+
+@router.post("/jobs/{job_id}/resume")
+def resume_job(ctx: Ctx, runtime: Runtime, job_id: str) -> dict[str, Any]:
+    return jobs.resume_job(ctx, job_id=job_id, send=runtime.resume)

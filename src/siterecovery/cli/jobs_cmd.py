@@ -1,4 +1,4 @@
-"""Commands ``jobs`` and ``job show|wait|cancel``, and following a job until it settles.
+"""Commands ``jobs`` and ``job show|wait|cancel|resume``, and following a job until it settles.
 
 A job settles when it is finished (``succeeded``, ``failed``, ``cancelled``)
 or waits for the user (``awaiting-completion``, ``awaiting-action``). Following
@@ -164,3 +164,20 @@ def cancel(
         session.emit(
             job, lambda doc: render.say(f"cancel of job {job_id} requested ({doc.get('state')})")
         )
+
+
+@app.command("resume")
+def resume(
+    ctx: typer.Context,
+    job_id: JobArg,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job.")] = False,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Resume a plan job paused on a manual action (awaiting-action): the action is done."""
+    with Session.of(ctx, vault, json_out) as session:
+        job = session.client.post(f"/jobs/{segment(job_id)}/resume")
+        if wait:
+            follow(session, job_id)
+            return
+        session.emit(job, render.job)

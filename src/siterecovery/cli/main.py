@@ -31,6 +31,7 @@ from siterecovery.cli import (
     keys_cmd,
     local_cmd,
     protection_cmd,
+    recovery_cmd,
     render,
     sync_cmd,
 )
@@ -82,6 +83,8 @@ app.add_typer(jobs_cmd.app, name="job")
 app.command("sync")(sync_cmd.sync)
 app.command("sync-receive")(sync_cmd.receive)
 app.add_typer(keys_cmd.app, name="key")
+app.add_typer(recovery_cmd.group_app, name="group")
+app.add_typer(recovery_cmd.plan_app, name="plan")
 
 
 def exit_code(code: str) -> int:

@@ -343,6 +343,18 @@ def check(doc: Any) -> None:
     console().print(panel(doc, fields, title=title), style="" if good else "red")
 
 
+def checks(doc: Any) -> None:
+    """Several VMs checked together: each VM's check, then the links between them."""
+    for report in (doc.get("vms") or {}).values():
+        check(report)
+    links = doc.get("links") or {}
+    good = links.get("consistent") is True
+    text = "links: every record depends only on records the other VMs hold"
+    if not good:
+        text = "links NOT consistent:\n" + "\n".join(links.get("errors") or [])
+    console().print(Text(text), style="" if good else "red")
+
+
 # -- job progress -------------------------------------------------------------
 
 

@@ -10,13 +10,15 @@ adapter that calls them.
     SiteRecoveryError                      category
     ├── InvalidInput                       usage       bad value, the user must change it
     ├── NotFound                           not-found   a named object does not exist
-    │   └── Site/Host/Vm/Item/Point/Job/KeyNotFound
+    │   └── Site/Host/Vm/Item/Point/Job/Key/Group/PlanNotFound
     ├── RuleViolation                      rule        the request is valid but a rule refuses it
     │   ├── OperationNotAllowed            rule        the item's state does not allow it
     │   └── NoRecoveryPoint, FailoverNotCommitted, ReplicationUnhealthy, ProtectionDisabled,
     │       FailedOverVmMissing, HypervisorMismatch, HostDisconnected, SwitchMissing,
     │       TargetVmMissing, NoBlockAccess, GroupMemberAlone, VmInconsistent, VmBusy,
-    │       DrillActive, NoDrill, AlreadyExists, AlreadyProtected, SameSite, JobFinished…
+    │       DrillActive, NoDrill, AlreadyExists, AlreadyProtected, SameSite, JobFinished,
+    │       GroupTooLarge, AlreadyInGroup, GroupSitesDiffer, GroupIncomplete, PlanEmpty,
+    │       PlanWithoutPoints (a NoRecoveryPoint naming every VM without one)…
     ├── Conflict                           conflict    concurrent change, retry
     ├── DiskError                          io          block device, NBD, QMP, qemu-img
     │   ├── BitmapInconsistent             io          change tracking cannot be trusted
@@ -24,6 +26,8 @@ adapter that calls them.
     │   ├── QmpError                       io          qemu refused a QMP command
     │   ├── WireError, DecryptionFailed    io          the sync protocol between sites
     ├── GuestError                         io          the guest agent (workload) failed
+    ├── ActionFailed                       io          a recovery plan's script failed
+    ├── ChildJobFailed                     io          a VM's job inside a plan's job failed
     ├── JobCancelled                       cancelled   a job was cancelled by the user
     │   └── SyncCancelled
     └── InternalError                      internal    a bug; the message carries the detail
@@ -139,6 +143,18 @@ class PointNotFound(NotFound):
 class JobNotFound(NotFound):
     code = "JOB_NOT_FOUND"
     template = "job '{name}' does not exist; `siterecovery jobs` lists the jobs"
+
+
+class GroupNotFound(NotFound):
+    code = "GROUP_NOT_FOUND"
+    template = (
+        "replication group '{name}' does not exist; `siterecovery group list` shows the groups"
+    )
+
+
+class PlanNotFound(NotFound):
+    code = "PLAN_NOT_FOUND"
+    template = "recovery plan '{name}' does not exist; `siterecovery plan list` shows the plans"
 
 
 class RuleViolation(SiteRecoveryError):
@@ -274,6 +290,58 @@ class GroupMemberAlone(RuleViolation):
         "'{vm}' belongs to replication group '{group}'; its members fail over together: "
         "fail over the group's recovery plan instead"
     )
+
+
+class GroupTooLarge(RuleViolation):
+    code = "GROUP_TOO_LARGE"
+    template = (
+        "replication group '{group}' would have {size} members; the limit is {limit} "
+        "(every member is paused while the group's common point is taken): split the group"
+    )
+
+
+class AlreadyInGroup(RuleViolation):
+    code = "ALREADY_IN_GROUP"
+    template = (
+        "'{vm}' already belongs to replication group '{group}'; remove it there first "
+        "(`siterecovery group remove {group} {vm}`)"
+    )
+
+
+class GroupSitesDiffer(RuleViolation):
+    code = "GROUP_SITES_DIFFER"
+    template = (
+        "'{vm}' replicates {direction} but group '{group}' replicates {expected}; the members "
+        "of a group replicate between the same two sites"
+    )
+
+
+class GroupIncomplete(RuleViolation):
+    code = "GROUP_INCOMPLETE"
+    template = (
+        "a common point of group '{group}' needs every member protected and idle; "
+        "{vm} is {state}"
+    )
+
+
+class PlanWithoutPoints(NoRecoveryPoint):
+    """The seed's plan rule: a plan fails over (or back) only when every VM has a point."""
+
+    code = "PLAN_VMS_WITHOUT_POINTS"
+    template = (
+        "recovery plan '{plan}' cannot {operation}: {names} {verb} no recovery point yet; "
+        "wait for replication to seal one for each (`siterecovery points VM`)"
+    )
+
+    def __init__(self, *, plan: str, operation: str, vms: list[str]) -> None:
+        verb = "has" if len(vms) == 1 else "have"
+        names = ", ".join(vms)
+        super().__init__(plan=plan, operation=operation, vms=vms, names=names, verb=verb)
+
+
+class PlanEmpty(RuleViolation):
+    code = "PLAN_EMPTY"
+    template = "recovery plan '{plan}' has no VM; add some with `siterecovery plan add {plan}`"
 
 
 class KeyRequired(RuleViolation):
@@ -413,3 +481,26 @@ class WireError(DiskError):
 
     code = "WIRE_ERROR"
     template = "sync peer {peer}: {detail}"
+
+
+class ActionFailed(SiteRecoveryError):
+    """A recovery plan's script action failed or timed out: the plan stops there."""
+
+    code = "ACTION_FAILED"
+    category = Category.IO
+    template = (
+        "action '{action}' of recovery plan '{plan}' failed ({reason}); fix it and run the "
+        "plan operation again for the VMs not done yet (`siterecovery plan show {plan}`). "
+        "Output: {tail}"
+    )
+
+
+class ChildJobFailed(SiteRecoveryError):
+    """A VM's job inside a recovery plan's job failed or was cancelled."""
+
+    code = "PLAN_VM_FAILED"
+    category = Category.IO
+    template = (
+        "the job of '{vm}' ({job}) {state}: {reason}; the plan stops before its next boot "
+        "group: `siterecovery job show {job}` says why"
+    )

@@ -100,8 +100,8 @@ def require(state: ItemState, operation: Operation, *, vm: str) -> None:
 def require_group_together(vm: str, group: str | None, *, whole_group: bool) -> None:
     """A replication-group member never fails over alone (the seed's rule).
 
-    ``whole_group`` is true when the request fails the whole group over (a
-    recovery plan); groups themselves arrive with the recovery-plan issue.
+    ``whole_group`` is true when the request fails every member of ``group``
+    over together (a recovery plan holding them all).
     """
     from siterecovery.domain.errors import GroupMemberAlone
 

@@ -115,6 +115,11 @@ class Vm:
     cpus: int = 1
     memory_mib: int = 512
     workload: bool = True
+    workload_link: str | None = None
+    """The lab application's dependency: every record this VM's workload writes
+    names the latest acknowledged record of the VM ``workload_link`` at the same
+    site (db01's rows refer to web01's), so a cross-VM check can tell whether
+    two images are consistent with each other."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,9 +192,13 @@ class RecoveryPoint:
     bytes: int = 0
     source_digests: dict[str, str] = field(default_factory=dict)
     workload_seq: int | None = None
+    common: str | None = None
+    """The id of the replication group's common point this point belongs to
+    (taken at the same instant as the other members'), or None."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "common": self.common,
             "id": self.id,
             "vm": self.vm,
             "site": self.site,

@@ -59,6 +59,7 @@ class JobRuntime:
         from siterecovery.jobs import (  # noqa: F401  (registers the workflows)
             failback_flow,
             failover_flows,
+            plan_flow,
             workflows,
         )
 
@@ -116,6 +117,12 @@ class JobRuntime:
         from siterecovery.jobs.failback_flow import COMPLETE, send_control
 
         send_control(job_id, COMPLETE)
+
+    def resume(self, job_id: str) -> None:
+        """Tell a plan job paused on a manual action (awaiting-action) to go on."""
+        from siterecovery.jobs.plan_flow import send_resume
+
+        send_resume(job_id)
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from siterecovery.domain.errors import BitmapInconsistent, IntegrityError
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
 from siterecovery.points.chain import ReplicaChain, merge_into_parent
 from siterecovery.points.retention import points_to_drop
-from siterecovery.providers.base import DiskAccess, Provider
+from siterecovery.providers.base import DiskAccess, GuestAgent, Provider
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.sync import SyncMode, SyncOptions, SyncResult, sync
 from siterecovery.services.context import Context
@@ -75,52 +75,111 @@ def new_tag() -> str:
 
 def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
     """Replicate ``vm_name`` once and seal a recovery point (see module doc)."""
-    item = ctx.store.get_item(vm=vm_name)
-    source_site = ctx.store.get_site(name=item.active_site)
-    target_site = ctx.store.get_site(name=item.standby_site)
-    vm = ctx.store.get_vm(name=vm_name, site=item.active_site)
-    source, target = ctx.provider(source_site), ctx.provider(target_site)
-    _finish_pending_merges(ctx, vm_name)
-    seq = int(ctx.store.get_tracking(vm=vm_name).get("next_seq", 1))
-    with source.disk_access(source_site, vm) as access:
-        started = time.monotonic()
-        views, workload_seq = _freeze(source, source_site, vm, access, options)
-        moment = utcnow()
-        disks = {}
-        for disk in vm.disks:
-            chain = ReplicaChain(target.replica_dir(target_site, vm_name, disk.name), disk.size)
-            disks[disk.name] = _send_disk(
-                ctx, target, target_site, item, chain, seq, views[disk.name], disk.name, options
-            )
-        point = _seal(ctx, item, vm, target_site, seq, moment, disks, workload_seq, options)
-        for disk in vm.disks:
-            tracker = Tracker(
-                access.qmp, access.nodes[disk.name], access.work_dir, access.nbd_socket
-            )
-            _drop_older_bitmaps(tracker, keep=options.tag)
-            views[disk.name].view.release()
-        disks = {
-            name: {**d, "seconds": round(time.monotonic() - started, 3)}
-            for name, d in disks.items()
-        }
-    apply_retention(ctx, item, target_site, target)
-    return PassReport(point=point, disks=disks)
-
-
-def _freeze(
-    provider: Provider, site: Site, vm: Vm, access: DiskAccess, options: PassOptions
-) -> tuple[dict[str, Frozen], int | None]:
     with ExitStack() as stack:
-        workload_seq = None
-        guest = provider.guest(site, vm) if options.app_consistent else None
-        if guest is not None:
-            workload_seq = guest.quiesce(timeout=60.0)
+        run = PassRun.open(ctx, vm_name, options, stack)
+        with quiesced([run.guest()]) as seqs:
+            views = run.freeze()
+        report = run.finish(views, seqs[0], utcnow())
+    run.retain()
+    return report
+
+
+@contextmanager
+def quiesced(guests: list[GuestAgent | None]) -> Iterator[list[int | None]]:
+    """Quiesce every guest (None: no guest tools), in order; thaw them all on exit.
+
+    Yields each guest's last acknowledged workload seq (None where no guest).
+    A guest that fails to quiesce thaws the ones already paused and raises.
+    """
+    with ExitStack() as stack:
+        seqs: list[int | None] = []
+        for guest in guests:
+            if guest is None:
+                seqs.append(None)
+                continue
+            seqs.append(guest.quiesce(timeout=60.0))
             stack.callback(guest.thaw)
-        trackers = {
+        yield seqs
+
+
+@dataclass
+class PassRun:
+    """One VM's pass, split so that a replication group can freeze all its
+    members at one instant: :meth:`open` (disk access), :meth:`freeze` (views
+    and the new checkpoint), :meth:`finish` (send, seal, drop older bitmaps),
+    :meth:`retain` (retention, after the disk access is closed)."""
+
+    ctx: Context
+    item: Item
+    vm: Vm
+    source_site: Site
+    target_site: Site
+    options: PassOptions
+    seq: int
+    access: DiskAccess
+    started: float
+
+    @classmethod
+    def open(cls, ctx: Context, vm_name: str, options: PassOptions, stack: ExitStack) -> PassRun:
+        item = ctx.store.get_item(vm=vm_name)
+        source_site = ctx.store.get_site(name=item.active_site)
+        target_site = ctx.store.get_site(name=item.standby_site)
+        vm = ctx.store.get_vm(name=vm_name, site=item.active_site)
+        _finish_pending_merges(ctx, vm_name)
+        seq = int(ctx.store.get_tracking(vm=vm_name).get("next_seq", 1))
+        access = stack.enter_context(ctx.provider(source_site).disk_access(source_site, vm))
+        return cls(ctx, item, vm, source_site, target_site, options, seq, access, time.monotonic())
+
+    def guest(self) -> GuestAgent | None:
+        """The guest to quiesce for an app-consistent point (None: crash-consistent)."""
+        if not self.options.app_consistent:
+            return None
+        return self.ctx.provider(self.source_site).guest(self.source_site, self.vm)
+
+    def freeze(self) -> dict[str, Frozen]:
+        return _freeze_disks(self._trackers(), self.options)
+
+    def finish(
+        self,
+        views: dict[str, Frozen],
+        workload_seq: int | None,
+        moment: datetime,
+        *,
+        common: str | None = None,
+        app_consistent: bool | None = None,
+    ) -> PassReport:
+        """Send every disk's changes, seal the point, then drop the older bitmaps."""
+        target = self.ctx.provider(self.target_site)
+        disks = {}
+        for disk in self.vm.disks:
+            chain = ReplicaChain(
+                target.replica_dir(self.target_site, self.vm.name, disk.name), disk.size
+            )
+            disks[disk.name] = _send_disk(
+                self.ctx, target, self.target_site, self.item, chain, self.seq,
+                views[disk.name], disk.name, self.options,
+            )  # fmt: skip
+        consistent = workload_seq is not None if app_consistent is None else app_consistent
+        sealing = Sealing(moment, disks, workload_seq, consistent, common)
+        point = _seal(
+            self.ctx, self.item, self.vm, self.target_site, self.seq, sealing, self.options
+        )
+        for name, tracker in self._trackers().items():
+            _drop_older_bitmaps(tracker, keep=self.options.tag)
+            views[name].view.release()
+        seconds = round(time.monotonic() - self.started, 3)
+        return PassReport(point, {name: {**d, "seconds": seconds} for name, d in disks.items()})
+
+    def retain(self) -> list[str]:
+        target = self.ctx.provider(self.target_site)
+        return apply_retention(self.ctx, self.item, self.target_site, target)
+
+    def _trackers(self) -> dict[str, Tracker]:
+        access = self.access
+        return {
             d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
-            for d in vm.disks
+            for d in self.vm.disks
         }
-        return _freeze_disks(trackers, options), workload_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,15 +304,24 @@ def _writer(run_dir: Path, partial: Path) -> Iterator[NbdDevice]:
         daemon.stop()
 
 
+@dataclass(frozen=True, slots=True)
+class Sealing:
+    """What a sealed point records besides its files."""
+
+    moment: datetime
+    disks: dict[str, dict[str, Any]]
+    workload_seq: int | None
+    app_consistent: bool
+    common: str | None = None
+
+
 def _seal(
     ctx: Context,
     item: Item,
     vm: Vm,
     site: Site,
     seq: int,
-    moment: datetime,
-    disks: dict[str, dict[str, Any]],
-    workload_seq: int | None,
+    sealing: Sealing,
     options: PassOptions,
 ) -> RecoveryPoint:
     target = ctx.provider(site)
@@ -261,17 +329,19 @@ def _seal(
     for disk in vm.disks:
         chain = ReplicaChain(target.replica_dir(site, item.vm, disk.name), disk.size)
         files[disk.name] = chain.seal(seq).name
+    disks = sealing.disks
     point = RecoveryPoint(
         id=f"{item.vm}-{seq:06d}",
         vm=item.vm,
         site=site.name,
         seq=seq,
-        time=moment,
-        type=PointType.APP_CONSISTENT if workload_seq is not None else PointType.CRASH_CONSISTENT,
+        time=sealing.moment,
+        type=PointType.APP_CONSISTENT if sealing.app_consistent else PointType.CRASH_CONSISTENT,
         files=files,
         bytes=sum(int(d.get("bytes_written", 0)) for d in disks.values()),
         source_digests={n: d["source_digest"] for n, d in disks.items() if "source_digest" in d},
-        workload_seq=workload_seq,
+        workload_seq=sealing.workload_seq,
+        common=sealing.common,
     )
     ctx.store.add_point(point=point)
     ctx.store.merge_tracking(
@@ -292,6 +362,8 @@ def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) ->
     """Thin the item's points by its policy; returns the ids removed."""
     points = ctx.store.list_points(vm=item.vm, site=site.name)
     pinned = set(ctx.store.get_tracking(vm=item.vm).get("pinned") or [])
+    # A group member keeps its newest common point: the group fails over to it.
+    pinned |= {p.id for p in points if p.common and p.id == _newest_common(points)}
     following = {p.id: n.id for p, n in itertools.pairwise(points)}
     doomed = [
         p.id
@@ -302,6 +374,11 @@ def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) ->
     for point_id in doomed:
         _drop_point(ctx, item.vm, site, provider, point_id)
     return doomed
+
+
+def _newest_common(points: list[RecoveryPoint]) -> str | None:
+    common = [p.id for p in points if p.common]
+    return common[-1] if common else None
 
 
 def _drop_point(ctx: Context, vm: str, site: Site, provider: Provider, point_id: str) -> None:
@@ -334,4 +411,6 @@ def _finish_pending_merges(ctx: Context, vm: str) -> None:
     ctx.store.merge_tracking(vm=vm, pending_merges=[])
 
 
-__all__ = ["BitmapInconsistent", "PassOptions", "PassReport", "new_tag", "run_pass"]
+__all__ = [
+    "BitmapInconsistent", "PassOptions", "PassReport", "PassRun", "new_tag", "quiesced", "run_pass",
+]  # fmt: skip

@@ -3,9 +3,11 @@
 A background thread wakes every ``tick`` seconds, picks the items in state
 ``protected`` whose last pass is older than their policy interval and runs
 their passes on a small thread pool (one pass per item at a time, under the
-item's lock). A pass that fails records ``last_error`` on the item and is
-retried at the next interval; the item's health shows it. Restarting the
-daemon restarts the scheduler, which picks up where the vault says.
+item's lock). Replication groups whose last common point is older than their
+``common_interval`` get a common pass (under every member's lock). A pass
+that fails records ``last_error`` on the item and is retried at the next
+interval; the item's health shows it. Restarting the daemon restarts the
+scheduler, which picks up where the vault says.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from datetime import datetime
 from siterecovery.domain.errors import VmBusy
 from siterecovery.domain.lifecycle import ItemState, Operation, require
 from siterecovery.domain.model import Item, failure, utcnow
+from siterecovery.domain.recovery import ReplicationGroup
 from siterecovery.replication.cycle import (
     PassOptions,
     PassReport,
     new_tag,
     run_pass,
 )
+from siterecovery.replication.group import run_common_pass
 from siterecovery.services.context import Context
 
 log = logging.getLogger(__name__)
@@ -93,12 +97,34 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         now = utcnow()
+        for group in self.ctx.store.list_groups():
+            key = f"group:{group.name}"
+            busy = self._running.get(key)
+            if (busy is None or busy.done()) and self._group_due(group, now):
+                self._running[key] = self._pool.submit(self._run_group, group.name)
         for item in self.ctx.store.list_items():
             busy = self._running.get(item.vm)
             if busy is not None and not busy.done():
                 continue
             if is_due(item, now) and not self.ctx.store.get_tracking(vm=item.vm).get("busy"):
                 self._running[item.vm] = self._pool.submit(self._run, item.vm)
+
+    def _group_due(self, group: ReplicationGroup, now: datetime) -> bool:
+        if group.common_interval <= 0 or not group.members:
+            return False
+        last = group.last_common or group.created
+        if (now - last).total_seconds() < group.common_interval:
+            return False
+        items = [self.ctx.store.find_item(vm=vm) for vm in group.members]
+        return all(i is not None and i.state is ItemState.PROTECTED for i in items)
+
+    def _run_group(self, name: str) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            run_common_pass(self.ctx, self.ctx.store.get_group(name=name))
+        except Exception as exc:
+            log.warning("common point of group %s failed: %s", name, exc)
 
     def _run(self, vm: str) -> None:
         if self._stop.is_set():

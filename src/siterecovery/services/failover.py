@@ -62,6 +62,9 @@ class FailoverRequest:
     switch: str | None = None
     threads: int | None = None
     key: str | None = None
+    together: tuple[str, ...] = ()
+    """The VMs failing over in the same operation (a recovery plan): a
+    replication-group member may fail over only with all its group."""
 
     def validated(self) -> FailoverRequest:
         if self.type not in TYPES:
@@ -114,14 +117,19 @@ def failover(
     """Plan, then (unless ``dry_run``) start the failover job of ``request``."""
     request = request.validated()
     item = ctx.store.get_item(vm=request.vm)
-    kind = failover_kind(item, request)
-    plan = _PLANNERS[kind](ctx, item, request)
+    kind, plan = plan_failover(ctx, item, request)
     if dry_run:
         return plan.to_dict()
     plan.raise_first()
-    params = _job_params(kind, request, plan)
-    job = owned_submit(ctx, submit, _workflows()[kind], kind=kind, vm=item.vm, params=params)
+    params = job_params(kind, request, plan)
+    job = owned_submit(ctx, submit, workflows()[kind], kind=kind, vm=item.vm, params=params)
     return {"job": job.id, "kind": kind, "plan": plan.to_dict()}
+
+
+def plan_failover(ctx: Context, item: Item, request: FailoverRequest) -> tuple[str, Plan]:
+    """The job kind a failover of ``item`` is, and its plan (checks run, nothing done)."""
+    kind = failover_kind(item, request)
+    return kind, _PLANNERS[kind](ctx, item, request)
 
 
 def failover_kind(item: Item, request: FailoverRequest) -> str:
@@ -134,8 +142,8 @@ def failover_kind(item: Item, request: FailoverRequest) -> str:
     return "planned-failover"
 
 
-def _workflows() -> dict[str, Callable[..., Any]]:
-    """The workflow of each kind (imported late: jobs depend on services)."""
+def workflows() -> dict[str, Callable[..., Any]]:
+    """The workflow of each job kind (imported late: jobs depend on services)."""
     from siterecovery.jobs import failback_flow, failover_flows
 
     return {
@@ -143,10 +151,13 @@ def _workflows() -> dict[str, Callable[..., Any]]:
         "unplanned-failover": failover_flows.unplanned_failover_workflow,
         "planned-failover": failover_flows.planned_failover_workflow,
         "failback": failback_flow.failback_workflow,
+        "commit": failover_flows.commit_workflow,
+        "reprotect": failover_flows.reprotect_workflow,
+        "cleanup-test": failover_flows.cleanup_test_workflow,
     }
 
 
-def _job_params(kind: str, request: FailoverRequest, plan: Plan) -> dict[str, Any]:
+def job_params(kind: str, request: FailoverRequest, plan: Plan) -> dict[str, Any]:
     params: dict[str, Any] = {"vm": request.vm, "host": plan.host}
     if kind in ("test-failover", "unplanned-failover"):
         params["point"] = plan.point["id"] if plan.point else None
@@ -157,10 +168,16 @@ def _job_params(kind: str, request: FailoverRequest, plan: Plan) -> dict[str, An
     return params
 
 
-def _common_checks(ctx: Context, plan: Plan, item: Item, operation: Operation) -> None:
+def _common_checks(
+    ctx: Context, plan: Plan, item: Item, operation: Operation, request: FailoverRequest
+) -> None:
     _state_check(plan, item, operation)
+    group = ctx.store.group_of(vm=item.vm)
+    name = group.name if group else None
+    whole = group is not None and set(group.members) <= set(request.together)
     plan.add(
-        "not a group member alone", lambda: require_group_together(item.vm, None, whole_group=False)
+        "not a group member alone",
+        lambda: require_group_together(item.vm, name, whole_group=whole),
     )
     plan.add("no other job owns the item", lambda: require_idle(ctx, item))
 
@@ -292,7 +309,7 @@ def _healthy_reverse(ctx: Context, item: Item) -> None:
 def _plan_unplanned(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     source = item.standby_site if item.state is ItemState.FAILED_OVER else item.active_site
     plan = Plan("unplanned-failover", item.vm, source, recovery_site(item))
-    _common_checks(ctx, plan, item, Operation.UNPLANNED_FAILOVER)
+    _common_checks(ctx, plan, item, Operation.UNPLANNED_FAILOVER, request)
     point = _plan_point(ctx, plan, item, request.point)
     vm = _source_vm(ctx, item) or _any_vm(ctx, item)
     if item.state is ItemState.PROTECTED and item.standby_site == home_of(ctx, item):
@@ -316,7 +333,7 @@ def _any_vm(ctx: Context, item: Item) -> Vm | None:
 
 def _plan_planned(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     plan = Plan("planned-failover", item.vm, item.active_site, item.standby_site)
-    _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER)
+    _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER, request)
     vm = _source_vm(ctx, item)
     plan.add("source VM exists", lambda: _require_vm(vm, item.vm, item.active_site))
     if item.standby_site == home_of(ctx, item):
@@ -336,7 +353,7 @@ def _require_vm(vm: Vm | None, name: str, site: str) -> None:
 
 def _plan_failback(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     plan = Plan("failback", item.vm, item.active_site, item.standby_site, sync=request.sync)
-    _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER)
+    _common_checks(ctx, plan, item, Operation.PLANNED_FAILOVER, request)
     _key_check(plan, item, request.key)
     vm = _source_vm(ctx, item)
     plan.add("failed-over VM still exists", lambda: _require_vm(vm, item.vm, item.active_site))
@@ -377,7 +394,7 @@ def _failback_bytes(
 
 def _plan_test(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     plan = Plan("test-failover", item.vm, item.active_site, item.standby_site)
-    _common_checks(ctx, plan, item, Operation.TEST_FAILOVER)
+    _common_checks(ctx, plan, item, Operation.TEST_FAILOVER, request)
     drill = tracking(ctx, item.vm).get("drill")
 
     def no_drill() -> None:
@@ -413,20 +430,24 @@ _PLANNERS: dict[str, Callable[[Context, Item, FailoverRequest], Plan]] = {
 
 
 def commit(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -> dict[str, Any]:
-    item = ctx.store.get_item(vm=vm)
+    plan = plan_commit(ctx, ctx.store.get_item(vm=vm))
+    if dry_run:
+        return plan.to_dict()
+    plan.raise_first()
+    workflow = workflows()["commit"]
+    job = owned_submit(ctx, submit, workflow, kind="commit", vm=vm, params={"vm": vm})
+    return {"job": job.id, "plan": plan.to_dict()}
+
+
+def plan_commit(ctx: Context, item: Item) -> Plan:
+    vm = item.vm
     plan = Plan("commit", vm, item.standby_site, item.active_site)
     _state_check(plan, item, Operation.COMMIT)
     plan.add("no other job owns the item", lambda: require_idle(ctx, item))
     is_failback = item.active_site == home_of(ctx, item)
     if is_failback and ctx.store.find_vms(name=vm, site=item.standby_site):
         plan.will_delete.append(f"VM {vm} and its disks at {item.standby_site}")
-    if dry_run:
-        return plan.to_dict()
-    plan.raise_first()
-    from siterecovery.jobs.failover_flows import commit_workflow
-
-    job = owned_submit(ctx, submit, commit_workflow, kind="commit", vm=vm, params={"vm": vm})
-    return {"job": job.id, "plan": plan.to_dict()}
+    return plan
 
 
 def _state_check(plan: Plan, item: Item, operation: Operation) -> None:
@@ -445,6 +466,22 @@ def _state_check(plan: Plan, item: Item, operation: Operation) -> None:
 def reprotect(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -> dict[str, Any]:
     """Replicate again, from where the VM runs now to the other site."""
     item = ctx.store.get_item(vm=vm)
+    plan = plan_reprotect(ctx, item)
+    if dry_run:
+        return plan.to_dict()
+    plan.raise_first()
+    ctx.store.update_item(vm=vm, state=ItemState.REPROTECTING, last_error=None)
+    workflow = workflows()["reprotect"]
+    job = owned_submit(ctx, submit, workflow, kind="reprotect", vm=vm, params={"vm": vm})
+    return {
+        "job": job.id,
+        "plan": plan.to_dict(),
+        "item": item_view(ctx, ctx.store.get_item(vm=vm)),
+    }
+
+
+def plan_reprotect(ctx: Context, item: Item) -> Plan:
+    vm = item.vm
     plan = Plan("reprotect", vm, item.active_site, item.standby_site)
     _state_check(plan, item, Operation.REPROTECT)
     plan.add("no other job owns the item", lambda: require_idle(ctx, item))
@@ -463,18 +500,7 @@ def reprotect(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -
         if base or chain
         else "every allocated block (no common base at the other site)"
     )
-    if dry_run:
-        return plan.to_dict()
-    plan.raise_first()
-    from siterecovery.jobs.failover_flows import reprotect_workflow
-
-    ctx.store.update_item(vm=vm, state=ItemState.REPROTECTING, last_error=None)
-    job = owned_submit(ctx, submit, reprotect_workflow, kind="reprotect", vm=vm, params={"vm": vm})
-    return {
-        "job": job.id,
-        "plan": plan.to_dict(),
-        "item": item_view(ctx, ctx.store.get_item(vm=vm)),
-    }
+    return plan
 
 
 def complete(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[str, Any]:
@@ -501,12 +527,21 @@ def complete(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[
 
 def cleanup_test(ctx: Context, *, vm: str, submit: Submit) -> dict[str, Any]:
     item = ctx.store.get_item(vm=vm)
-    if not tracking(ctx, vm).get("drill"):
-        raise NoDrill(vm=vm)
-    from siterecovery.jobs.failover_flows import cleanup_test_workflow
-
-    job = submit(cleanup_test_workflow, kind="cleanup-test", vm=vm, params={"vm": vm})
+    plan_cleanup_test(ctx, item).raise_first()
+    workflow = workflows()["cleanup-test"]
+    job = submit(workflow, kind="cleanup-test", vm=vm, params={"vm": vm})
     return {"job": job.id, "item": item_view(ctx, item)}
+
+
+def plan_cleanup_test(ctx: Context, item: Item) -> Plan:
+    plan = Plan("cleanup-test", item.vm, item.active_site, item.standby_site)
+
+    def drill_exists() -> None:
+        if not tracking(ctx, item.vm).get("drill"):
+            raise NoDrill(vm=item.vm)
+
+    plan.add("a test failover to clean up", drill_exists)
+    return plan
 
 
 def target_vm(ctx: Context, item: Item, site: str, host: str, *, source: Vm) -> Vm:

@@ -6,6 +6,7 @@ refused call leaves the vault and the disks as they were.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,16 @@ def create_vm(
     switch: str | None = None,
     workload: bool = True,
     start: bool = True,
+    workload_link: str | None = None,
 ) -> Vm:
-    """Create a VM on ``host`` with blank disks, and start it unless told not to."""
+    """Create a VM on ``host`` with blank disks, and start it unless told not to.
+
+    ``workload_link`` names a VM whose records this VM's lab workload depends on.
+    """
     vm = _new_vm(ctx, name=name, host=host, disks=disks, os=os, switch=switch, workload=workload)
+    if workload_link is not None:
+        check_name("workload_link", workload_link)
+        vm = replace(vm, workload_link=workload_link)
     site = ctx.store.get_site(name=vm.site)
     provider = ctx.provider(site)
     provider.create_vm(site, vm)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from siterecovery.domain.errors import JobFinished
+from siterecovery.domain.errors import JobFinished, OperationNotAllowed
 from siterecovery.domain.model import Job, JobState
 from siterecovery.services.context import Context
 
@@ -36,3 +37,24 @@ def cancel_job(ctx: Context, *, job_id: str, request_cancel: Any) -> dict[str, A
         raise JobFinished(job=job_id, state=job.state.value, action="cancelled")
     request_cancel(job_id)
     return ctx.store.get_job(job_id=job_id).to_dict()
+
+
+def resume_job(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[str, Any]:
+    """Let a plan job paused on a manual action (``awaiting-action``) go on."""
+    job = ctx.store.get_job(job_id=job_id)
+    if job.state is not JobState.AWAITING_ACTION:
+        raise OperationNotAllowed(
+            operation="resume",
+            vm=job.vm or f"job {job_id}",
+            state=f"in job {job_id} {job.state.value}",
+            allowed=", ".join(job.allowed_actions()) or "nothing (the job is finished)",
+        )
+    send(job_id)
+    # Answer once the job went on, so the caller's next read never shows the pause.
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        job = ctx.store.get_job(job_id=job_id)
+        if job.state is not JobState.AWAITING_ACTION:
+            break
+        time.sleep(0.05)
+    return job.to_dict()

@@ -13,7 +13,8 @@ SITES = (
     ("cloud", SiteRole.CLOUD, "cloud-host"),
 )
 SWITCH = "vswitch-prod"
-VMS = (("web01", "hv01"), ("db01", "hv01"))
+VMS = (("web01", "hv01", None), ("db01", "hv01", "web01"))
+"""(VM, host, the VM its workload's records depend on): db01's rows refer to web01's."""
 DISK = "1G"
 
 
@@ -27,9 +28,11 @@ def lab_up(ctx: Context) -> dict[str, Any]:
             inventory.add_site(ctx, name=name, provider="local", path=str(path), role=role.value)
         if host not in existing_hosts:
             inventory.add_host(ctx, site=name, name=host, switches=[SWITCH])
-    for vm, host in VMS:
+    for vm, host, link in VMS:
         if not ctx.store.find_vms(name=vm):
-            inventory.create_vm(ctx, name=vm, host=host, disks=[DISK], switch=SWITCH)
+            inventory.create_vm(
+                ctx, name=vm, host=host, disks=[DISK], switch=SWITCH, workload_link=link
+            )
         else:
             _start_where_it_runs(ctx, vm)
     return {

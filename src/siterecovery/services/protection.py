@@ -203,19 +203,50 @@ def check_vm(
     ctx: Context, *, name: str, site: str | None = None, point: str | None = None
 ) -> dict[str, Any]:
     """Check the guest journal of a VM's disks, or of a recovery point's image."""
+    report, where = _check(ctx, name, site, point)
+    return {**report.to_dict(), "vm": name, **where}
+
+
+def check_together(
+    ctx: Context, *, vms: list[str], site: str | None = None, points: list[str] | None = None
+) -> dict[str, Any]:
+    """Check several VMs (live, or the given points of some) and their links: no
+    record of one may depend on a record another lacks (replication groups)."""
+    chosen = {p.vm: p for p in (find_point_by_id(ctx, point_id=i) for i in points or [])}
+    stray = sorted(set(chosen) - set(vms))
+    if stray:
+        raise InvalidInput(field="point", reason=f"points of {', '.join(stray)}: name those VMs")
+    checked = {}
+    for vm in vms:
+        point = chosen.get(vm)
+        checked[vm] = _check(ctx, vm, site, point.id if point else None)
+    dangling = journal.dangling_links({vm: report for vm, (report, _) in checked.items()})
+    return {
+        "consistent": not dangling and all(r.consistent for r, _ in checked.values()),
+        "vms": {vm: {**r.to_dict(), "vm": vm, **where} for vm, (r, where) in checked.items()},
+        "links": {"consistent": not dangling, "errors": dangling},
+    }
+
+
+def _check(
+    ctx: Context, name: str, site: str | None, point: str | None
+) -> tuple[journal.CheckReport, dict[str, Any]]:
     if point is not None:
         target = find_point(ctx, vm=name, point_id=point)
         with point_devices(ctx, target) as devices:
-            report = journal.check(devices)
-        return {**report.to_dict(), "vm": name, "point": point, "site": target.site}
+            return journal.check(devices), {"point": point, "site": target.site}
     vm = ctx.store.get_vm(name=name, site=site)
     owner = ctx.store.get_site(name=vm.site)
     with (
         ctx.provider(owner).disk_access(owner, vm) as access,
         open_all(access.nbd_socket, [access.nodes[d.name] for d in vm.disks]) as devices,
     ):
-        report = journal.check(devices)
-    return {**report.to_dict(), "vm": name, "site": vm.site}
+        return journal.check(devices), {"site": vm.site}
+
+
+def find_point_by_id(ctx: Context, *, point_id: str) -> RecoveryPoint:
+    vm = point_id.rsplit("-", 1)[0]
+    return find_point(ctx, vm=vm, point_id=point_id)
 
 
 @contextmanager

@@ -47,6 +47,7 @@ from siterecovery.domain.model import (
     Vm,
     utcnow,
 )
+from siterecovery.store.recovery_repo import RecoveryRepo
 from siterecovery.store.schema import (
     HostRow,
     ItemRow,
@@ -93,8 +94,9 @@ def upgrade_schema(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-class VaultStore:
-    """Data access for sites, hosts, VMs, items, points and jobs."""
+class VaultStore(RecoveryRepo):
+    """Data access for sites, hosts, VMs, items, points and jobs (groups and plans:
+    :class:`RecoveryRepo`)."""
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
@@ -295,6 +297,7 @@ class VaultStore:
                     bytes=point.bytes,
                     source_digests=dict(point.source_digests),
                     workload_seq=point.workload_seq,
+                    common=point.common,
                 )
             )
         return point
@@ -435,6 +438,7 @@ def _vm_row(vm: Vm) -> VmRow:
         nics=list(vm.nics),
         disks=[d.to_dict() for d in vm.disks],
         workload=vm.workload,
+        workload_link=vm.workload_link,
     )
 
 
@@ -449,6 +453,7 @@ def _vm(row: VmRow) -> Vm:
         cpus=row.cpus,
         memory_mib=row.memory_mib,
         workload=row.workload,
+        workload_link=row.workload_link,
     )
 
 
@@ -478,6 +483,7 @@ def _point(row: PointRow) -> RecoveryPoint:
         bytes=row.bytes,
         source_digests=dict(row.source_digests or {}),
         workload_seq=row.workload_seq,
+        common=row.common,
     )
 
 

@@ -63,6 +63,7 @@ class VmRow(Base):
     nics: Mapped[list[Any]] = mapped_column(JSON)
     disks: Mapped[list[Any]] = mapped_column(JSON)
     workload: Mapped[bool] = mapped_column(Boolean)
+    workload_link: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ItemRow(Base):
@@ -91,6 +92,7 @@ class PointRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     source_digests: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     workload_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    common: Mapped[str | None] = mapped_column(String(80), nullable=True, index=True)
 
 
 class JobRow(Base):
@@ -119,3 +121,21 @@ class JobStepRow(Base):
     started: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     finished: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class GroupRow(Base):
+    __tablename__ = "groups"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    members: Mapped[list[Any]] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(UtcDateTime())
+    common_interval: Mapped[float] = mapped_column(Float, default=300.0)
+    next_seq: Mapped[int] = mapped_column(Integer, default=1)
+    last_common: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class PlanRow(Base):
+    __tablename__ = "plans"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created: Mapped[datetime] = mapped_column(UtcDateTime())
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    groups: Mapped[list[Any]] = mapped_column(JSON)

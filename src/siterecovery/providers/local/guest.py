@@ -122,6 +122,7 @@ def spawn(
     format_if_blank: bool = False,
     journal_size: int = DEFAULT_JOURNAL_SIZE,
     timeout: float = START_TIMEOUT,
+    follow: Path | None = None,
 ) -> int:
     """Start a workload in a session of its own and wait until it answers.
 
@@ -137,6 +138,7 @@ def spawn(
     ]  # fmt: skip
     argv += ["--seed", str(seed)] if seed is not None else []
     argv += ["--format"] if format_if_blank else []
+    argv += ["--follow", str(follow)] if follow is not None else []
     with open(log, "ab") as out:
         try:
             process = subprocess.Popen(

@@ -43,8 +43,9 @@ all zeroes (empty) or holds one record::
     24      8     data offset on that disk (a multiple of the block size)
     32      4     data length (a multiple of the block size, 4 KiB to 64 KiB)
     36      4     reserved, zero
-    40      8     link tag  \\ a record of another VM this record follows;
-    48      8     link seq  / both zero for now (reserved)
+    40      8     link tag  \\ a record of another VM this record depends on: that
+    48      8     link seq  / workload's seed and its last acknowledged seq when
+                              this record was written (both zero: no link)
     56      16    workload id (as in the superblock)
     72..4087      zero
     4088    8     xxh3 of bytes 0..4087
@@ -73,6 +74,11 @@ to some ``last_seq`` and at most the data (whole or part) of record
 ``last_seq + 1`` without its record. (There is no flush between the data and
 the record write: a power loss below a volatile cache may reorder them.)
 
+Links: a workload that *follows* another (the lab's db01 follows web01) reads
+the other's acknowledged seq before each record and stores it as the link. Two
+images are consistent with each other when no record of one links to a seq the
+other does not hold (:func:`dangling_links`).
+
 Consistency (:func:`check`): the valid records form the contiguous run of seqs
 ``max(1, last_seq - nslots + 1) .. last_seq``, each in its slot, none torn, each
 matching its placement; and walking them newest to oldest, every byte of a
@@ -87,7 +93,7 @@ import struct
 import uuid
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -366,7 +372,8 @@ def _slot(view: memoryview, superblock: Superblock) -> Slot:
         record = Record.unpack(view, superblock.workload_id)
     except ValueError as e:
         return str(e)
-    if record.seq == 0 or record != plan_record(superblock, record.seq):
+    planned = plan_record(superblock, record.seq)
+    if record.seq == 0 or replace(record, link_tag=0, link_seq=0) != planned:
         return f"seq {record.seq} does not match its placement"
     return record
 
@@ -406,14 +413,16 @@ class JournalWriter:
         """Read the superblock sector back: raises DiskError when disk 0 is unreachable."""
         self._devices[0].readinto(0, memoryview(bytearray(512)))
 
-    def append(self) -> Record:
+    def append(self, link: tuple[int, int] = (0, 0)) -> Record:
         """Write the next record's data, then its slot, then flush; return it.
 
-        When this returns, the record is durable (acknowledged). Raises
-        DiskError from the devices; the record is then not acknowledged.
+        ``link`` is ``(tag, seq)`` of the record of another workload this one
+        depends on. When this returns, the record is durable (acknowledged).
+        Raises DiskError from the devices; the record is then not acknowledged.
         """
         superblock = self._superblock
-        record = plan_record(superblock, self._last + 1)
+        planned = plan_record(superblock, self._last + 1)
+        record = replace(planned, link_tag=link[0], link_seq=link[1])
         data = record_data(superblock.seed, record.seq, record.length)
         self._devices[record.disk].write(record.offset, data.data)
         slot = record.pack(superblock.workload_id)
@@ -434,6 +443,10 @@ class CheckReport:
     first_seq_checked: int
     records_checked: int
     errors: list[str] = field(default_factory=list)
+    seed: int = 0
+    links: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per link tag (a followed workload's seed, as a string): the highest seq
+    linked (``seq``) and the record that links it (``record``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -442,7 +455,28 @@ class CheckReport:
             "first_seq_checked": self.first_seq_checked,
             "records_checked": self.records_checked,
             "errors": list(self.errors),
+            "seed": str(self.seed),
+            "links": {tag: dict(link) for tag, link in self.links.items()},
         }
+
+
+def dangling_links(reports: dict[str, CheckReport]) -> list[str]:
+    """Records of one image that depend on a record another image lacks.
+
+    ``reports`` maps a name (a VM) to its image's check. A link to a workload
+    none of the reports covers is not judged.
+    """
+    by_seed = {str(r.seed): name for name, r in reports.items()}
+    problems = []
+    for name, report in reports.items():
+        for tag, link in sorted(report.links.items()):
+            peer = by_seed.get(tag)
+            if peer is not None and link["seq"] > reports[peer].last_seq:
+                problems.append(
+                    f"{name} record {link['record']} depends on {peer} record {link['seq']}, "
+                    f"but {peer} holds records up to {reports[peer].last_seq} only"
+                )
+    return problems
 
 
 def check(devices: Sequence[BlockDevice]) -> CheckReport:
@@ -457,6 +491,15 @@ def check(devices: Sequence[BlockDevice]) -> CheckReport:
     except GuestError as e:
         return CheckReport(False, 0, 0, 0, [str(e)])
     return _Checker(devices, superblock).run()
+
+
+def _links(run: Sequence[Record]) -> dict[str, dict[str, int]]:
+    links: dict[str, dict[str, int]] = {}
+    for record in run:
+        tag = str(record.link_tag)
+        if record.link_tag and record.link_seq > links.get(tag, {}).get("seq", -1):
+            links[tag] = {"seq": record.link_seq, "record": record.seq}
+    return links
 
 
 class _RangeSet:
@@ -509,7 +552,10 @@ class _Checker:
             self._check_data(record, claimed[record.disk].gaps(record.offset, record.end))
             claimed[record.disk].add(record.offset, record.end)
         first = run[-1].seq if run else 0
-        return CheckReport(not self._errors, self._last, first, len(run), self._report())
+        return CheckReport(
+            not self._errors, self._last, first, len(run), self._report(),
+            seed=self._sb.seed, links=_links(run),
+        )  # fmt: skip
 
     def _report(self) -> list[str]:
         if len(self._errors) <= _MAX_ERRORS:

@@ -237,6 +237,10 @@ class LocalProvider:
             log=self._vm_dir(site, vm.name) / "workload.log",
             rate=float(os.environ.get("SITERECOVERY_WORKLOAD_RATE", "20")),
             format_if_blank=True,
+            # The followed VM at the same site: after a failover both run there.
+            follow=self._vm_dir(site, vm.workload_link) / "workload.json"
+            if vm.workload_link
+            else None,
         )
         (run / "workload.pid").write_text(f"{pid}\n")
 

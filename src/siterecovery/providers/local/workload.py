@@ -7,7 +7,12 @@ app-consistent points. Run it as::
 
     python -m siterecovery.providers.local.workload --nbd-socket PATH \\
         --exports d0,d1 --control PATH --state PATH \\
-        [--rate WRITES_PER_S] [--seed N] [--format] [--journal-size BYTES]
+        [--rate WRITES_PER_S] [--seed N] [--format] [--journal-size BYTES] \\
+        [--follow OTHER_STATE]
+
+``--follow`` names the state file of another VM's workload this one depends
+on (an application tier): before each record the workload reads that file and
+links the record to the other's last acknowledged seq (see the journal's links).
 
 ``--format`` formats the disks unless they already hold a journal; a restarted
 workload continues the journal after the last record on disk, with the seed of
@@ -83,9 +88,10 @@ class Workload:
     are thread-safe and called from control and main threads.
     """
 
-    def __init__(self, writer: JournalWriter, *, rate: float) -> None:
+    def __init__(self, writer: JournalWriter, *, rate: float, follow: Path | None = None) -> None:
         self._writer = writer
         self._rate = rate
+        self._follow = follow
         self._cond = threading.Condition()
         self._holds: list[float] = []  # Auto-thaw deadlines (monotonic), oldest first.
         self._busy = False
@@ -143,7 +149,7 @@ class Workload:
         return self._due - now if self._rate > 0 else _PROBE_INTERVAL
 
     def _write_one(self) -> None:
-        record = self._writer.append()
+        record = self._writer.append(followed_link(self._follow))
         with self._cond:
             now = time.monotonic()
             interval = 1.0 / self._rate if self._rate > 0 else 0.0
@@ -219,6 +225,18 @@ class Workload:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+
+
+def followed_link(state: Path | None) -> tuple[int, int]:
+    """``(seed, acknowledged seq)`` of the followed workload, from its state file;
+    ``(0, 0)`` (no link) when there is none or it cannot be read yet."""
+    if state is None:
+        return (0, 0)
+    try:
+        data = json.loads(state.read_text())
+        return (int(data["seed"]), int(data["seq"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return (0, 0)
 
 
 # Control socket -------------------------------------------------------------
@@ -314,6 +332,7 @@ class Options:
     seed: int | None = None
     format: bool = False
     journal_size: int = DEFAULT_JOURNAL_SIZE
+    follow: Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -327,13 +346,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--format", action="store_true", help="format blank disks first")
     parser.add_argument("--journal-size", type=int, default=DEFAULT_JOURNAL_SIZE)
+    parser.add_argument("--follow", type=Path, default=None, help="state file of a followed VM")
     args = parser.parse_args(argv)
     exports = tuple(name for name in args.exports.split(",") if name)
     if not exports or args.rate < 0:
         parser.error("--exports needs at least one name and --rate must be >= 0")
     return Options(
         args.nbd_socket, exports, args.control, args.state, args.rate, args.seed,
-        args.format, args.journal_size,
+        args.format, args.journal_size, args.follow,
     )  # fmt: skip
 
 
@@ -356,7 +376,8 @@ def _run(options: Options, signalled: list[int]) -> int:
     try:
         for export in options.exports:
             devices.append(NbdDevice.connect(options.nbd_socket, export, writable=True))
-        workload = Workload(_open_writer(devices, options), rate=options.rate)
+        writer = _open_writer(devices, options)
+        workload = Workload(writer, rate=options.rate, follow=options.follow)
         return _serve(workload, options, signalled)
     finally:
         for device in devices:

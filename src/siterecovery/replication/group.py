@@ -1,0 +1,108 @@
+"""A replication group's common point: every member frozen at one instant.
+
+Order (the seed's multi-VM consistency):
+
+1. take every member's item lock (sorted by name, so two group passes never
+   deadlock) and open every member's disk access;
+2. quiesce every member's guest, one after the other;
+3. freeze every member's disks (its new checkpoint and point-in-time views);
+4. thaw every guest — the pause ends here, before any byte is copied;
+5. send each member's changes and seal its point, all tagged with one common id.
+
+Each member's point is an ordinary point of its chain (a later independent
+pass starts from it), so a crash between two members' seals leaves a common id
+held by some members only: plans never select such an id (see
+:func:`newest_common`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from siterecovery.domain.errors import GroupIncomplete
+from siterecovery.domain.lifecycle import ItemState
+from siterecovery.domain.model import PointType, RecoveryPoint, utcnow
+from siterecovery.domain.recovery import ReplicationGroup
+from siterecovery.replication.cycle import PassOptions, PassRun, new_tag, quiesced
+from siterecovery.services.context import Context
+
+
+def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
+    """Take one common point of ``group`` now; its report (points, pause)."""
+    members = sorted(group.members)
+    with _locked(ctx, members):
+        _require_ready(ctx, group)
+        common = group.common_id(ctx.store.take_common_seq(name=group.name))
+        tag = new_tag()
+        with ExitStack() as stack:
+            runs = [
+                PassRun.open(ctx, vm, PassOptions(tag=tag, app_consistent=True), stack)
+                for vm in members
+            ]
+            paused = time.monotonic()
+            with quiesced([run.guest() for run in runs]) as seqs:
+                views = [run.freeze() for run in runs]
+            paused = time.monotonic() - paused
+            moment = utcnow()
+            app = all(seq is not None for seq in seqs)
+            reports = [
+                run.finish(v, seq, moment, common=common, app_consistent=app)
+                for run, v, seq in zip(runs, views, seqs, strict=True)
+            ]
+        for run in runs:
+            run.retain()
+    ctx.store.update_group(name=group.name, last_common=moment)
+    return {
+        "common": common,
+        "type": (PointType.APP_CONSISTENT if app else PointType.CRASH_CONSISTENT).value,
+        "time": reports[0].point.to_dict()["time"],
+        "paused_seconds": round(paused, 4),
+        "points": {r.point.vm: r.point.id for r in reports},
+        "workload_seqs": {vm: seq for vm, seq in zip(members, seqs, strict=True)},
+    }
+
+
+@contextmanager
+def _locked(ctx: Context, members: list[str]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for vm in members:
+            stack.enter_context(ctx.item_lock(vm))
+        yield
+
+
+def _require_ready(ctx: Context, group: ReplicationGroup) -> None:
+    for vm in group.members:
+        item = ctx.store.find_item(vm=vm)
+        state = "not protected" if item is None else item.state.value
+        if item is None or item.state is not ItemState.PROTECTED:
+            raise GroupIncomplete(group=group.name, vm=vm, state=state)
+        busy = ctx.store.get_tracking(vm=vm).get("busy")
+        if busy:
+            raise GroupIncomplete(group=group.name, vm=vm, state=f"owned by job {busy}")
+
+
+def newest_common(
+    ctx: Context, group: ReplicationGroup, site: str, *, kind: PointType | None = None
+) -> dict[str, RecoveryPoint] | None:
+    """The newest common point every member holds at ``site`` (of type ``kind``):
+    member -> its point, or None when there is none."""
+    by_member = {
+        vm: {p.common: p for p in ctx.store.list_points(vm=vm, site=site) if p.common}
+        for vm in group.members
+    }
+    if not by_member:
+        return None
+    shared = set.intersection(*(set(points) for points in by_member.values()))
+    candidates = sorted(
+        (c for c in shared if c is not None),
+        key=lambda c: by_member[group.members[0]][c].time,
+        reverse=True,
+    )
+    for common in candidates:
+        chosen = {vm: points[common] for vm, points in by_member.items()}
+        if kind is None or all(p.type is kind for p in chosen.values()):
+            return chosen
+    return None
