@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -203,3 +205,72 @@ def test_plan_failback_with_delta_sync_brings_every_vm_home_in_order(
         found = daemon.call("GET", f"/items/{vm}")
         assert (found["state"], found["direction"]) == ("protected", "onprem -> cloud")
         assert daemon.call("GET", f"/vms/{vm}/check", params={"site": "onprem"})["consistent"]
+
+
+def test_group_and_plan_commands_of_the_cli(daemon: Daemon, vault: Path) -> None:
+    """The README's multi-VM session, human output and --json, up to the dry run."""
+
+    def human(*args: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-m", "siterecovery", "--vault", str(vault), *args],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    protect(daemon, "web01")
+    protect(daemon, "db01")
+    assert "web01, db01" in human("group", "create", "app", "--vms", "web01,db01", "--every", "0")
+    point = json.loads(cli(vault, "group", "point", "app").stdout)
+    assert set(point["points"]) == {"web01", "db01"}
+    assert "app-c000001" in human("group", "list")
+    human("plan", "create", "app", "--description", "web and db tiers")
+    human("plan", "add", "app", "--group", "1", "web01")
+    human("plan", "add", "app", "--group", "2", "db01")
+    shown = human("plan", "action", "app", "warm-up", "--group", "2", "--script", "true")
+    assert "warm-up" in shown and "db01" in shown
+    dry = human(
+        "plan", "failover", "app", "--type", "unplanned", "--point", "latest-app-consistent",
+        "--dry-run",
+    )  # fmt: skip
+    assert point["points"]["web01"] in dry and point["points"]["db01"] in dry
+    assert "would run" in dry
+    checked = human("vm", "check", "web01", "db01", "--point", point["points"]["web01"],
+                    "--point", point["points"]["db01"])  # fmt: skip
+    assert "links: every record depends only on records the other VMs hold" in checked
+    listed = json.loads(cli(vault, "plan", "list").stdout)
+    assert [p["name"] for p in listed] == ["app"] and listed[0]["vms"] == ["web01", "db01"]
+
+
+def test_a_paused_plan_survives_a_daemon_crash_and_a_cancel_releases_its_vms(
+    daemon: Daemon, vault: Path
+) -> None:
+    protect(daemon, "web01")
+    protect(daemon, "db01")
+    make_plan(daemon, "tiers", ["web01"], ["db01"])
+    daemon.call(
+        "POST", "/plans/tiers/actions",
+        json={"group": 2, "name": "approve", "kind": "manual", "instructions": "ok?"},
+    )  # fmt: skip
+    answer = daemon.call("POST", "/plans/tiers/failover", json={"type": "test"})
+    job(daemon, answer, state="awaiting-action")
+    daemon.kill()
+    daemon.start()
+    resumed = daemon.call("GET", f"/jobs/{answer['job']}")
+    assert resumed["state"] == "awaiting-action"
+    daemon.call("POST", f"/jobs/{answer['job']}/resume")
+    assert job(daemon, answer)["state"] == "succeeded"
+    status, error = daemon.error("POST", f"/jobs/{answer['job']}/resume")
+    assert (status, error["code"]) == (409, "OPERATION_NOT_ALLOWED")
+    job(daemon, daemon.call("POST", "/plans/tiers/cleanup-test"))
+
+    # Cancel while paused: the VMs of the groups not started are free again.
+    second = daemon.call("POST", "/plans/tiers/failover", json={"type": "test"})
+    job(daemon, second, state="awaiting-action")
+    children = daemon.call("GET", f"/jobs/{second['job']}")["result"]["children"]
+    assert daemon.call("GET", "/items/db01")["busy_job"] == children["db01"]
+    daemon.call("POST", f"/jobs/{second['job']}/cancel")
+    cancelled = job(daemon, second, state="cancelled")
+    assert cancelled["error"]["code"] == "JOB_CANCELLED"
+    assert daemon.call("GET", "/items/db01")["busy_job"] is None
+    assert daemon.call("GET", "/items/web01")["busy_job"] is None
