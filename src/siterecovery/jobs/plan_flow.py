@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbos import DBOS, SetWorkflowID
 
@@ -36,13 +36,16 @@ from siterecovery.jobs.failback_flow import CANCEL, COMPLETE, CONTROL, WAIT_SECO
 from siterecovery.jobs.runtime import context, job_scope, new_job_id
 from siterecovery.services.context import Context
 
+if TYPE_CHECKING:
+    from siterecovery.services.plans import PlanRun
+
 RESUME = "resume"
 POLL = 0.25
 OUTPUT_TAIL = 8192
 
 
 def submit_plan(
-    ctx: Context, submit: Callable[..., Job], run: Any, *, operation: str, two_phase: bool
+    ctx: Context, submit: Callable[..., Job], run: PlanRun, *, operation: str, two_phase: bool
 ) -> Job:
     """Mark every VM's item as owned by its (future) child job, then start the parent."""
     groups = _spec(run, two_phase)
@@ -65,7 +68,7 @@ def submit_plan(
         raise
 
 
-def _spec(run: Any, two_phase: bool) -> list[dict[str, Any]]:
+def _spec(run: PlanRun, two_phase: bool) -> list[dict[str, Any]]:
     """The boot groups with each VM's child job (kind, id, params) and actions."""
     groups = []
     for entry in run.order:
