@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from siterecovery import __version__
+from siterecovery import __version__, portal
 from siterecovery.api import failover, inventory, keys, protection, recovery
 from siterecovery.api.deps import require_token
 from siterecovery.domain.errors import Category, SiteRecoveryError
@@ -81,6 +81,7 @@ def create_app(ctx: Context, runtime: JobRuntime, *, token: str) -> FastAPI:
     app.include_router(failover.router, prefix="/api/v1", dependencies=secured)
     app.include_router(recovery.router, prefix="/api/v1", dependencies=secured)
 
+    portal.install(app)  # the web UI at /, over the same services
 
     @app.get("/api/v1/health")
     def health() -> dict[str, str]:
