@@ -202,3 +202,22 @@ def test_human_output_reports_the_digests(workdir: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "full sync: read" in run.stdout and "digests equal" in run.stdout
+
+
+def test_sync_loads_only_its_own_command(tmp_path: Path) -> None:
+    """Start-up counts for a copy tool: `sync` never imports the HTTP client or
+    the other commands (cli/main.py builds only the command being run)."""
+    source = tmp_path / "a.raw"
+    source.write_bytes(b"x" * 65536)
+    code = (
+        "import sys\n"
+        "from siterecovery.cli.main import run\n"
+        f"code = run(['sync', {str(source)!r}, {str(tmp_path / 'b.raw')!r}, '--json'])\n"
+        "loaded = [m for m in ('httpx', 'siterecovery.cli.demo_cmd',"
+        " 'siterecovery.cli.recovery_cmd') if m in sys.modules]\n"
+        "print(code, loaded, file=sys.stderr)\n"
+        "sys.exit(1 if code or loaded else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "b.raw").read_bytes() == source.read_bytes()

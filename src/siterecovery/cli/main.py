@@ -14,6 +14,7 @@ Only this module knows exit codes.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,34 +24,47 @@ import typer
 # Typer vendors Click; its exceptions are only importable from there.
 from typer._click.exceptions import ClickException, UsageError
 
-from siterecovery.cli import (
-    demo_cmd,
-    failover_cmd,
-    inventory_cmd,
-    jobs_cmd,
-    keys_cmd,
-    local_cmd,
-    protection_cmd,
-    recovery_cmd,
-    render,
-    sync_cmd,
-)
+from siterecovery.cli import render
 from siterecovery.cli.session import Globals, JsonOpt, VaultOpt
 from siterecovery.domain.errors import Category, InternalError, SiteRecoveryError, category_of
 
 EXIT_CODES = {Category.USAGE: 2, Category.RULE: 3, Category.NOT_FOUND: 4}
 PROG = "siterecovery"
 
-app = typer.Typer(
-    name=PROG,
-    help="Open, self-hosted site recovery for virtual machines.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    # name: (module under siterecovery.cli, attribute, is a sub-app)
+    "init": ("local_cmd", "init", False),
+    "serve": ("local_cmd", "serve", False),
+    "lab": ("inventory_cmd", "lab_app", True),
+    "site": ("inventory_cmd", "site_app", True),
+    "host": ("inventory_cmd", "host_app", True),
+    "vm": ("inventory_cmd", "vm_app", True),
+    "protect": ("protection_cmd", "protect", False),
+    "replicate": ("protection_cmd", "replicate", False),
+    "items": ("protection_cmd", "list_items", False),
+    "item": ("protection_cmd", "item_app", True),
+    "disable": ("protection_cmd", "disable", False),
+    "points": ("protection_cmd", "list_points", False),
+    "failover": ("failover_cmd", "failover", False),
+    "complete": ("failover_cmd", "complete", False),
+    "commit": ("failover_cmd", "commit", False),
+    "reprotect": ("failover_cmd", "reprotect", False),
+    "cleanup-test": ("failover_cmd", "cleanup_test", False),
+    "verify": ("failover_cmd", "verify", False),
+    "demo": ("demo_cmd", "demo", False),
+    "jobs": ("jobs_cmd", "list_jobs", False),
+    "job": ("jobs_cmd", "app", True),
+    "sync": ("sync_cmd", "sync", False),
+    "sync-receive": ("sync_cmd", "receive", False),
+    "key": ("keys_cmd", "app", True),
+    "group": ("recovery_cmd", "group_app", True),
+    "plan": ("recovery_cmd", "plan_app", True),
+}
+"""Every command, in help order. Only the command being run is imported (with
+its module's dependencies): ``siterecovery sync`` never loads the HTTP client
+(start-up time counts for a copy tool; see docs/PERFORMANCE.md)."""
 
 
-@app.callback()
 def root(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
     """Open, self-hosted site recovery for virtual machines.
 
@@ -59,32 +73,35 @@ def root(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) 
     ctx.obj = Globals(vault=vault, json=json_out)
 
 
-app.command("init")(local_cmd.init)
-app.command("serve")(local_cmd.serve)
-app.add_typer(inventory_cmd.lab_app, name="lab")
-app.add_typer(inventory_cmd.site_app, name="site")
-app.add_typer(inventory_cmd.host_app, name="host")
-app.add_typer(inventory_cmd.vm_app, name="vm")
-app.command("protect")(protection_cmd.protect)
-app.command("replicate")(protection_cmd.replicate)
-app.command("items")(protection_cmd.list_items)
-app.add_typer(protection_cmd.item_app, name="item")
-app.command("disable")(protection_cmd.disable)
-app.command("points")(protection_cmd.list_points)
-app.command("failover")(failover_cmd.failover)
-app.command("complete")(failover_cmd.complete)
-app.command("commit")(failover_cmd.commit)
-app.command("reprotect")(failover_cmd.reprotect)
-app.command("cleanup-test")(failover_cmd.cleanup_test)
-app.command("verify")(failover_cmd.verify)
-app.command("demo")(demo_cmd.demo)
-app.command("jobs")(jobs_cmd.list_jobs)
-app.add_typer(jobs_cmd.app, name="job")
-app.command("sync")(sync_cmd.sync)
-app.command("sync-receive")(sync_cmd.receive)
-app.add_typer(keys_cmd.app, name="key")
-app.add_typer(recovery_cmd.group_app, name="group")
-app.add_typer(recovery_cmd.plan_app, name="plan")
+def build_app(names: Sequence[str] | None = None) -> typer.Typer:
+    """The command line with the commands ``names`` (default: all of them)."""
+    app = typer.Typer(
+        name=PROG,
+        help="Open, self-hosted site recovery for virtual machines.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(root)
+    for name in names or COMMANDS:
+        module, attribute, group = COMMANDS[name]
+        target = getattr(importlib.import_module(f"siterecovery.cli.{module}"), attribute)
+        if group:
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
+    return app
+
+
+def command_name(args: Sequence[str]) -> str | None:
+    """The command ``args`` run, when it is one of ours (skipping global options)."""
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--vault":
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def exit_code(code: str) -> int:
@@ -103,6 +120,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(args)
     try:
+        name = command_name(args)
+        app = build_app([name] if name else None)
         return _exit_status(app(args=args, prog_name=PROG, standalone_mode=False))
     except SiteRecoveryError as error:
         return fail(error.to_dict(), as_json=as_json)

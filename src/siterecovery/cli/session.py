@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from siterecovery.cli import render
-from siterecovery.cli.client import Client
+
+if TYPE_CHECKING:
+    from siterecovery.cli.client import Client
 
 VAULT_ENV = "SITERECOVERY_VAULT"
 DEFAULT_VAULT = Path("siterecovery-vault")
@@ -72,6 +74,9 @@ class Session:
     @property
     def client(self) -> Client:
         if self._client is None:
+            # Imported here: commands without a daemon (sync) never load httpx.
+            from siterecovery.cli.client import Client
+
             self._client = Client.of_vault(self.vault)
         return self._client
 
