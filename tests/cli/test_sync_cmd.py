@@ -120,6 +120,22 @@ def test_full_then_checksum_sync_into_a_qcow2_image(workdir: Path) -> None:
     assert same_content(src, dst)
 
 
+def test_a_full_copy_between_qcow2_images_is_done_by_qemu_and_keeps_holes(
+    workdir: Path,
+) -> None:
+    """qcow2 -> qcow2 (full) runs as a QEMU mirror job (replication/offload.py): the
+    same digests, the same guest bytes, only the source's data copied, holes kept."""
+    base, src, dst = workdir / "base.raw", workdir / "src.qcow2", workdir / "dst.qcow2"
+    scatter(base, seed=9)
+    qemu_img.convert(base, src, src_fmt="raw", dst_fmt="qcow2")
+    doc = cli("sync", str(src), str(dst), "--mode", "full")
+    assert doc["digests"]["source"] == doc["digests"]["target"]
+    assert same_content(src, dst) and qemu_img.info(dst)["format"] == "qcow2"
+    data = sum(e.length for e in qemu_img.map_allocated(src))
+    assert doc["bytes_read"] == doc["bytes_written"] == data < SIZE // 2
+    assert sum(e.length for e in qemu_img.map_allocated(dst)) == data  # holes stay holes
+
+
 def test_sync_to_a_receiver_over_tcp_with_compression(
     workdir: Path, receivers: list[Receiver]
 ) -> None:

@@ -83,12 +83,13 @@ def open_target(spec: str, stack: ExitStack, *, size: int) -> tuple[BlockDevice,
     """
     created = False
     if not spec.startswith(NBD_SCHEME) and not Path(spec).exists():
-        _create(Path(spec), size)
+        create_image(Path(spec), size)
         created = True
     return _open(spec, stack, writable=True), created
 
 
-def _create(path: Path, size: int) -> None:
+def create_image(path: Path, size: int) -> None:
+    """A new image of ``size`` bytes reading as zeroes: qcow2 for ``*.qcow2``, else raw."""
     if path.suffix == ".qcow2":
         from siterecovery.disk import qemu_img
 
@@ -129,3 +130,12 @@ def _serve(path: Path, fmt: str, stack: ExitStack, *, writable: bool) -> BlockDe
     )
     stack.callback(daemon.stop)
     return NbdDevice.connect(daemon.nbd_socket, _NODE, writable=writable)
+
+
+def virtual_size(path: Path, fmt: str) -> int:
+    """The size of the disk an image file holds (the file's size when raw)."""
+    if fmt == "raw":
+        return path.stat().st_size
+    from siterecovery.disk import qemu_img
+
+    return qemu_img.virtual_size(path)

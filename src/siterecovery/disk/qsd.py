@@ -53,6 +53,8 @@ class DiskSpec:
     path: Path
     fmt: str = "qcow2"
     writable: bool = True
+    export: bool = True
+    """Serve it over NBD (False: a node for QMP block jobs only)."""
 
     def __post_init__(self) -> None:
         if not _NODE_NAME.match(self.node):
@@ -204,8 +206,9 @@ class StorageDaemon:
         )
         for disk in disks:
             _add_disk(qmp, disk)
-        if disks:
-            NbdDevice.connect(self.nbd_socket, disks[0].node).close()
+        exported = [d for d in disks if d.export]
+        if exported:
+            NbdDevice.connect(self.nbd_socket, exported[0].node).close()
 
     def _wait_qmp(self) -> QmpClient:
         deadline = time.monotonic() + START_TIMEOUT
@@ -265,6 +268,8 @@ def _add_disk(qmp: QmpClient, disk: DiskSpec) -> None:
         "discard": "unmap",
     }
     qmp.execute("blockdev-add", **format_args)
+    if not disk.export:
+        return
     qmp.execute(
         "block-export-add",
         **{"type": "nbd", "id": disk.node, "node-name": disk.node, "name": disk.node},

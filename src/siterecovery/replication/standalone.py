@@ -26,7 +26,14 @@ from typing import Any
 
 from siterecovery.disk.base import BlockDevice
 from siterecovery.disk.digest import disk_digest
-from siterecovery.disk.open import open_source, open_target
+from siterecovery.disk.open import (
+    NBD_SCHEME,
+    create_image,
+    image_format,
+    open_source,
+    open_target,
+    virtual_size,
+)
 from siterecovery.domain.errors import IntegrityError, InvalidInput
 from siterecovery.keys import SecretKey
 from siterecovery.replication.sync import (
@@ -74,15 +81,49 @@ def run_sync(
     Raises IntegrityError when the final digests differ, SyncCancelled when
     ``cancelled()`` said so, or the first error of the engine.
     """
+    offloaded = _offload(request, progress, cancelled)
+    if offloaded is not None and not request.verify:
+        return _report(request, offloaded, offloaded.bytes_written, None, wire=None)
     with ExitStack() as stack:
         src = open_source(request.source, stack)
         if addresses.is_address(request.target):
             return _to_receiver(request, src, stack, progress, cancelled)
         dst, created = open_target(request.target, stack, size=src.size)
-        options = replace(request.options, target_is_blank=created)
-        result = sync(src, dst, options, progress=progress, cancelled=cancelled)
+        if offloaded is None:
+            options = replace(request.options, target_is_blank=created)
+            result = sync(src, dst, options, progress=progress, cancelled=cancelled)
+        else:
+            result = offloaded
         digests = _digests(src, lambda: disk_digest(dst)) if request.verify else None
         return _report(request, result, result.bytes_written, digests, wire=None)
+
+
+def _offload(
+    request: SyncRequest, progress: Progress | None, cancelled: Cancelled | None
+) -> SyncResult | None:
+    """A full copy between two local images, one of them not raw, done by QEMU
+    (``replication/offload.py``); None when the engine should do it."""
+    if request.options.mode is not SyncMode.FULL or request.options.resume_offset:
+        return None
+    specs = (request.source, request.target)
+    if any(spec.startswith(NBD_SCHEME) or addresses.is_address(spec) for spec in specs):
+        return None
+    paths = [Path(spec) for spec in specs]
+    if not paths[0].is_file():
+        return None
+    source_fmt = image_format(paths[0])
+    if not paths[1].exists():
+        create_image(paths[1], virtual_size(paths[0], source_fmt))
+    if not paths[1].is_file():
+        return None
+    target_fmt = image_format(paths[1])
+    if source_fmt == target_fmt == "raw":
+        return None
+    from siterecovery.replication.offload import copy_image
+
+    return copy_image(
+        (paths[0], source_fmt), (paths[1], target_fmt), progress=progress, cancelled=cancelled
+    )
 
 
 def _to_receiver(
