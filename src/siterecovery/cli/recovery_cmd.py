@@ -336,46 +336,27 @@ def plan_failover(
     _operation(ctx, name, "failover", body, wait=wait, vault=vault, json_out=json_out)
 
 
-@plan_app.command("commit")
-def plan_commit(
-    ctx: typer.Context,
-    name: NameArg,
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = False,
-    vault: VaultOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Commit the failover of every VM of the plan."""
-    body = {"dry_run": dry_run}
-    _operation(ctx, name, "commit", body, wait=wait, vault=vault, json_out=json_out)
+def _plan_operation(operation: str, summary: str) -> None:
+    """Register ``plan OPERATION NAME [--dry-run] [--wait]``."""
+
+    def command(
+        ctx: typer.Context,
+        name: NameArg,
+        dry_run: DryRunOpt = False,
+        wait: WaitOpt = False,
+        vault: VaultOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        body = {"dry_run": dry_run}
+        _operation(ctx, name, operation, body, wait=wait, vault=vault, json_out=json_out)
+
+    command.__doc__ = summary
+    plan_app.command(operation)(command)
 
 
-@plan_app.command("reprotect")
-def plan_reprotect(
-    ctx: typer.Context,
-    name: NameArg,
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = False,
-    vault: VaultOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Reverse-replicate every VM of the plan."""
-    body = {"dry_run": dry_run}
-    _operation(ctx, name, "reprotect", body, wait=wait, vault=vault, json_out=json_out)
-
-
-@plan_app.command("cleanup-test")
-def plan_cleanup_test(
-    ctx: typer.Context,
-    name: NameArg,
-    dry_run: DryRunOpt = False,
-    wait: WaitOpt = False,
-    vault: VaultOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Remove the copies a plan's test failover started."""
-    body = {"dry_run": dry_run}
-    _operation(ctx, name, "cleanup-test", body, wait=wait, vault=vault, json_out=json_out)
+_plan_operation("commit", "Commit the failover of every VM of the plan.")
+_plan_operation("reprotect", "Reverse-replicate every VM of the plan.")
+_plan_operation("cleanup-test", "Remove the copies a plan's test failover started.")
 
 
 def _operation(

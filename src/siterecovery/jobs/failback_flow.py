@@ -12,9 +12,9 @@ from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.domain.errors import JobCancelled
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, JobState, Vm, failure
+from siterecovery.jobs import control
 from siterecovery.jobs.common import (
     cancel_check,
     load_item,
@@ -29,10 +29,6 @@ from siterecovery.jobs.common import (
 )
 from siterecovery.jobs.runtime import ProgressReporter, context, job_scope
 from siterecovery.replication import failback as data
-
-CONTROL = "control"
-COMPLETE, CANCEL = "complete", "cancel"
-WAIT_SECONDS = 7 * 24 * 3600.0
 
 
 @DBOS.workflow(name="failback")
@@ -121,7 +117,7 @@ def _delta(job_id: str, vm: str, prepared: dict[str, Any], threads: int) -> None
     )
     ctx.store.update_item(vm=vm, state=ItemState.AWAITING_COMPLETION)
     ctx.store.update_job(job_id=job_id, state=JobState.AWAITING_COMPLETION)
-    _wait_for_complete(job_id)
+    control.wait_for(job_id, control.COMPLETE)
     ctx.store.update_item(vm=vm, state=ItemState.FINALIZING)
     ctx.store.update_job(job_id=job_id, state=JobState.RUNNING)
     prediction = step(job_id, "predict-phase2", lambda: _predict(vm, phase1))
@@ -261,17 +257,3 @@ def _switch_failback(job_id: str, item: Item, host: str) -> dict[str, Any]:
         source_checkpoint=checkpoint,
         target_checkpoint=None,
     )
-
-
-def _wait_for_complete(job_id: str) -> None:
-    """Durably wait for ``complete JOB`` (or a cancel) — survives a daemon restart."""
-    while True:
-        message = DBOS.recv(CONTROL, timeout_seconds=WAIT_SECONDS)
-        if message == COMPLETE:
-            return
-        if message == CANCEL:
-            raise JobCancelled(job=job_id)
-
-
-def send_control(job_id: str, message: str) -> None:
-    DBOS.send(job_id, message, topic=CONTROL)

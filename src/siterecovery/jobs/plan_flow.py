@@ -31,15 +31,14 @@ from siterecovery.domain.errors import ActionFailed, ChildJobFailed, JobCancelle
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Job, JobState, utcnow
 from siterecovery.domain.recovery import Action, ActionKind
+from siterecovery.jobs import control
 from siterecovery.jobs.common import step
-from siterecovery.jobs.failback_flow import CANCEL, COMPLETE, CONTROL, WAIT_SECONDS, send_control
 from siterecovery.jobs.runtime import context, job_scope, new_job_id
 from siterecovery.services.context import Context
 
 if TYPE_CHECKING:
     from siterecovery.services.plans import PlanRun
 
-RESUME = "resume"
 POLL = 0.25
 OUTPUT_TAIL = 8192
 
@@ -104,7 +103,7 @@ def _phase1_everywhere(job_id: str, children: list[dict[str, Any]]) -> None:
     store = context().store
     store.update_job(job_id=job_id, state=JobState.AWAITING_COMPLETION)
     try:
-        _wait_message(job_id, COMPLETE)
+        control.wait_for(job_id, control.COMPLETE)
     except JobCancelled:
         _cancel_children(job_id, children)
         raise
@@ -125,7 +124,7 @@ def _boot_group(
         _run_action(job_id, index, action, environment)
     for child in group["vms"]:
         if child["phase1"]:
-            send_control(child["job"], COMPLETE)
+            control.send(child["job"], control.COMPLETE)
         else:
             _start_child(job_id, child)
     _wait(job_id, group["vms"], children, until=JobState.SUCCEEDED, name=f"group-{index}")
@@ -229,7 +228,7 @@ def _cancel_children(job_id: str, children: list[dict[str, Any]]) -> None:
     running = [c for c in children if (job := _job_or_none(c["job"])) and not job.state.finished]
     for child in running:
         store.update_job(job_id=child["job"], cancel_requested=True)
-        send_control(child["job"], CANCEL)
+        control.send(child["job"], control.CANCEL)
     step(job_id, "cancel-vms", lambda: _await_finished(running))
 
 
@@ -310,23 +309,10 @@ def _manual(job_id: str, name: str, action: Action, index: int) -> None:
     store.merge_job_result(job_id=job_id, waiting_for=waiting)
     store.update_job(job_id=job_id, state=JobState.AWAITING_ACTION)
     try:
-        _wait_message(job_id, RESUME)
+        control.wait_for(job_id, control.RESUME)
     except JobCancelled:
         store.record_step(job_id=job_id, name=name, state="cancelled")
         raise
     store.merge_job_result(job_id=job_id, waiting_for=None)
     store.update_job(job_id=job_id, state=JobState.RUNNING)
     store.record_step(job_id=job_id, name=name, state="succeeded", detail={"resumed": True})
-
-
-def _wait_message(job_id: str, expected: str) -> None:
-    while True:
-        message = DBOS.recv(CONTROL, timeout_seconds=WAIT_SECONDS)
-        if message == expected:
-            return
-        if message == CANCEL:
-            raise JobCancelled(job=job_id)
-
-
-def send_resume(job_id: str) -> None:
-    DBOS.send(job_id, RESUME, topic=CONTROL)

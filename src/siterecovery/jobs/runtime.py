@@ -108,21 +108,21 @@ class JobRuntime:
         """Ask a job to stop: long steps poll the flag between chunks, and a job
         waiting for the user (awaiting-completion) gets a message."""
         self.ctx.store.update_job(job_id=job_id, cancel_requested=True)
-        from siterecovery.jobs.failback_flow import CANCEL, send_control
+        from siterecovery.jobs import control
 
-        send_control(job_id, CANCEL)
+        control.send(job_id, control.CANCEL)
 
     def complete(self, job_id: str) -> None:
         """Tell a job waiting in awaiting-completion to go on (phase 2)."""
-        from siterecovery.jobs.failback_flow import COMPLETE, send_control
+        from siterecovery.jobs import control
 
-        send_control(job_id, COMPLETE)
+        control.send(job_id, control.COMPLETE)
 
     def resume(self, job_id: str) -> None:
         """Tell a plan job paused on a manual action (awaiting-action) to go on."""
-        from siterecovery.jobs.plan_flow import send_resume
+        from siterecovery.jobs import control
 
-        send_resume(job_id)
+        control.send(job_id, control.RESUME)
 
 
 @contextmanager

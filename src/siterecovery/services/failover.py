@@ -13,7 +13,6 @@ at: failing toward it is a failback), ``hosts`` (the VM's host per site),
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +27,6 @@ from siterecovery.domain.errors import (
     NoBlockAccess,
     NoDrill,
     NoRecoveryPoint,
-    OperationNotAllowed,
     PointNotFound,
     ProtectionDisabled,
     ReplicationUnhealthy,
@@ -37,7 +35,7 @@ from siterecovery.domain.errors import (
     VmBusy,
 )
 from siterecovery.domain.lifecycle import ItemState, Operation, require, require_group_together
-from siterecovery.domain.model import Host, Item, PointType, RecoveryPoint, Vm
+from siterecovery.domain.model import Host, Item, JobState, PointType, RecoveryPoint, Vm
 from siterecovery.domain.plan import Plan
 from siterecovery.domain.values import check_name, check_positive
 from siterecovery.services.context import Context
@@ -504,25 +502,10 @@ def plan_reprotect(ctx: Context, item: Item) -> Plan:
 
 
 def complete(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[str, Any]:
-    """Let a failback waiting in ``awaiting-completion`` start phase 2."""
-    job = ctx.store.get_job(job_id=job_id)
-    if job.state.value != "awaiting-completion":
-        raise OperationNotAllowed(
-            operation="complete",
-            vm=job.vm or job_id,
-            state=f"in job {job_id} {job.state.value}",
-            allowed=", ".join(job.allowed_actions()) or "nothing (the job is finished)",
-        )
-    send(job_id)
-    # Answer once phase 2 has begun, so that a caller reading the job next
-    # never sees the wait it just ended.
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline:
-        job = ctx.store.get_job(job_id=job_id)
-        if job.state.value != "awaiting-completion":
-            break
-        time.sleep(0.05)
-    return job.to_dict()
+    """Let a failback (or a plan's) waiting in ``awaiting-completion`` start phase 2."""
+    from siterecovery.services.jobs import release_wait
+
+    return release_wait(ctx, job_id=job_id, waiting=JobState.AWAITING_COMPLETION, send=send)
 
 
 def cleanup_test(ctx: Context, *, vm: str, submit: Submit) -> dict[str, Any]:

@@ -41,20 +41,31 @@ def cancel_job(ctx: Context, *, job_id: str, request_cancel: Any) -> dict[str, A
 
 def resume_job(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[str, Any]:
     """Let a plan job paused on a manual action (``awaiting-action``) go on."""
+    return release_wait(ctx, job_id=job_id, waiting=JobState.AWAITING_ACTION, send=send)
+
+
+def release_wait(
+    ctx: Context, *, job_id: str, waiting: JobState, send: Callable[[str], None]
+) -> dict[str, Any]:
+    """Tell a job waiting in state ``waiting`` to go on (``send``); the job once it
+    left that state, so a caller reading it next never sees the wait it ended.
+
+    Raises OperationNotAllowed (nothing sent) when the job is not in ``waiting``.
+    """
     job = ctx.store.get_job(job_id=job_id)
-    if job.state is not JobState.AWAITING_ACTION:
+    action = "complete" if waiting is JobState.AWAITING_COMPLETION else "resume"
+    if job.state is not waiting:
         raise OperationNotAllowed(
-            operation="resume",
+            operation=action,
             vm=job.vm or f"job {job_id}",
             state=f"in job {job_id} {job.state.value}",
             allowed=", ".join(job.allowed_actions()) or "nothing (the job is finished)",
         )
     send(job_id)
-    # Answer once the job went on, so the caller's next read never shows the pause.
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         job = ctx.store.get_job(job_id=job_id)
-        if job.state is not JobState.AWAITING_ACTION:
+        if job.state is not waiting:
             break
         time.sleep(0.05)
     return job.to_dict()
