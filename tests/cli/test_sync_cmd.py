@@ -201,6 +201,46 @@ def test_encrypted_sync_needs_the_same_key_on_both_sides(
     assert same_content(src, dst)
 
 
+def test_a_key_exported_from_one_vault_and_imported_into_another_syncs_between_them(
+    workdir: Path, receivers: list[Receiver]
+) -> None:
+    """Two sites, two vaults: `key export` at the source, `key import` at the
+    receiver, then an encrypted sync between them. The material is never printed."""
+    src, dst, file = workdir / "src.raw", workdir / "dst.raw", workdir / "dr.key"
+    scatter(src, seed=8)
+    source_vault = vault_with_key(workdir / "site-a", "dr")
+    target_vault = workdir / "site-b"
+    init_vault(target_vault)
+    exported = cli("key", "export", "dr", "--to", str(file), "--vault", str(source_vault))
+    assert file.stat().st_mode & 0o777 == 0o600
+    material = json.loads(file.read_text())["material"]
+    imported = cli("key", "import", str(file), "--vault", str(target_vault))
+    assert imported["fingerprint"] == exported["fingerprint"] and imported["name"] == "dr"
+    assert material not in json.dumps(exported) + json.dumps(imported)
+    assert cli("key", "import", str(file), "--vault", str(target_vault)) == imported  # no-op
+
+    # Refused, and nothing changes: an existing file, a damaged file, a taken name.
+    again = cli("key", "export", "dr", "--to", str(file), "--vault", str(source_vault), code=3)
+    assert again["error"]["code"] == "ALREADY_EXISTS"
+    damaged = workdir / "damaged.key"
+    damaged.write_text(file.read_text().replace(material, material[:-6] + "AAAAA="))
+    broken = cli("key", "import", str(damaged), "--vault", str(target_vault), code=2)
+    assert broken["error"]["code"] == "INVALID_INPUT" and "fingerprint" in broken["error"]["message"]
+    other = vault_with_key(workdir / "site-c", "dr")
+    clash = cli("key", "import", str(file), "--vault", str(other), code=3)
+    assert clash["error"]["code"] == "ALREADY_EXISTS"
+    store = VaultStore(vault_url(target_vault))
+    try:
+        assert [k.name for k in key_store.list_keys(store)] == ["dr"]
+    finally:
+        store.close()
+
+    receivers.append(Receiver(str(dst), "--key", "dr", "--vault", str(target_vault)))
+    doc = cli("sync", str(src), receivers[0].address, "--key", "dr", "--vault", str(source_vault))
+    assert doc["digests"]["source"] == doc["digests"]["target"]
+    assert same_content(src, dst)
+
+
 def test_bad_values_are_usage_errors(workdir: Path) -> None:
     scatter(workdir / "src.raw", seed=5, count=1)
     for args in (["--mode", "magic"], ["--block-size", "100K", "--chunk-size", "1M"],

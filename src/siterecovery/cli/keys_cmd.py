@@ -1,19 +1,28 @@
-"""``siterecovery key create NAME`` and ``key list``: encryption keys in the vault.
+"""``siterecovery key create|list|export|import``: encryption keys in the vault.
 
 Only names, dates and fingerprints are ever printed: the material stays in
-the vault, where ``sync --key NAME --vault DIR`` reads it.
+the vault, where ``sync --key NAME --vault DIR`` reads it, or goes to a key
+file (mode 0600) that ``key import`` adds to the vault of the other site.
+Export and import work on the vault directly (no daemon), like ``sync``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from siterecovery.cli import render
-from siterecovery.cli.session import JsonOpt, Session, VaultOpt
+from siterecovery.cli.session import JsonOpt, Session, VaultOpt, vault_store
 
-app = typer.Typer(help="Create and list encryption keys.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from siterecovery.store.repo import VaultStore
+
+app = typer.Typer(
+    help="Create, list, export and import encryption keys.", no_args_is_help=True
+)
 
 COLUMNS: list[render.Column] = [
     ("NAME", lambda k: str(k["name"])),
@@ -42,3 +51,47 @@ def list_keys(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = Fa
         keys = session.client.get("/keys")
         empty = "no keys; `siterecovery key create NAME` makes one"
         session.emit(keys, render.lister(COLUMNS, "keys", empty))
+
+
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Key name.")],
+    to: Annotated[Path, typer.Option("--to", metavar="FILE", help="New key file (0600).")],
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write key NAME to a new file only you can read, for the other site's vault."""
+    from siterecovery.services.keys import export_key
+
+    _direct(ctx, vault, json_out, lambda store: export_key(store, name=name, path=to),
+            lambda k: f"key {k['name']} ({k['fingerprint']}) written to {k['file']}")  # fmt: skip
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A file from `key export`.")],
+    name: Annotated[
+        str | None, typer.Option("--name", metavar="NAME", help="Store it under this name.")
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add the key of a key file to this vault (the same key twice is a no-op)."""
+    from siterecovery.services.keys import import_key
+
+    _direct(ctx, vault, json_out, lambda store: import_key(store, path=file, name=name),
+            lambda k: f"key {k['name']} imported ({k['fingerprint']})")  # fmt: skip
+
+
+def _direct(
+    ctx: typer.Context,
+    vault: Path | None,
+    json_out: bool,
+    body: Callable[[VaultStore], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+) -> None:
+    with Session.of(ctx, vault, json_out) as session, vault_store(session.vault) as store:
+        doc = body(store)
+        session.emit(doc, lambda k: render.say(summary(k)))

@@ -8,7 +8,8 @@ through the ``VaultOpt`` and ``JsonOpt`` types); the command's own value wins.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,9 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from siterecovery.cli import render
+from siterecovery.domain.errors import InvalidInput
 
 if TYPE_CHECKING:
     from siterecovery.cli.client import Client
+    from siterecovery.store.repo import VaultStore
 
 VAULT_ENV = "SITERECOVERY_VAULT"
 DEFAULT_VAULT = Path("siterecovery-vault")
@@ -98,3 +101,19 @@ class Session:
     ) -> None:
         if self._client is not None:
             self._client.close()
+
+
+@contextmanager
+def vault_store(vault: Path) -> Iterator[VaultStore]:
+    """The vault's database opened in this process, for the commands that need no
+    daemon (sync and key files: key material never crosses the API)."""
+    from siterecovery.daemon import vault_url
+    from siterecovery.store.repo import VaultStore
+
+    if not (vault / "config.json").exists():
+        raise InvalidInput(field="vault", reason=f"no vault at {vault} (see `siterecovery init`)")
+    store = VaultStore(vault_url(vault))
+    try:
+        yield store
+    finally:
+        store.close()

@@ -38,7 +38,7 @@ from rich.progress import (
 )
 
 from siterecovery.cli import render
-from siterecovery.cli.session import JsonOpt, Session, VaultOpt
+from siterecovery.cli.session import JsonOpt, Session, VaultOpt, vault_store
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.values import parse_size
 
@@ -152,17 +152,10 @@ def _mode(text: str) -> SyncMode:
 
 def _load_key(vault: Path, name: str) -> SecretKey:
     """The key ``name`` from the vault database (read here: no daemon needed)."""
-    from siterecovery.daemon import vault_url
     from siterecovery.services.keys import load_key
-    from siterecovery.store.repo import VaultStore
 
-    if not (vault / "config.json").exists():
-        raise InvalidInput(field="vault", reason=f"no vault at {vault} (see `siterecovery init`)")
-    store = VaultStore(vault_url(vault))
-    try:
+    with vault_store(vault) as store:
         return load_key(store, name=name)
-    finally:
-        store.close()
 
 
 @contextmanager

@@ -78,3 +78,35 @@ def encode_material(material: bytes) -> str:
 def decode_material(text: str) -> bytes:
     """Key material from its stored form."""
     return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+EXPORT_FORMAT = "siterecovery-key-v1"
+
+
+def export_document(key: SecretKey) -> dict[str, Any]:
+    """The key file's content (JSON): the one form in which material leaves a vault."""
+    return {
+        "format": EXPORT_FORMAT,
+        "name": key.name,
+        "created": key.created.isoformat(),
+        "material": encode_material(key.material),
+        "fingerprint": key.fingerprint,
+    }
+
+
+def parse_export(document: Any, *, name: str | None = None) -> SecretKey:
+    """The key a key file holds (renamed ``name`` if given); InvalidInput when the
+    file is not a key file or its material does not match its fingerprint."""
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise InvalidInput(field="file", reason=f"not a {EXPORT_FORMAT} key file")
+    try:
+        material = decode_material(str(document["material"]))
+        created = datetime.fromisoformat(str(document["created"]))
+        key = SecretKey(name=check_name(name or str(document["name"])), created=created,
+                        material=material)  # fmt: skip
+    except (KeyError, ValueError) as e:
+        raise InvalidInput(field="file", reason=f"the key file is damaged: {e}") from None
+    if key.fingerprint != document.get("fingerprint"):
+        reason = "the key file is damaged: its material does not match its fingerprint"
+        raise InvalidInput(field="file", reason=reason)
+    return key

@@ -1,15 +1,21 @@
-"""Encryption keys: create and list them (by name, date and fingerprint only).
+"""Encryption keys: create, list, export and import them.
 
 The material leaves the vault only through :func:`load_key`, called by the
-code that seals a sync stream; every other answer is :meth:`SecretKey.describe`.
+code that seals a sync stream, and :func:`export_key`, which writes it to a
+file only its owner can read (to import into the vault of the other site);
+every other answer is :meth:`SecretKey.describe`.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
+from siterecovery.domain.errors import AlreadyExists, InvalidInput
 from siterecovery.domain.model import utcnow
-from siterecovery.keys import SecretKey, generate
+from siterecovery.keys import SecretKey, export_document, generate, parse_export
 from siterecovery.services.context import Context
 from siterecovery.store import keys as key_store
 from siterecovery.store.repo import VaultStore
@@ -29,3 +35,36 @@ def list_keys(ctx: Context) -> list[dict[str, Any]]:
 def load_key(store: VaultStore, *, name: str) -> SecretKey:
     """The key ``name`` with its material (KeyNotFound when missing)."""
     return key_store.get_key(store, name=name)
+
+
+def export_key(store: VaultStore, *, name: str, path: Path) -> dict[str, Any]:
+    """Write key ``name`` to a new file at ``path`` (mode 0600); AlreadyExists when
+    the file exists (nothing is overwritten). The answer describes the key only."""
+    key = key_store.get_key(store, name=name)
+    text = json.dumps(export_document(key), indent=2) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(kind="file", name=str(path)) from None
+    except OSError as e:
+        raise InvalidInput(field="to", reason=f"cannot create {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return {**key.describe(), "file": str(path)}
+
+
+def import_key(store: VaultStore, *, path: Path, name: str | None = None) -> dict[str, Any]:
+    """Add the key of a key file to the vault (under ``name`` if given).
+
+    Importing the same key again is a no-op; another key under a taken name is
+    refused (AlreadyExists), as is a damaged file (InvalidInput).
+    """
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidInput(field="file", reason=f"cannot read a key file at {path}: {e}") from None
+    key = parse_export(document, name=name)
+    existing = {k.name: k for k in key_store.list_keys(store)}.get(key.name)
+    if existing is not None and existing.fingerprint == key.fingerprint:
+        return existing.describe()
+    return key_store.add_key(store, key=key).describe()
