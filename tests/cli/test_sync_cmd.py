@@ -225,7 +225,8 @@ def test_a_key_exported_from_one_vault_and_imported_into_another_syncs_between_t
     damaged = workdir / "damaged.key"
     damaged.write_text(file.read_text().replace(material, material[:-6] + "AAAAA="))
     broken = cli("key", "import", str(damaged), "--vault", str(target_vault), code=2)
-    assert broken["error"]["code"] == "INVALID_INPUT" and "fingerprint" in broken["error"]["message"]
+    assert broken["error"]["code"] == "INVALID_INPUT"
+    assert "fingerprint" in broken["error"]["message"]
     other = vault_with_key(workdir / "site-c", "dr")
     clash = cli("key", "import", str(file), "--vault", str(other), code=3)
     assert clash["error"]["code"] == "ALREADY_EXISTS"
