@@ -172,7 +172,7 @@ def test_plan_failback_with_delta_sync_brings_every_vm_home_in_order(
     dry = daemon.call(
         "POST", "/plans/app/failover", json={"type": "planned", "sync": "delta", "dry_run": True}
     )
-    assert dry["ok"] and dry["operation"] == "planned-failover"
+    assert dry["ok"] and dry["operation"] == "failback"
     assert [v["kind"] for g in dry["order"] for v in g["vms"]] == ["failback", "failback"]
     assert all(v["plan"]["bytes_to_move"] > 0 for g in dry["order"] for v in g["vms"])
 

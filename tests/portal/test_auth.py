@@ -17,10 +17,14 @@ from ..conftest import Daemon
 from .conftest import csrf_of, portal_url, signed_in_client, token_of
 
 PAGES = ["/", "/items", "/items?part=1", "/items/web01", "/items/web01/failover", "/jobs",
-         "/jobs/j0123456789ab"]  # fmt: skip
+         "/jobs/j0123456789ab", "/plans", "/plans?part=1", "/plans/tiers",
+         "/plans/tiers/operations/test-failover"]  # fmt: skip
 POSTS = ["/items", "/items/web01/commit", "/items/web01/reprotect", "/items/web01/disable",
          "/items/web01/failover", "/items/web01/failover/preview", "/jobs/j0123456789ab/complete",
-         "/jobs/j0123456789ab/cancel", "/logout"]  # fmt: skip
+         "/jobs/j0123456789ab/cancel", "/logout", "/plans", "/plans/tiers/vms",
+         "/plans/tiers/vms/web01/remove", "/plans/tiers/actions",
+         "/plans/tiers/operations/test-failover", "/plans/tiers/operations/test-failover/preview",
+         "/groups", "/groups/app/point"]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", PAGES)
@@ -35,6 +39,15 @@ def test_pages_without_a_session_are_401(bare_daemon: Daemon, path: str) -> None
 def test_posts_without_a_session_are_401(bare_daemon: Daemon, path: str) -> None:
     answer = httpx.post(portal_url(bare_daemon) + path, data={"vm": "web01", "to": "cloud"})
     assert answer.status_code == 401
+
+
+@pytest.mark.parametrize("path", POSTS)
+def test_posts_without_csrf_are_403(bare_daemon: Daemon, path: str) -> None:
+    client, _ = signed_in_client(bare_daemon)
+    with closing(client):
+        answer = client.post(path, data={"vm": "web01", "to": "cloud", "name": "tiers"})
+        assert answer.status_code == 403 and "CSRF_REFUSED" in answer.text
+        assert client.get("/").status_code == 200  # still signed in: only the POST is refused
 
 
 def test_htmx_poll_without_a_session_is_sent_to_login(bare_daemon: Daemon) -> None:

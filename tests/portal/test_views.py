@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.lifecycle import ItemState, allowed
 from siterecovery.portal import views
 from siterecovery.portal.auth import safe_next
@@ -44,6 +45,48 @@ def test_menus_of_the_failback_story() -> None:
     drill = views.item_actions(item_doc(ItemState.PROTECTED, drill={"site": "cloud"}))
     assert "Clean up test failover" in [a.label for a in drill]
     assert views.item_actions(item_doc(ItemState.SYNCING)) == []
+
+
+def test_a_plan_offers_what_every_protected_vm_allows() -> None:
+    protected = item_doc(ItemState.PROTECTED, direction="onprem -> cloud")
+    offered = views.plan_operations("tiers", [protected, protected])
+    assert [o.label for o in offered] == ["Test failover", "Planned failover", "Failover"]
+    assert offered[0].href == "/plans/tiers/operations/test-failover"
+    assert [(o.points, o.sync, o.failover_type) for o in offered] == [
+        (True, False, "test"), (False, False, "planned"), (True, False, "unplanned"),
+    ]  # fmt: skip
+    # Together only: a failed-over VM beside a protected one leaves just the failover.
+    mixed = [protected, item_doc(ItemState.FAILED_OVER)]
+    assert [o.label for o in views.plan_operations("tiers", mixed)] == ["Failover"]
+    drilled = [protected, item_doc(ItemState.PROTECTED, drill={"vm": "web01-test"})]
+    assert "Clean up test failover" in [o.label for o in views.plan_operations("t", drilled)]
+    committed = views.plan_operations("t", [item_doc(ItemState.COMMITTED)])
+    assert [(o.label, o.sync) for o in committed] == [
+        ("Failback", True),
+        ("Reverse replicate", False),
+    ]
+    assert views.plan_operations("t", []) == []
+
+
+def test_a_plan_operation_outside_the_menu_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput) as refused:
+        views.plan_operation("tiers", "disable", [])
+    assert "test-failover" in refused.value.message
+
+
+def test_a_plan_jobs_children_in_boot_order() -> None:
+    job = {
+        "params": {"plan": "tiers", "groups": [
+            {"group": 1, "vms": [{"vm": "web01", "kind": "test-failover", "job": "j1"}]},
+            {"group": 2, "vms": [{"vm": "db01", "kind": "test-failover", "job": "j2"}]},
+        ]},
+        "result": {"children": {"db01": "j2", "web01": "j1"}},
+    }  # fmt: skip
+    assert [(c["group"], c["vm"], c["job"]) for c in views.child_jobs(job)] == [
+        (1, "web01", "j1"), (2, "db01", "j2"),
+    ]  # fmt: skip
+    assert views.child_jobs({"params": {}, "result": {}}) == []
+    assert views.plan_jobs([job, {"params": {"vm": "web01"}}], "tiers") == [job]
 
 
 def test_dialog_direction() -> None:

@@ -126,7 +126,7 @@ def make_action(
     if when not in whens:
         raise InvalidInput(field="when", reason=f"'{when}' is not one of {whens}")
     if kind == ActionKind.SCRIPT and not (command or "").strip():
-        raise InvalidInput(field="command", reason="a script action needs --command")
+        raise InvalidInput(field="command", reason="a script action needs a command to run")
     if kind == ActionKind.MANUAL and command:
         raise InvalidInput(field="command", reason="a manual action runs no command")
     if not 0 < timeout <= MAX_ACTION_TIMEOUT:

@@ -8,7 +8,9 @@ build: htmx is vendored in ``static/`` (htmx.org 2.0.11, Zero-Clause BSD).
 
 Pages: ``/`` overview, ``/items`` replicated items, ``/items/{vm}`` an item and
 its recovery points, ``/items/{vm}/failover?type=…`` the failover dialog,
-``/jobs`` and ``/jobs/{id}``; ``/login``.
+``/jobs`` and ``/jobs/{id}``; ``/plans`` recovery plans and replication groups,
+``/plans/{name}`` a plan, ``/plans/{name}/operations/{op}`` a plan operation's
+dialog; ``/login``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from siterecovery.portal import actions, auth, pages
+from siterecovery.portal import actions, auth, pages, recovery
 from siterecovery.portal.render import STATIC
 
 router = APIRouter(include_in_schema=False)
 router.include_router(auth.router)
 router.include_router(pages.router)
 router.include_router(actions.router)
+router.include_router(recovery.router)
 
 
 def install(app: FastAPI) -> None:

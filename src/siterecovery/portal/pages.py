@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
 from siterecovery.api.deps import Ctx
-from siterecovery.domain.errors import SiteRecoveryError
+from siterecovery.domain.errors import JobNotFound, SiteRecoveryError
 from siterecovery.portal import render, views
 from siterecovery.portal.session import Session, signed_in
 from siterecovery.services import failover, inventory, jobs, keys, protection
@@ -125,5 +125,14 @@ def job(request: Request, ctx: Ctx, session: Signed, job_id: str, part: bool = F
         "job": shown,
         "percent": views.percent(shown["bytes_done"], shown["bytes_total"]),
         "waiting_for": (shown.get("result") or {}).get("waiting_for"),
+        "children": [_child(ctx, child) for child in views.child_jobs(shown)],
     }
     return render.page(request, session, "job.html", context, part=part)
+
+
+def _child(ctx: Context, child: dict[str, Any]) -> dict[str, Any]:
+    """A plan job's child job as it is now (a job not started yet has no record)."""
+    try:
+        return {**jobs.show_job(ctx, job_id=child["job"]), "group": child["group"]}
+    except JobNotFound:
+        return {**child, "id": child["job"], "state": None, "bytes_total": 0}

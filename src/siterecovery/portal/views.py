@@ -3,6 +3,7 @@
 Which operation a row offers comes from the item's ``allowed_operations``
 (the lifecycle's :data:`~siterecovery.domain.lifecycle.ALLOWED`, read by
 ``services.protection.item_view``): this module only orders and labels them.
+A recovery plan offers what every one of its protected VMs allows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.lifecycle import Operation
 
 Doc = Mapping[str, Any]
@@ -123,6 +125,99 @@ def dialog_direction(item: Doc, kind: str, recovery_site: str) -> tuple[str, str
     pair = {str(item["active_site"]), str(item["standby_site"])}
     source = next(iter(pair - {target}), str(item["active_site"]))
     return source, target
+
+
+# Recovery plans --------------------------------------------------------------
+
+# A plan's operations, in the item menu's order and words; the dialog's URL is the value.
+PLAN_MENU: tuple[Operation, ...] = (
+    Operation.TEST_FAILOVER,
+    Operation.CLEANUP_TEST,
+    Operation.PLANNED_FAILOVER,
+    Operation.UNPLANNED_FAILOVER,
+    Operation.COMMIT,
+    Operation.REPROTECT,
+)
+LABELS = dict(MENU)
+POINT_OPERATIONS = frozenset({Operation.TEST_FAILOVER, Operation.UNPLANNED_FAILOVER})
+FAILBACK_STATES = frozenset({"committed", "inconsistent"})  # services.plans._is_failback
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOperation:
+    """One operation of a plan's dialog: what it asks for besides the confirmation."""
+
+    operation: Operation
+    label: str
+    href: str
+    points: bool  # a point selector (latest, latest processed, latest app-consistent)
+    sync: bool  # the failback's data-sync choice (delta or full)
+
+    @property
+    def failover_type(self) -> str | None:
+        """The ``type`` of ``plans.failover`` (None: commit, reprotect, cleanup-test)."""
+        return DIALOG_TYPES.get(self.operation)
+
+
+def plan_operation(plan: str, operation: str, members: Sequence[Doc]) -> PlanOperation:
+    """The dialog of ``operation`` on ``plan`` whose protected VMs are ``members``."""
+    names = [o.value for o in PLAN_MENU]
+    if operation not in names:
+        raise InvalidInput(field="operation", reason=f"'{operation}' is not one of {names}")
+    chosen = Operation(operation)
+    failback = chosen is Operation.PLANNED_FAILOVER and any(
+        m.get("state") in FAILBACK_STATES for m in members
+    )
+    return PlanOperation(
+        operation=chosen,
+        label="Failback" if failback else LABELS[chosen],
+        href=f"/plans/{plan}/operations/{chosen.value}",
+        points=chosen in POINT_OPERATIONS,
+        sync=failback,
+    )
+
+
+def plan_operations(plan: str, members: Sequence[Doc]) -> list[PlanOperation]:
+    """What the plan offers: the operations every protected VM's state allows (a VM
+    never protected allows nothing yet, and the plan's own rule refuses it by name
+    when clicked), in menu order; a cleanup only when a test failover left a drill."""
+    if not members:
+        return []
+    allowed = set.intersection(*(set(m.get("allowed_operations") or ()) for m in members))
+    drill = any(m.get("drill") for m in members)
+    return [
+        plan_operation(plan, operation.value, members)
+        for operation in PLAN_MENU
+        if operation.value in allowed and (operation is not Operation.CLEANUP_TEST or drill)
+    ]
+
+
+def plan_jobs(jobs: Sequence[Doc], plan: str) -> list[Doc]:
+    """The parent jobs of ``plan`` (newest first, like ``jobs``)."""
+    return [j for j in jobs if (j.get("params") or {}).get("plan") == plan]
+
+
+def child_jobs(job: Doc) -> list[dict[str, Any]]:
+    """A plan job's children in boot order: group, VM, kind and job id of each."""
+    groups = (job.get("params") or {}).get("groups") or ()
+    ordered = [
+        {"group": g["group"], "vm": c["vm"], "kind": c["kind"], "job": c["job"]}
+        for g in groups
+        for c in g["vms"]
+    ]
+    children = (job.get("result") or {}).get("children") or {}
+    known = {c["job"] for c in ordered}
+    extra = [
+        {"group": None, "vm": vm, "kind": None, "job": child}
+        for vm, child in children.items()
+        if child not in known
+    ]
+    return ordered + extra
+
+
+def directions(members: Sequence[Doc]) -> list[str]:
+    """The distinct replication directions of a plan's protected VMs."""
+    return list(dict.fromkeys(str(m["direction"]).replace(" -> ", " → ") for m in members))
 
 
 # Overview figures ------------------------------------------------------------

@@ -197,7 +197,9 @@ def failover(
             entry["vms"].append(_plan_vm(ctx, run, request, errors))
         run.order.append(entry)
     kinds = {c["kind"] for c in run.children}
-    operation = "plan-failback" if kinds == {"failback"} else f"plan-{type}-failover"
+    if kinds == {"failback"}:
+        run.operation = "failback"
+    operation = f"plan-{run.operation}"
     two_phase = sync == "delta" and "failback" in kinds
     return _finish(ctx, run, errors, operation, submit, dry_run, two_phase=two_phase)
 
