@@ -27,6 +27,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from siterecovery.domain.values import format_size
+
 Doc = Mapping[str, Any]
 Column = tuple[str, Callable[[Doc], str]]
 
@@ -63,16 +65,8 @@ def warn(message: str) -> None:
 
 # -- values ------------------------------------------------------------------
 
-UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
 def human_bytes(count: float | None) -> str:
-    if count is None:
-        return "-"
-    value, unit = float(count), 0
-    while abs(value) >= 1024 and unit < len(UNITS) - 1:
-        value, unit = value / 1024, unit + 1
-    return f"{int(value)} B" if unit == 0 else f"{value:.1f} {UNITS[unit]}"
+    return "-" if count is None else format_size(count)
 
 
 def human_seconds(seconds: float | None) -> str:

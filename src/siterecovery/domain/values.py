@@ -63,3 +63,14 @@ def check_positive(field: str, value: int, *, minimum: int = 1, maximum: int | N
         upper = f" and at most {maximum}" if maximum is not None else ""
         raise InvalidInput(field=field, reason=f"must be at least {minimum}{upper}, got {value}")
     return value
+
+
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_size(count: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 GiB`` (binary units, one decimal)."""
+    value, unit = float(count), 0
+    while abs(value) >= 1024 and unit < len(BINARY_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{int(value)} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"

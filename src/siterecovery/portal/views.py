@@ -16,9 +16,9 @@ from typing import Any
 
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.lifecycle import Operation
+from siterecovery.domain.values import format_size
 
 Doc = Mapping[str, Any]
-UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 HEALTHS = ("healthy", "warning", "critical", "none")
 HEALTH_WORDS = {"none": "not replicating"}  # a failed-over or committed item has no health
 NONE = "\N{EN DASH}"  # what a table cell shows for no value
@@ -263,12 +263,7 @@ def parse_time(value: str) -> datetime:
 
 
 def human_bytes(count: float | None) -> str:
-    if count is None:
-        return NONE
-    value, unit = float(count), 0
-    while abs(value) >= 1024 and unit < len(UNITS) - 1:
-        value, unit = value / 1024, unit + 1
-    return f"{int(value)} B" if unit == 0 else f"{value:.1f} {UNITS[unit]}"
+    return NONE if count is None else format_size(count)
 
 
 def human_seconds(seconds: float | None) -> str:
