@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,35 @@ def test_a_paused_plan_survives_a_daemon_crash_and_a_cancel_releases_its_vms(
     assert cancelled["error"]["code"] == "JOB_CANCELLED"
     assert daemon.call("GET", "/items/db01")["busy_job"] is None
     assert daemon.call("GET", "/items/web01")["busy_job"] is None
+
+
+def test_plan_failback_with_full_download_and_scheduled_common_points(
+    daemon: Daemon, vault: Path
+) -> None:
+    protect(daemon, "web01")
+    protect(daemon, "db01")
+    # The scheduler takes the group's common points by itself (every 10 s here).
+    daemon.call(
+        "POST", "/groups", json={"name": "app", "vms": ["web01", "db01"], "common_interval": 10}
+    )
+    deadline = time.monotonic() + 60
+    while daemon.call("GET", "/groups/app")["latest_common"] is None:
+        assert time.monotonic() < deadline, "no scheduled common point within 60 s"
+        time.sleep(0.5)
+    common = daemon.call("GET", "/groups/app")["latest_common"]
+    assert common["type"] == "app-consistent" and set(common["points"]) == {"web01", "db01"}
+
+    make_plan(daemon, "app", ["web01"], ["db01"])
+    job(daemon, daemon.call("POST", "/plans/app/failover", json={"type": "unplanned"}))
+    job(daemon, daemon.call("POST", "/plans/app/commit"))
+    answer = daemon.call("POST", "/plans/app/failover", json={"type": "planned", "sync": "full"})
+    done = job(daemon, answer)
+    children = done["result"]["children"]
+    web, db = (daemon.call("GET", f"/jobs/{children[vm]}") for vm in ("web01", "db01"))
+    for child in (web, db):
+        assert child["integrity"]["equal"] is True
+        assert "full-download" in {s["name"] for s in child["steps"]}
+    web_steps = {s["name"]: s for s in web["steps"]}
+    db_steps = {s["name"]: s for s in db["steps"]}
+    assert at(web_steps["start-target"]["finished"]) <= at(db_steps["stop-source"]["started"])
+    assert done["bytes_done"] == web["bytes_done"] + db["bytes_done"] > 0
