@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from siterecovery.disk import qemu_img
-from siterecovery.disk.base import BlockDevice, Extent
+from siterecovery.disk.base import BlockDevice, EarlyWriteback, Extent
 from siterecovery.disk.file import FileDevice, create_raw
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec
@@ -215,3 +215,18 @@ def test_close_is_idempotent_and_final(device: BlockDevice) -> None:
         write(device, 0, 1)
     with pytest.raises(DiskError):
         list(device.extents())
+
+
+def test_a_file_device_can_start_writeback_early(tmp_path: Path) -> None:
+    """``start_writeback`` is a hint: the data reads back the same and the
+    final flush still succeeds (docs/PERFORMANCE.md has what it gains)."""
+    create_raw(tmp_path / "d.raw", 4 << 20)
+    data = os.urandom(1 << 20)
+    with FileDevice.open(tmp_path / "d.raw", writable=True) as dev:
+        assert isinstance(dev, EarlyWriteback)
+        dev.write(1 << 20, memoryview(data))
+        dev.start_writeback(1 << 20, len(data))
+        dev.flush()
+        back = bytearray(len(data))
+        dev.readinto(1 << 20, memoryview(back))
+    assert bytes(back) == data

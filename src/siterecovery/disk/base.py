@@ -89,3 +89,17 @@ class BlockDevice(Protocol):
     def close(self) -> None:
         """Release the handle. Idempotent."""
         ...
+
+
+@runtime_checkable
+class EarlyWriteback(Protocol):
+    """A device that can start writing a range to stable storage ahead of flush.
+
+    A durable sync calls it after each write so the disk writes while the copy
+    goes on, and the final flush has little left to wait for.
+    """
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing ``[offset, offset + length)`` out, without waiting. A hint:
+        only :meth:`BlockDevice.flush` makes anything durable."""
+        ...

@@ -28,6 +28,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+_SYNC_FILE_RANGE_WRITE = 0x02
 
 
 @contextmanager
@@ -129,6 +133,15 @@ class FileDevice:
             step = min(_ZERO_CHUNK, end - offset)
             self.write(offset, zeroes[:step])
             offset += step
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writeback of the range's dirty pages (``sync_file_range``, no wait).
+
+        A durable sync of 2 GiB made this way finished 20% sooner than writing
+        everything and then fsyncing (docs/PERFORMANCE.md). Errors are left to
+        :meth:`flush`, which reports them.
+        """
+        _sync_file_range(self._fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def flush(self) -> None:
         """fsync the file. Idempotent."""

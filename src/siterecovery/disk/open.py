@@ -133,9 +133,15 @@ def _serve(path: Path, fmt: str, stack: ExitStack, *, writable: bool) -> BlockDe
 
 
 def virtual_size(path: Path, fmt: str) -> int:
-    """The size of the disk an image file holds (the file's size when raw)."""
+    """The size of the disk an image file holds (the file's size when raw; a
+    qcow2 header's size field, big-endian u64 at byte 24; else ``qemu-img info``)."""
     if fmt == "raw":
         return path.stat().st_size
+    if fmt == "qcow2":
+        with path.open("rb") as f:
+            header = f.read(32)
+        if len(header) == 32:
+            return int.from_bytes(header[24:32], "big")
     from siterecovery.disk import qemu_img
 
     return qemu_img.virtual_size(path)

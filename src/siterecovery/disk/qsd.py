@@ -55,6 +55,9 @@ class DiskSpec:
     writable: bool = True
     export: bool = True
     """Serve it over NBD (False: a node for QMP block jobs only)."""
+    flush: bool = True
+    """Honour flushes (False: ``cache.no-flush``, for copies whose caller does not
+    want them durable, like ``qemu-img convert`` by default)."""
 
     def __post_init__(self) -> None:
         if not _NODE_NAME.match(self.node):
@@ -259,6 +262,8 @@ def _add_disk(qmp: QmpClient, disk: DiskSpec) -> None:
         "read-only": read_only,
         "discard": "unmap",
     }
+    if not disk.flush:
+        file_args["cache"] = {"no-flush": True}
     qmp.execute("blockdev-add", **file_args)
     format_args: dict[str, Any] = {
         "driver": disk.fmt,

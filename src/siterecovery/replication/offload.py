@@ -41,12 +41,15 @@ def copy_image(
     source: tuple[Path, str],
     target: tuple[Path, str],
     *,
+    flush: bool = True,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> SyncResult:
     """Make the image ``target`` (path, format) read as ``source``; what it did.
 
-    ``bytes_read`` and ``bytes_written`` are what QEMU's job counted as copied
+    ``flush`` False opens the target with ``cache.no-flush`` (QEMU's mirror
+    flushes its target before it reports ready). ``bytes_read`` and
+    ``bytes_written`` are what QEMU's job counted as copied
     (the source's allocated data; holes and zero clusters are not read).
     Raises SyncCancelled (resume offset 0) when ``cancelled()`` said so, or
     DiskError when QEMU reports the job failed.
@@ -57,7 +60,7 @@ def copy_image(
         run_dir,
         [
             DiskSpec("src", source[0], fmt=source[1], writable=False, export=False),
-            DiskSpec("dst", target[0], fmt=target[1], writable=True, export=False),
+            DiskSpec("dst", target[0], fmt=target[1], writable=True, export=False, flush=flush),
         ],
         detached=False,
     )

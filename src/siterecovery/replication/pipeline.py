@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from siterecovery.disk.base import BlockDevice, Extent
+from siterecovery.disk.base import BlockDevice, EarlyWriteback, Extent
 from siterecovery.domain.errors import SyncCancelled
 
 Segments = Sequence[tuple[int, int, bool]]
@@ -243,6 +243,8 @@ class Stage:
     chunk_size: int
     grain: int
     target_is_blank: bool
+    early_writeback: bool = False
+    """Start each write's writeback at once (a durable sync: see EarlyWriteback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +416,8 @@ class Pipeline:
                 sink.zero(offset + start, length)
             else:
                 sink.write(offset + start, view[start : start + length])
+        if self._stage.early_writeback and isinstance(sink, EarlyWriteback):
+            sink.start_writeback(offset, len(view))
 
     def _close(self, sink: BlockDevice | None) -> None:
         if sink is None:

@@ -122,7 +122,11 @@ def _offload(
     from siterecovery.replication.offload import copy_image
 
     return copy_image(
-        (paths[0], source_fmt), (paths[1], target_fmt), progress=progress, cancelled=cancelled
+        (paths[0], source_fmt),
+        (paths[1], target_fmt),
+        flush=request.options.flush,
+        progress=progress,
+        cancelled=cancelled,
     )
 
 

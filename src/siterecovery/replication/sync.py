@@ -225,6 +225,7 @@ def _stage(options: SyncOptions) -> Stage:
         chunk_size=options.chunk_size,
         grain=options.block_size,
         target_is_blank=options.target_is_blank,
+        early_writeback=options.flush,
     )
 
 
