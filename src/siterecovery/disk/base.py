@@ -9,8 +9,8 @@ wrapper implementing the same protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 
@@ -32,6 +32,24 @@ class Extent:
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+def merge_touching(extents: Iterable[Extent]) -> Iterator[Extent]:
+    """Join extents that touch and are of the same kind (``zero`` and ``dirty``)."""
+    current: Extent | None = None
+    for extent in extents:
+        if (
+            current is not None
+            and current.end == extent.start
+            and (current.zero, current.dirty) == (extent.zero, extent.dirty)
+        ):
+            current = replace(current, length=current.length + extent.length)
+            continue
+        if current is not None:
+            yield current
+        current = extent
+    if current is not None:
+        yield current
 
 
 @runtime_checkable

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import nbd
 
-from siterecovery.disk.base import Extent
+from siterecovery.disk.base import Extent, merge_touching
 from siterecovery.domain.errors import DiskError
 
 MAX_REQUEST = 32 * 1024 * 1024
@@ -157,14 +156,15 @@ class NbdDevice:
         end = self._end_of(offset, length)
         if not self._h.can_meta_context(_ALLOCATION):
             return iter([Extent(offset, end - offset, zero=False)])
-        return _merged(self._statuses(_ALLOCATION, offset, end, _allocation_kind))
+        return merge_touching(self._statuses(_ALLOCATION, offset, end, _allocation_kind))
 
     def dirty_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Change map from the dirty bitmap; ``zero`` is always false here."""
         end = self._end_of(offset, length)
         if self._bitmap is None:
             raise DiskError(detail=f"NBD export '{self._export}' was opened without a dirty bitmap")
-        return _merged(self._statuses(_DIRTY_PREFIX + self._bitmap, offset, end, _dirty_kind))
+        context = _DIRTY_PREFIX + self._bitmap
+        return merge_touching(self._statuses(context, offset, end, _dirty_kind))
 
     def _statuses(
         self, context: str, pos: int, end: int, kind: Callable[[int], _Kind]
@@ -253,17 +253,3 @@ def _max_request(handle: Any) -> int:
     except (nbd.Error, AttributeError):
         server_max = 0
     return min(MAX_REQUEST, server_max) if server_max > 0 else MAX_REQUEST
-
-
-def _merged(extents: Iterator[Extent]) -> Iterator[Extent]:
-    """Join adjacent extents of the same kind."""
-    current: Extent | None = None
-    for extent in extents:
-        if current and (current.zero, current.dirty) == (extent.zero, extent.dirty):
-            current = replace(current, length=current.length + extent.length)
-            continue
-        if current:
-            yield current
-        current = extent
-    if current:
-        yield current

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from siterecovery.disk.base import BlockDevice, Extent
+from siterecovery.disk.base import BlockDevice, Extent, merge_touching
 from siterecovery.disk.digest import Digests, zero_digest
 from siterecovery.domain.errors import DiskError
 
@@ -43,7 +43,7 @@ def allocation_plan(src: BlockDevice, start: int, *, tracked: bool, skip_zero: b
     ``skip_zero`` drops zero extents (the target reads as zeroes already).
     """
     if tracked:
-        extents = list(merged(intersect(src.dirty_extents(start), src.extents(start))))
+        extents = list(merge_touching(intersect(src.dirty_extents(start), src.extents(start))))
     else:
         extents = list(src.extents(start))
     return Plan([e for e in extents if not (e.zero and skip_zero)])
@@ -68,20 +68,6 @@ def _next_extent(extents: Iterator[Extent], pos: int) -> Extent:
     if extent is None:
         raise DiskError(detail=f"the allocation map ends before the dirty map, at {pos}")
     return extent
-
-
-def merged(extents: Iterable[Extent]) -> Iterator[Extent]:
-    """Join touching extents of the same kind."""
-    current: Extent | None = None
-    for extent in extents:
-        if current and current.end == extent.start and current.zero == extent.zero:
-            current = Extent(current.start, current.length + extent.length, zero=current.zero)
-            continue
-        if current:
-            yield current
-        current = extent
-    if current:
-        yield current
 
 
 def diff(ours: Digests, theirs: Digests, start: int, bs: int, end: int) -> tuple[list[Extent], int]:
