@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbos import DBOS, SetWorkflowID
 
-from siterecovery.domain.errors import ActionFailed, ChildJobFailed, JobCancelled
+from siterecovery.domain.errors import ActionFailed, ChildJobFailed, JobCancelled, JobNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Job, JobState, utcnow
 from siterecovery.domain.recovery import Action, ActionKind
@@ -146,20 +146,12 @@ def _start_child(job_id: str, child: dict[str, Any]) -> None:
 
 def _record_child(parent: str, child: dict[str, Any]) -> dict[str, Any]:
     store = context().store
-    if not _exists(child["job"]):
+    if _job_or_none(child["job"]) is None:
         now = utcnow()
         params = {**child["params"], "parent": parent}
         job = Job(child["job"], child["kind"], child["vm"], JobState.QUEUED, now, now)
         store.add_job(job=replace(job, params=params))
     return {"job": child["job"], "kind": child["kind"], "vm": child["vm"]}
-
-
-def _exists(job_id: str) -> bool:
-    try:
-        context().store.get_job(job_id=job_id)
-    except Exception:
-        return False
-    return True
 
 
 def _wait(
@@ -201,9 +193,10 @@ def _poll(
 
 
 def _job_or_none(job_id: str) -> Job | None:
+    """The job, or None when it was never recorded (its child has not started)."""
     try:
         return context().store.get_job(job_id=job_id)
-    except Exception:
+    except JobNotFound:
         return None
 
 
@@ -244,7 +237,7 @@ def _release_unstarted(children: list[dict[str, Any]]) -> None:
     """Items still owned by a child job that never started are free again."""
     store = context().store
     for child in children:
-        if _exists(child["job"]):
+        if _job_or_none(child["job"]) is not None:
             continue
         if store.get_tracking(vm=child["vm"]).get("busy") == child["job"]:
             store.merge_tracking(vm=child["vm"], busy=None)

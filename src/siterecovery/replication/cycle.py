@@ -363,7 +363,7 @@ def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) ->
     points = ctx.store.list_points(vm=item.vm, site=site.name)
     pinned = set(ctx.store.get_tracking(vm=item.vm).get("pinned") or [])
     # A group member keeps its newest common point: the group fails over to it.
-    pinned |= {p.id for p in points if p.common and p.id == _newest_common(points)}
+    pinned.update([p.id for p in points if p.common][-1:])
     following = {p.id: n.id for p, n in itertools.pairwise(points)}
     doomed = [
         p.id
@@ -374,11 +374,6 @@ def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) ->
     for point_id in doomed:
         _drop_point(ctx, item.vm, site, provider, point_id)
     return doomed
-
-
-def _newest_common(points: list[RecoveryPoint]) -> str | None:
-    common = [p.id for p in points if p.common]
-    return common[-1] if common else None
 
 
 def _drop_point(ctx: Context, vm: str, site: Site, provider: Provider, point_id: str) -> None:

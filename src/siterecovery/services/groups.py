@@ -76,13 +76,15 @@ def group_view(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
     from siterecovery.domain.model import PointType
     from siterecovery.replication.group import newest_common
 
-    site = _standby(ctx, group)
+    items = [i for i in (ctx.store.find_item(vm=vm) for vm in group.members) if i is not None]
+    first = items[0] if items else None
+    site = first.standby_site if first else None
     latest = newest_common(ctx, group, site) if site else None
     app = newest_common(ctx, group, site, kind=PointType.APP_CONSISTENT) if site else None
     return {
         **group.to_dict(),
         "limit": MAX_GROUP_SIZE,
-        "direction": _direction(ctx, group),
+        "direction": f"{first.active_site} -> {first.standby_site}" if first else None,
         "latest_common": _common_view(latest),
         "latest_common_app_consistent": _common_view(app),
     }
@@ -98,17 +100,6 @@ def _common_view(points: dict[str, Any] | None) -> dict[str, Any] | None:
         "type": first.type.value,
         "points": {vm: p.id for vm, p in points.items()},
     }
-
-
-def _standby(ctx: Context, group: ReplicationGroup) -> str | None:
-    items = [ctx.store.find_item(vm=vm) for vm in group.members]
-    return next((i.standby_site for i in items if i is not None), None)
-
-
-def _direction(ctx: Context, group: ReplicationGroup) -> str | None:
-    items = [ctx.store.find_item(vm=vm) for vm in group.members]
-    first = next((i for i in items if i is not None), None)
-    return f"{first.active_site} -> {first.standby_site}" if first else None
 
 
 def _validated(ctx: Context, group: ReplicationGroup, members: list[str]) -> ReplicationGroup:
