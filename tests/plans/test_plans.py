@@ -225,6 +225,8 @@ def test_group_and_plan_commands_of_the_cli(daemon: Daemon, vault: Path) -> None
     point = json.loads(cli(vault, "group", "point", "app").stdout)
     assert set(point["points"]) == {"web01", "db01"}
     assert "app-c000001" in human("group", "list")
+    assert "db01" not in human("group", "remove", "app", "db01").split("Replication groups")[1]
+    assert "web01, db01" in human("group", "add", "app", "db01")
     human("plan", "create", "app", "--description", "web and db tiers")
     human("plan", "add", "app", "--group", "1", "web01")
     human("plan", "add", "app", "--group", "2", "db01")

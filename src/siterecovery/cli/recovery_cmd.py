@@ -55,6 +55,9 @@ MEMBER_COLUMNS: list[render.Column] = [
 ]
 
 
+_groups = render.lister(GROUP_COLUMNS, "Replication groups", "no groups")
+
+
 def _plan_view(doc: Any) -> None:
     rows = [{**m, "group": g["index"]} for g in doc.get("groups", []) for m in g["members"]]
     actions = [
@@ -157,15 +160,14 @@ def _group_change(
 ) -> None:
     with Session.of(ctx, vault, json_out) as session:
         doc = session.client.post(f"/groups/{segment(name)}/{path}", {"vms": vms})
-        session.emit(doc, render.lister(GROUP_COLUMNS, "Replication group", ""))
+        session.emit(doc, lambda group: _groups([group]))
 
 
 @group_app.command("list")
 def group_list(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
     """List the replication groups with their latest common points."""
     with Session.of(ctx, vault, json_out) as session:
-        docs = session.client.get("/groups")
-        session.emit(docs, render.lister(GROUP_COLUMNS, "Replication groups", "no groups"))
+        session.emit(session.client.get("/groups"), _groups)
 
 
 @group_app.command("show")
