@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from siterecovery.cli.app import run_app
+from siterecovery.cli.main import run
 from siterecovery.daemon import init_vault, vault_url
 from siterecovery.disk import qemu_img
 from siterecovery.disk.file import FileDevice, create_raw
@@ -261,20 +263,117 @@ def test_human_output_reports_the_digests(workdir: Path) -> None:
     assert "full sync: read" in run.stdout and "digests equal" in run.stdout
 
 
-def test_sync_loads_only_its_own_command(tmp_path: Path) -> None:
-    """Start-up counts for a copy tool: `sync` never imports the HTTP client or
-    the other commands (cli/main.py builds only the command being run)."""
+NOT_FOR_SYNC = (
+    *("typer", "click", "rich", "pydantic", "httpx", "sqlalchemy"),
+    *("siterecovery.cli.app", "siterecovery.cli.session", "siterecovery.cli.render"),
+    *("siterecovery.cli.demo_cmd", "siterecovery.cli.recovery_cmd", "siterecovery.wire.client"),
+)
+"""Packages and modules a local `sync --json` must not import."""
+
+
+def imported(importtime: str) -> set[str]:
+    """The modules named in ``python -X importtime`` output (its stderr)."""
+    return {line.rsplit("|", 1)[-1].strip() for line in importtime.splitlines() if "|" in line}
+
+
+def test_sync_starts_without_typer_rich_or_the_http_client(tmp_path: Path) -> None:
+    """Start-up counts for a copy tool (bench/datapath.py times the process):
+    `sync --json` parses with argparse and loads neither Typer (nor its pydantic
+    adapter), Rich, the HTTP client, the other commands nor the wire client."""
     source = tmp_path / "a.raw"
     source.write_bytes(b"x" * 65536)
-    code = (
-        "import sys\n"
-        "from siterecovery.cli.main import run\n"
-        f"code = run(['sync', {str(source)!r}, {str(tmp_path / 'b.raw')!r}, '--json'])\n"
-        "loaded = [m for m in ('httpx', 'siterecovery.cli.demo_cmd',"
-        " 'siterecovery.cli.recovery_cmd') if m in sys.modules]\n"
-        "print(code, loaded, file=sys.stderr)\n"
-        "sys.exit(1 if code or loaded else 0)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "siterecovery", "sync", str(source),
+         str(tmp_path / "b.raw"), "--json", "--no-verify"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["bytes_written"] == 65536
+    modules = imported(run.stderr)
+    assert "siterecovery.replication.standalone" in modules  # the output is what we think
+    loaded = {m for m in modules if m in NOT_FOR_SYNC or m.split(".")[0] in NOT_FOR_SYNC}
+    assert not loaded
     assert (tmp_path / "b.raw").read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--mode", "bogus"], "INVALID_INPUT"),
+        (["--threads", "x"], "USAGE"),
+        (["--frobnicate"], "USAGE"),
+        (["--block-size"], "USAGE"),
+    ],
+    ids=["mode", "threads", "unknown", "missing-value"],
+)
+def test_bad_options_exit_2_with_one_document_and_create_nothing(
+    workdir: Path, args: list[str], code: str
+) -> None:
+    source, target = workdir / "src.raw", workdir / "dst.raw"
+    scatter(source, seed=7, count=1)
+    doc = cli("sync", str(source), str(target), *args, code=2)
+    assert doc["error"]["code"] == code and doc["error"]["message"]
+    assert set(doc["error"]) == {"code", "message", "details"}
+    assert not target.exists()
+
+
+def test_global_options_before_the_command_still_apply(workdir: Path) -> None:
+    """`siterecovery --json --vault DIR sync ...`, as for every other command."""
+    source, target = workdir / "src.raw", workdir / "dst.raw"
+    scatter(source, seed=7, count=1)
+    argv = [sys.executable, "-m", "siterecovery", "--json", "--vault", str(workdir / "none")]
+    bad = subprocess.run([*argv, "sync", str(source), str(target), "--threads", "x"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "USAGE"
+    keyed = subprocess.run([*argv, "sync", str(source), "tcp://127.0.0.1:9", "--key", "dr"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    error = json.loads(keyed.stdout)["error"]  # --vault reached the key lookup
+    assert keyed.returncode == 2 and str(workdir / "none") in error["message"]
+    assert not target.exists()
+
+
+def test_a_usage_error_without_json_prints_argparse_usage_on_stderr(workdir: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "siterecovery", "sync", "a.raw", "b.raw", "--frobnicate"],
+        capture_output=True, text=True, timeout=60, cwd=workdir,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stdout == ""
+    assert "usage: siterecovery sync" in run.stderr and "--frobnicate" in run.stderr
+    assert not (workdir / "b.raw").exists()
+
+
+SYNC_OPTIONS = ["--mode", "--threads", "--block-size", "--chunk-size", "--compress", "--key",
+                "--resume", "--verify", "--no-verify", "--flush", "--no-flush", "--vault",
+                "--json"]  # fmt: skip
+RECEIVE_OPTIONS = ["--listen", "--key", "--forever", "--vault", "--json"]
+
+
+@pytest.mark.parametrize(
+    ("command", "options"), [("sync", SYNC_OPTIONS), ("sync-receive", RECEIVE_OPTIONS)]
+)
+def test_help_of_a_data_plane_command_documents_every_option(
+    capsys: pytest.CaptureFixture[str], command: str, options: list[str]
+) -> None:
+    assert run([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: siterecovery {command}" in out
+    assert [option for option in options if option not in out] == []
+
+
+def test_root_help_lists_the_data_plane_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "sync-receive" in out and "Receive syncs from" in out
+    assert "Make DST read the same as SRC" in out
+
+
+def test_the_typer_app_forwards_a_data_plane_command(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command the root help lists runs the same argparse command."""
+    source, target = workdir / "src.raw", workdir / "dst.raw"
+    scatter(source, seed=7, count=1)
+    args = ["--json", "sync", str(source), str(target), "--threads", "2", "--no-verify"]
+    assert run_app(args, ["sync"], as_json=True) == 0
+    assert json.loads(capsys.readouterr().out)["bytes_written"] > 0
+    assert same_content(source, target)

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from siterecovery.cli import render
-from siterecovery.cli.session import JsonOpt, Session, VaultOpt, vault_store
+from siterecovery.cli.common import vault_store
+from siterecovery.cli.session import JsonOpt, Session, VaultOpt
 
 if TYPE_CHECKING:
     from siterecovery.store.repo import VaultStore
 
-app = typer.Typer(
-    help="Create, list, export and import encryption keys.", no_args_is_help=True
-)
+app = typer.Typer(help="Create, list, export and import encryption keys.", no_args_is_help=True)
 
 COLUMNS: list[render.Column] = [
     ("NAME", lambda k: str(k["name"])),

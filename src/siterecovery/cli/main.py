@@ -9,23 +9,20 @@ JSON document on stdout, errors included (``{"error": {"code", "message",
     1  anything else      4  not found
     2  usage (bad option or value)
 
-Only this module knows exit codes.
+Only this module knows exit codes. The Typer application (cli/app.py) is
+imported only for the commands that need it: ``sync`` and ``sync-receive``
+(cli/sync_cmd.py) parse their options with argparse and start without Typer,
+its pydantic adapter or Rich (start-up counts for a copy tool).
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import typer
-
-# Typer vendors Click; its exceptions are only importable from there.
-from typer._click.exceptions import ClickException, UsageError
-
-from siterecovery.cli import render
-from siterecovery.cli.session import Globals, JsonOpt, VaultOpt
+from siterecovery.cli import sync_cmd
+from siterecovery.cli.common import UsageError, print_json
 from siterecovery.domain.errors import Category, InternalError, SiteRecoveryError, category_of
 
 EXIT_CODES = {Category.USAGE: 2, Category.RULE: 3, Category.NOT_FOUND: 4}
@@ -54,53 +51,25 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "demo": ("demo_cmd", "demo", False),
     "jobs": ("jobs_cmd", "list_jobs", False),
     "job": ("jobs_cmd", "app", True),
-    "sync": ("sync_cmd", "sync", False),
+    "sync": ("sync_cmd", "sync", False),  # argparse commands: see sync_cmd.COMMANDS
     "sync-receive": ("sync_cmd", "receive", False),
     "key": ("keys_cmd", "app", True),
     "group": ("recovery_cmd", "group_app", True),
     "plan": ("recovery_cmd", "plan_app", True),
 }
 """Every command, in help order. Only the command being run is imported (with
-its module's dependencies): ``siterecovery sync`` never loads the HTTP client
-(start-up time counts for a copy tool; see docs/PERFORMANCE.md)."""
+its module's dependencies): ``siterecovery sync`` never loads the HTTP client,
+Typer or Rich (start-up time counts for a copy tool; see docs/PERFORMANCE.md)."""
 
 
-def root(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
-    """Open, self-hosted site recovery for virtual machines.
-
-    Start a daemon with `siterecovery serve`; the other commands talk to it.
-    """
-    ctx.obj = Globals(vault=vault, json=json_out)
-
-
-def build_app(names: Sequence[str] | None = None) -> typer.Typer:
-    """The command line with the commands ``names`` (default: all of them)."""
-    app = typer.Typer(
-        name=PROG,
-        help="Open, self-hosted site recovery for virtual machines.",
-        no_args_is_help=True,
-        add_completion=False,
-        pretty_exceptions_enable=False,
-    )
-    app.callback()(root)
-    for name in names or COMMANDS:
-        module, attribute, group = COMMANDS[name]
-        target = getattr(importlib.import_module(f"siterecovery.cli.{module}"), attribute)
-        if group:
-            app.add_typer(target, name=name)
-        else:
-            app.command(name)(target)
-    return app
-
-
-def command_name(args: Sequence[str]) -> str | None:
-    """The command ``args`` run, when it is one of ours (skipping global options)."""
-    rest = iter(args)
-    for arg in rest:
+def command_index(args: Sequence[str]) -> int | None:
+    """Where in ``args`` the command is, when it is one of ours (skipping global options)."""
+    rest = iter(enumerate(args))
+    for index, arg in rest:
         if arg == "--vault":
             next(rest, None)
         elif not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
+            return index if arg in COMMANDS else None
     return None
 
 
@@ -120,15 +89,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(args)
     try:
-        name = command_name(args)
-        app = build_app([name] if name else None)
-        return _exit_status(app(args=args, prog_name=PROG, standalone_mode=False))
+        return dispatch(args, as_json=as_json)
     except SiteRecoveryError as error:
         return fail(error.to_dict(), as_json=as_json)
-    except ClickException as error:
-        return click_error(error, as_json=as_json)
-    except typer.Abort:
-        return fail({"code": "ABORTED", "message": "aborted", "details": {}}, as_json=as_json)
+    except UsageError as error:
+        return usage_error(error, as_json=as_json)
     except Exception as error:
         if not as_json:
             raise
@@ -137,27 +102,39 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
 
 
-def _exit_status(result: Any) -> int:
-    # Without standalone mode Click returns the code of a typer.Exit, else the
-    # command's own return value (None for all of ours).
-    return result if isinstance(result, int) else 0
+def dispatch(args: list[str], *, as_json: bool) -> int:
+    """Run a data-plane command without Typer (unless ``--help`` comes before
+    it: the root's help), any other through the Typer app of that command."""
+    index = command_index(args)
+    names = None if index is None else args[index : index + 1]
+    if index is not None and args[index] in sync_cmd.COMMANDS and "--help" not in args[:index]:
+        return sync_cmd.run(args[index], args[index + 1 :], before=args[:index])
+    from siterecovery.cli.app import run_app
+
+    return run_app(args, names, as_json=as_json)
 
 
 def fail(error: dict[str, Any], *, as_json: bool, code: int | None = None) -> int:
-    render.print_error(error, as_json=as_json)
+    """Print an error body (JSON on stdout, or red on stderr); its exit code."""
+    if as_json:
+        print_json({"error": dict(error)})
+    else:
+        from siterecovery.cli import render
+
+        render.print_error(error, as_json=False)
     return exit_code(str(error["code"])) if code is None else code
 
 
-def click_error(error: ClickException, *, as_json: bool) -> int:
-    """Click's own errors (usage errors exit 2): JSON with --json, else Typer's panel."""
+def usage_error(error: UsageError, *, as_json: bool) -> int:
+    """A command line argparse refused: exit 2; argparse's usage and message on
+    stderr, or the same USAGE document as Click's usage errors with --json."""
+    code = EXIT_CODES[Category.USAGE]
     if as_json:
-        code = "USAGE" if isinstance(error, UsageError) else "CLI_ERROR"
-        body = {"code": code, "message": error.format_message(), "details": {}}
-        return fail(body, as_json=True, code=error.exit_code)
-    from typer import rich_utils
-
-    rich_utils.rich_format_error(error)
-    return error.exit_code
+        return fail(
+            {"code": "USAGE", "message": str(error), "details": {}}, as_json=True, code=code
+        )
+    sys.stderr.write(f"{error.usage}{error.prog}: error: {error}\n")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> None:

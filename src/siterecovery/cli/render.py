@@ -8,7 +8,6 @@ parses exactly. Human output escapes every value from the daemon (a VM named
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -27,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from siterecovery.cli.common import print_json as print_json
 from siterecovery.domain.values import format_size
 
 Doc = Mapping[str, Any]
@@ -36,12 +36,6 @@ Column = tuple[str, Callable[[Doc], str]]
 def console(*, stderr: bool = False) -> Console:
     """A console on the current stdout (or stderr): tests may swap them."""
     return Console(stderr=stderr, highlight=False)
-
-
-def print_json(doc: Any) -> None:
-    """Print ``doc`` as the one JSON document of the command."""
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    sys.stdout.flush()
 
 
 def print_error(error: Doc, *, as_json: bool) -> None:
@@ -64,6 +58,7 @@ def warn(message: str) -> None:
 
 
 # -- values ------------------------------------------------------------------
+
 
 def human_bytes(count: float | None) -> str:
     return "-" if count is None else format_size(count)

@@ -7,9 +7,7 @@ through the ``VaultOpt`` and ``JsonOpt`` types); the command's own value wins.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,29 +15,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from siterecovery.cli import render
-from siterecovery.domain.errors import InvalidInput
+from siterecovery.cli.common import JSON_HELP, VAULT_HELP, print_json, resolve_vault
 
 if TYPE_CHECKING:
     from siterecovery.cli.client import Client
-    from siterecovery.store.repo import VaultStore
-
-VAULT_ENV = "SITERECOVERY_VAULT"
-DEFAULT_VAULT = Path("siterecovery-vault")
 
 VaultOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--vault",
-        metavar="DIR",
-        show_default=False,
-        help=f"Vault directory (default: ${VAULT_ENV}, else ./{DEFAULT_VAULT}).",
-    ),
+    typer.Option("--vault", metavar="DIR", show_default=False, help=VAULT_HELP),
 ]
-JsonOpt = Annotated[
-    bool,
-    typer.Option("--json", help="Print exactly one JSON document on stdout."),
-]
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 SiteOpt = Annotated[str | None, typer.Option("--site", metavar="SITE", help="Only this site.")]
 
 
@@ -49,13 +34,6 @@ class Globals:
 
     vault: Path | None = None
     json: bool = False
-
-
-def resolve_vault(given: Path | None) -> Path:
-    """``--vault``, else ``$SITERECOVERY_VAULT``, else ``./siterecovery-vault``."""
-    if given is not None:
-        return given
-    return Path(os.environ.get(VAULT_ENV) or DEFAULT_VAULT)
 
 
 class Session:
@@ -86,7 +64,7 @@ class Session:
     def emit(self, doc: Any, human: Callable[[Any], None]) -> None:
         """Print ``doc`` as JSON with --json, else through ``human``."""
         if self.json:
-            render.print_json(doc)
+            print_json(doc)
         else:
             human(doc)
 
@@ -101,19 +79,3 @@ class Session:
     ) -> None:
         if self._client is not None:
             self._client.close()
-
-
-@contextmanager
-def vault_store(vault: Path) -> Iterator[VaultStore]:
-    """The vault's database opened in this process, for the commands that need no
-    daemon (sync and key files: key material never crosses the API)."""
-    from siterecovery.daemon import vault_url
-    from siterecovery.store.repo import VaultStore
-
-    if not (vault / "config.json").exists():
-        raise InvalidInput(field="vault", reason=f"no vault at {vault} (see `siterecovery init`)")
-    store = VaultStore(vault_url(vault))
-    try:
-        yield store
-    finally:
-        store.close()

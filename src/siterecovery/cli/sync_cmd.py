@@ -16,29 +16,25 @@ URLs, and, for DST only, a receiver: ``tcp://HOST:PORT`` or ``unix:PATH``.
 listens (``--listen tcp://127.0.0.1:0`` picks a free port), serves until
 one sync completed (or, with ``--forever``, until SIGTERM/Ctrl-C), then
 prints its summary.
+
+Both are parsed with argparse, not Typer: a copy tool is timed as a process,
+and Typer (with its pydantic adapter) and Rich cost ~0.1 s of start-up.
+cli/main.py runs them without importing either; Rich loads only for human
+output (the progress bar, the summary). ``siterecovery --help`` lists them
+through cli/app.py, which forwards to :func:`run`.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
-from siterecovery.cli import render
-from siterecovery.cli.session import JsonOpt, Session, VaultOpt, vault_store
+from siterecovery.cli.common import JSON_HELP, VAULT_HELP, UsageError, print_json
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.values import parse_size
 
@@ -47,97 +43,174 @@ if TYPE_CHECKING:  # The engine (numpy...) loads only when a sync runs.
     from siterecovery.replication.sync import Progress as ProgressCallback
     from siterecovery.replication.sync import SyncMode
 
-KeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--key",
-        metavar="NAME",
-        help="Encrypt with this vault key (AES-256-GCM; the receiver needs the same key).",
-    ),
-]
+PROG = "siterecovery"
+HELP = {
+    "sync": "Make DST read the same as SRC: only allocated (full), differing (checksum)\n"
+    "or dirty (tracked, with &bitmap=NAME in an NBD URL) blocks move.",
+    "sync-receive": "Receive syncs from `siterecovery sync SRC ADDRESS` into DST "
+    "(created if missing).",
+}
+"""Each command's description, its first paragraph also its line in ``siterecovery --help``."""
+RECEIVE_NOTE = (
+    "Without --key, whoever reaches ADDRESS can write DST: listen on loopback or a\n"
+    "unix socket, or use --key (every frame is then sealed and authenticated)."
+)
+KEY_HELP = "Encrypt with this vault key (AES-256-GCM; the receiver needs the same key)."
+
+Options = argparse.Namespace
+Handler = Callable[[Options], None]
 
 
-def sync(
-    ctx: typer.Context,
-    src: Annotated[str, typer.Argument(metavar="SRC", help="Source image or NBD URL.")],
-    dst: Annotated[
-        str, typer.Argument(metavar="DST", help="Target: image, NBD URL, tcp://H:P, unix:PATH.")
-    ],
-    mode: Annotated[
-        str, typer.Option("--mode", metavar="full|checksum|tracked", help="What to send.")
-    ] = "full",
-    threads: Annotated[int, typer.Option("--threads", help="Workers per stage.")] = 4,
-    block_size: Annotated[
-        str, typer.Option("--block-size", metavar="B", help="Checksum and zero block.")
-    ] = "64K",
-    chunk_size: Annotated[
-        str, typer.Option("--chunk-size", metavar="B", help="Largest request (a multiple of B).")
-    ] = "1M",
-    compress: Annotated[bool, typer.Option("--compress", help="zstd over the wire.")] = False,
-    key: KeyOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Resume from the receiver's last checkpoint.")
-    ] = False,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Compare whole-disk digests at the end.")
-    ] = True,
-    flush: Annotated[
-        bool, typer.Option("--flush/--no-flush", help="Make the target durable (fsync).")
-    ] = True,
-    vault: VaultOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Make DST read the same as SRC: only allocated (full), differing (checksum)
-    or dirty (tracked, with &bitmap=NAME in an NBD URL) blocks move."""
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`UsageError` instead of exiting
+    (cli/main.py prints it, as JSON with --json, and picks the exit code)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, prog=self.prog, usage=self.format_usage())
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; an option's default shown when it has a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and action.option_strings and "%(default)" not in (action.help or ""):
+            return f"{action.help} (default: %(default)s)"
+        return action.help
+
+
+def run(name: str, args: Sequence[str], *, before: Sequence[str] = ()) -> int:
+    """Run the command ``name`` with its arguments ``args``; ``before``: the
+    global options given before the command (``--vault DIR``, ``--json``).
+
+    Returns 0 (also after ``--help``); raises UsageError or SiteRecoveryError.
+    """
+    handler, parser = COMMANDS[name]
+    given = _global_parser().parse_args(before)
+    try:
+        options = parser().parse_args(args)
+    except SystemExit as done:  # --help: argparse printed it
+        return done.code if isinstance(done.code, int) else 0
+    options.vault = options.vault or given.vault
+    options.json = options.json or given.json
+    handler(options)
+    return 0
+
+
+# -- the commands --------------------------------------------------------------
+
+
+def sync(options: Options) -> None:
+    """``siterecovery sync``: run the engine, print its report."""
     from siterecovery.replication.standalone import SyncRequest, run_sync
     from siterecovery.replication.sync import SyncOptions
 
-    session = Session.of(ctx, vault, json_out)
-    options = SyncOptions(
-        mode=_mode(mode),
-        threads=threads,
-        block_size=parse_size("block_size", block_size),
-        chunk_size=parse_size("chunk_size", chunk_size),
-        flush=flush,
+    settings = SyncOptions(
+        mode=_mode(options.mode),
+        threads=options.threads,
+        block_size=parse_size("block_size", options.block_size),
+        chunk_size=parse_size("chunk_size", options.chunk_size),
+        flush=options.flush,
     )
-    secret = _load_key(session.vault, key) if key else None
-    request = SyncRequest(src, dst, options, compress=compress, key=secret, resume=resume,
-                          verify=verify)  # fmt: skip
-    with _progress_bar(enabled=not session.json) as progress:
+    secret = _load_key(options.vault, options.key) if options.key else None
+    request = SyncRequest(options.src, options.dst, settings, compress=options.compress,
+                          key=secret, resume=options.resume, verify=options.verify)  # fmt: skip
+    with _progress_bar(enabled=not options.json) as progress:
         doc = run_sync(request, progress=progress)
-    session.emit(doc, _render_sync)
+    _emit(doc, _render_sync, as_json=options.json)
 
 
-def receive(
-    ctx: typer.Context,
-    dst: Annotated[str, typer.Argument(metavar="DST", help="Target image or NBD URL.")],
-    listen: Annotated[
-        str,
-        typer.Option("--listen", metavar="ADDRESS", help="tcp://HOST:PORT (0: any) or unix:PATH."),
-    ] = "tcp://127.0.0.1:0",
-    key: KeyOpt = None,
-    forever: Annotated[
-        bool, typer.Option("--forever", help="Keep serving after a sync completed.")
-    ] = False,
-    vault: VaultOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Receive syncs from `siterecovery sync SRC ADDRESS` into DST (created if missing).
-
-    Without --key, whoever reaches ADDRESS can write DST: listen on loopback or a
-    unix socket, or use --key (every frame is then sealed and authenticated).
-    """
+def receive(options: Options) -> None:
+    """``siterecovery sync-receive``: serve until done, print the summary."""
     from siterecovery.replication.standalone import ReceiveSession
 
-    session = Session.of(ctx, vault, json_out)
-    secret = _load_key(session.vault, key) if key else None
-    with ReceiveSession(dst, listen, key=secret, once=not forever) as receiver:
+    secret = _load_key(options.vault, options.key) if options.key else None
+    once = not options.forever
+    with ReceiveSession(options.dst, options.listen, key=secret, once=once) as receiver:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: receiver.stop())
         sys.stderr.write(f"listening on {receiver.address}\n")
         sys.stderr.flush()
         doc = receiver.serve()
-    session.emit(doc, render.everything)
+    _emit(doc, _render_summary, as_json=options.json)
+
+
+# -- the command lines -------------------------------------------------------
+
+
+def _sync_parser() -> Parser:
+    parser = _command_parser("sync", HELP["sync"])
+    parser.add_argument("src", metavar="SRC", help="Source image or NBD URL.")
+    parser.add_argument("dst", metavar="DST", help="Target: image, NBD URL, tcp://H:P, unix:PATH.")
+    option = parser.add_argument
+    option("--mode", metavar="full|checksum|tracked", default="full", help="What to send.")
+    option("--threads", type=int, metavar="N", default=4, help="Workers per stage.")
+    option("--block-size", metavar="B", default="64K", help="Checksum and zero block.")
+    option("--chunk-size", metavar="B", default="1M", help="Largest request (a multiple of B).")
+    option("--compress", action="store_true", help="zstd over the wire.")
+    option("--key", metavar="NAME", help=KEY_HELP)
+    option("--resume", action="store_true", help="Resume from the receiver's last checkpoint.")
+    option(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Compare whole-disk digests at the end.",
+    )
+    option(
+        "--flush",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Make the target durable (fsync).",
+    )
+    _add_globals(parser)
+    return parser
+
+
+def _receive_parser() -> Parser:
+    parser = _command_parser("sync-receive", f"{HELP['sync-receive']}\n\n{RECEIVE_NOTE}")
+    parser.add_argument("dst", metavar="DST", help="Target image or NBD URL.")
+    option = parser.add_argument
+    option(
+        "--listen",
+        metavar="ADDRESS",
+        default="tcp://127.0.0.1:0",
+        help="tcp://HOST:PORT (0: any) or unix:PATH.",
+    )
+    option("--key", metavar="NAME", help=KEY_HELP)
+    option("--forever", action="store_true", help="Keep serving after a sync completed.")
+    _add_globals(parser)
+    return parser
+
+
+COMMANDS: dict[str, tuple[Handler, Callable[[], Parser]]] = {
+    "sync": (sync, _sync_parser),
+    "sync-receive": (receive, _receive_parser),
+}
+
+
+def _command_parser(name: str, description: str) -> Parser:
+    return Parser(
+        prog=f"{PROG} {name}",
+        description=description,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+
+
+def _add_globals(parser: Parser) -> None:
+    """``--vault`` and ``--json``, accepted after the command too (its value wins)."""
+    parser.add_argument("--vault", type=Path, metavar="DIR", help=VAULT_HELP)
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def _global_parser() -> Parser:
+    """The options cli/main.py found before the command."""
+    parser = Parser(prog=PROG, add_help=False, allow_abbrev=False)
+    _add_globals(parser)
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------
 
 
 def _mode(text: str) -> SyncMode:
@@ -150,12 +223,20 @@ def _mode(text: str) -> SyncMode:
         raise InvalidInput(field="mode", reason=reason) from None
 
 
-def _load_key(vault: Path, name: str) -> SecretKey:
+def _load_key(vault: Path | None, name: str) -> SecretKey:
     """The key ``name`` from the vault database (read here: no daemon needed)."""
+    from siterecovery.cli.common import resolve_vault, vault_store
     from siterecovery.services.keys import load_key
 
-    with vault_store(vault) as store:
+    with vault_store(resolve_vault(vault)) as store:
         return load_key(store, name=name)
+
+
+def _emit(doc: dict[str, Any], human: Callable[[dict[str, Any]], None], *, as_json: bool) -> None:
+    if as_json:
+        print_json(doc)
+    else:
+        human(doc)
 
 
 @contextmanager
@@ -164,6 +245,17 @@ def _progress_bar(*, enabled: bool) -> Iterator[ProgressCallback | None]:
     if not enabled:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from siterecovery.cli import render
+
     bar = Progress(
         TextColumn("sync"),
         BarColumn(),
@@ -179,6 +271,8 @@ def _progress_bar(*, enabled: bool) -> Iterator[ProgressCallback | None]:
 
 
 def _render_sync(doc: dict[str, Any]) -> None:
+    from siterecovery.cli import render
+
     seconds = doc["seconds"]
     rate = doc["bytes_read"] / seconds if seconds > 0 else 0.0
     render.say(
@@ -189,3 +283,9 @@ def _render_sync(doc: dict[str, Any]) -> None:
     )
     if doc["digests"]:
         render.say(f"digests equal: {doc['digests']['target']}", style="green")
+
+
+def _render_summary(doc: dict[str, Any]) -> None:
+    from siterecovery.cli import render
+
+    render.everything(doc)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from siterecovery.disk.base import BlockDevice
 from siterecovery.disk.digest import disk_digest
@@ -35,7 +35,6 @@ from siterecovery.disk.open import (
     virtual_size,
 )
 from siterecovery.domain.errors import IntegrityError, InvalidInput
-from siterecovery.keys import SecretKey
 from siterecovery.replication.sync import (
     Cancelled,
     Progress,
@@ -45,8 +44,9 @@ from siterecovery.replication.sync import (
     sync,
 )
 from siterecovery.wire import address as addresses
-from siterecovery.wire.client import RemoteDevice
-from siterecovery.wire.server import Receiver
+
+if TYPE_CHECKING:  # Loaded when used: a local sync needs neither keys nor the wire.
+    from siterecovery.keys import SecretKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +137,8 @@ def _to_receiver(
     progress: Progress | None,
     cancelled: Cancelled | None,
 ) -> dict[str, Any]:
+    from siterecovery.wire.client import RemoteDevice
+
     job = f"{request.options.mode}:{_identity(request.source)}:{src.size}"
     dst = RemoteDevice.connect(
         request.target, size=src.size, job=job, key=request.key, compress=request.compress
@@ -204,6 +206,8 @@ class ReceiveSession:
     def __init__(
         self, target: str, listen: str, *, key: SecretKey | None = None, once: bool = True
     ) -> None:
+        from siterecovery.wire.server import Receiver
+
         self._stack = ExitStack()
         self._target = target
         self._listener, where = addresses.listen(addresses.parse(listen))
