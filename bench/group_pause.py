@@ -45,7 +45,9 @@ def main() -> None:
                 ]
                 daemon.call("DELETE", f"/groups/{name}")
                 median = statistics.median(pauses)
-                print(f"{size:>8} {median:>15.4f} {1000 * median / size:>14.1f} {max(pauses):>7.3f}")
+                print(
+                    f"{size:>8} {median:>15.4f} {1000 * median / size:>14.1f} {max(pauses):>7.3f}"
+                )
         finally:
             daemon.call("POST", "/lab/down")
             daemon.stop()

@@ -195,4 +195,3 @@ def test_the_monitor_serves_one_client_shared_in_the_process(served: Served) -> 
 def test_qmp_connect_to_nothing_is_a_disk_error(workdir: Path) -> None:
     with pytest.raises(DiskError, match="cannot connect"):
         QmpClient.connect(workdir / "nothing.sock", timeout=1)
-

@@ -127,9 +127,7 @@ def test_the_seeds_plan_rules_refuse_and_change_nothing(daemon: Daemon, vault: P
         message: str = error["message"]
         return message
 
-    message = refused(
-        "/plans/both/failover", {"type": "unplanned"}, 409, "PLAN_VMS_WITHOUT_POINTS"
-    )
+    message = refused("/plans/both/failover", {"type": "unplanned"}, 409, "PLAN_VMS_WITHOUT_POINTS")
     assert "db01" in message and "web01" not in message
     refused("/plans/both/failover", {"type": "planned"}, 409, "PLAN_VMS_WITHOUT_POINTS")
     refused("/plans/both/failover", {"type": "unplanned", "point": "web01-000001"}, 400,

@@ -319,8 +319,7 @@ class GroupSitesDiffer(RuleViolation):
 class GroupIncomplete(RuleViolation):
     code = "GROUP_INCOMPLETE"
     template = (
-        "a common point of group '{group}' needs every member protected and idle; "
-        "{vm} is {state}"
+        "a common point of group '{group}' needs every member protected and idle; {vm} is {state}"
     )
 
 

@@ -219,8 +219,6 @@ class RecoveryPlan:
             "name": self.name,
             "created": iso(self.created),
             "description": self.description,
-            "groups": [
-                {"index": i, **g.to_dict()} for i, g in enumerate(self.groups, start=1)
-            ],
+            "groups": [{"index": i, **g.to_dict()} for i, g in enumerate(self.groups, start=1)],
             "vms": self.vms,
         }

@@ -351,9 +351,7 @@ def _is_failback(ctx: Context, plan: RecoveryPlan, type: str) -> bool:
     )
 
 
-def _points(
-    ctx: Context, run: PlanRun, selector: str
-) -> dict[str, str | SiteRecoveryError]:
+def _points(ctx: Context, run: PlanRun, selector: str) -> dict[str, str | SiteRecoveryError]:
     """Each VM's point by the seed's rules: ``latest`` (latest processed): every VM
     its own latest point, a group member its latest independent one;
     ``latest-app-consistent``: a VM alone its latest app-consistent point, a
@@ -378,4 +376,3 @@ def _common_point(ctx: Context, item: Item, group_name: str) -> RecoveryPoint | 
     site = single.recovery_site(item)
     points = newest_common(ctx, group, site, kind=PointType.APP_CONSISTENT)
     return points.get(item.vm) if points else None
-

@@ -146,4 +146,3 @@ def _plan(row: PlanRow) -> RecoveryPlan:
         description=row.description or "",
         groups=tuple(BootGroup.from_dict(g) for g in row.groups or []),
     )
-
