@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -423,8 +424,11 @@ def _tcp_row(
         prepare(target)
         receiver[:] = [ReceiverProcess(target)]
 
+    receiver_cpu: list[float] = []
+
     def finish() -> None:
         receiver[0].wait()
+        receiver_cpu.append(receiver[0].cpu)
 
     same = check_once(lambda: images.same_content(source, target), f"tcp {name}")
     group = [
@@ -446,7 +450,9 @@ def _tcp_row(
     ratio = tcp.median / local.median
     wire = tcp.docs[-1]["wire"]
     sent, received = wire["bytes_sent"] / MiB, wire["bytes_received"] / MiB
-    note = f"wire: sent {sent:.1f} MiB, received {received:.2f} MiB"
+    note = f"wire: sent {sent:.1f} MiB, received {received:.2f} MiB; " + _cpu_note(
+        local, tcp, receiver_cpu
+    )
     return Row(
         f"{name}: TCP vs in-process",
         tcp.label,
@@ -460,6 +466,17 @@ def _tcp_row(
         note,
         _runs(tcp),
         _runs(local),
+    )
+
+
+def _cpu_note(local: Contender, tcp: Contender, receiver_cpu: list[float]) -> str:
+    """CPU seconds of both sides, and the shortest time they allow on this machine."""
+    sender, received = tcp.median_cpu, _median(receiver_cpu)
+    vcpus = len(os.sched_getaffinity(0))
+    return (
+        f"CPU s (medians; a command's start included, the receiver's not): in-process "
+        f"{local.median_cpu:.2f}, TCP sender {sender:.2f} + receiver {received:.2f} = "
+        f"{sender + received:.2f}, at least {(sender + received) / vcpus:.2f} s on {vcpus} vCPUs"
     )
 
 

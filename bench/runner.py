@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,12 +35,18 @@ class Contender:
     prepare: Callable[[], None] = lambda: None
     finish: Callable[[], None] = lambda: None
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    """CPU seconds (user + system) of each run's command, process start included."""
     docs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu)
 
 
 def run_group(contenders: Sequence[Contender], runs: int) -> None:
@@ -49,15 +56,22 @@ def run_group(contenders: Sequence[Contender], runs: int) -> None:
             contender.prepare()
             os.sync()
             argv = contender.argv()
+            cpu = _children_cpu()
             started = time.perf_counter()
             done = subprocess.run(argv, capture_output=True, text=True)
             contender.seconds.append(time.perf_counter() - started)
+            contender.cpu.append(_children_cpu() - cpu)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr[-2000:]}")
             contender.outputs.append(done.stdout)
             if done.stdout.lstrip().startswith("{"):
                 contender.docs.append(json.loads(done.stdout))
             contender.finish()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def remove(*paths: Path) -> None:
@@ -103,13 +117,24 @@ class ReceiverProcess:
         if not line.startswith("listening on "):
             raise RuntimeError(f"receiver did not start: {line}{self.process.stderr.read()}")
         self.address = line.split()[-1]
+        self._ready_cpu = _process_cpu(self.process.pid)
+        self.cpu = 0.0
+        """After :meth:`wait`: CPU seconds it spent once listening (its start excluded)."""
 
     def wait(self) -> dict[str, Any]:
+        before = _children_cpu()
         out, err = self.process.communicate(timeout=300)
+        self.cpu = _children_cpu() - before - self._ready_cpu
         if self.process.returncode != 0:
             raise RuntimeError(f"receiver failed: {err[-2000:]}")
         doc: dict[str, Any] = json.loads(out)
         return doc
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running child has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rsync_stats(output: str) -> dict[str, int]:
