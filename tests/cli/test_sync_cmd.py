@@ -125,7 +125,7 @@ def test_full_then_checksum_sync_into_a_qcow2_image(workdir: Path) -> None:
 def test_a_full_copy_between_qcow2_images_is_done_by_qemu_and_keeps_holes(
     workdir: Path,
 ) -> None:
-    """qcow2 -> qcow2 (full) runs as a QEMU mirror job (replication/offload.py): the
+    """qcow2 -> qcow2 (full) is done by qemu-img convert (replication/offload.py): the
     same digests, the same guest bytes, only the source's data copied, holes kept."""
     base, src, dst = workdir / "base.raw", workdir / "src.qcow2", workdir / "dst.qcow2"
     scatter(base, seed=9)
@@ -294,6 +294,26 @@ def test_sync_starts_without_typer_rich_or_the_http_client(tmp_path: Path) -> No
     loaded = {m for m in modules if m in NOT_FOR_SYNC or m.split(".")[0] in NOT_FOR_SYNC}
     assert not loaded
     assert (tmp_path / "b.raw").read_bytes() == source.read_bytes()
+
+
+def test_an_offloaded_copy_without_verify_loads_neither_the_engine_nor_numpy(
+    workdir: Path,
+) -> None:
+    """raw -> qcow2 is qemu-img's work (replication/offload.py): the command only
+    describes it (replication/options.py), so its start is Python's and little more."""
+    src, dst = workdir / "src.raw", workdir / "dst.qcow2"
+    scatter(src, seed=12)
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "siterecovery", "sync", str(src), str(dst),
+         "--json", "--no-verify"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    modules = imported(run.stderr)
+    assert "siterecovery.replication.offload" in modules
+    assert not {m for m in modules if m.split(".")[0] == "numpy"}
+    assert "siterecovery.replication.sync" not in modules
+    assert same_content(src, dst) and qemu_img.info(dst)["format"] == "qcow2"
 
 
 @pytest.mark.parametrize(

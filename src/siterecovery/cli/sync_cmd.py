@@ -40,8 +40,8 @@ from siterecovery.domain.values import parse_size
 
 if TYPE_CHECKING:  # The engine (numpy...) loads only when a sync runs.
     from siterecovery.keys import SecretKey
+    from siterecovery.replication.options import SyncMode
     from siterecovery.replication.sync import Progress as ProgressCallback
-    from siterecovery.replication.sync import SyncMode
 
 PROG = "siterecovery"
 HELP = {
@@ -102,8 +102,8 @@ def run(name: str, args: Sequence[str], *, before: Sequence[str] = ()) -> int:
 
 def sync(options: Options) -> None:
     """``siterecovery sync``: run the engine, print its report."""
+    from siterecovery.replication.options import SyncOptions
     from siterecovery.replication.standalone import SyncRequest, run_sync
-    from siterecovery.replication.sync import SyncOptions
 
     settings = SyncOptions(
         mode=_mode(options.mode),
@@ -214,7 +214,7 @@ def _global_parser() -> Parser:
 
 
 def _mode(text: str) -> SyncMode:
-    from siterecovery.replication.sync import SyncMode
+    from siterecovery.replication.options import SyncMode
 
     try:
         return SyncMode(text)

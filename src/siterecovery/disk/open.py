@@ -88,9 +88,14 @@ def open_target(spec: str, stack: ExitStack, *, size: int) -> tuple[BlockDevice,
     return _open(spec, stack, writable=True), created
 
 
+def new_image_format(path: Path) -> str:
+    """The format of a new image at ``path``: qcow2 for ``*.qcow2``, else raw."""
+    return "qcow2" if path.suffix == ".qcow2" else "raw"
+
+
 def create_image(path: Path, size: int) -> None:
-    """A new image of ``size`` bytes reading as zeroes: qcow2 for ``*.qcow2``, else raw."""
-    if path.suffix == ".qcow2":
+    """A new image of ``size`` bytes reading as zeroes (see :func:`new_image_format`)."""
+    if new_image_format(path) == "qcow2":
         from siterecovery.disk import qemu_img
 
         qemu_img.create(path, size)

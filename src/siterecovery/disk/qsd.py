@@ -53,11 +53,6 @@ class DiskSpec:
     path: Path
     fmt: str = "qcow2"
     writable: bool = True
-    export: bool = True
-    """Serve it over NBD (False: a node for QMP block jobs only)."""
-    flush: bool = True
-    """Honour flushes (False: ``cache.no-flush``, for copies whose caller does not
-    want them durable, like ``qemu-img convert`` by default)."""
 
     def __post_init__(self) -> None:
         if not _NODE_NAME.match(self.node):
@@ -209,9 +204,8 @@ class StorageDaemon:
         )
         for disk in disks:
             _add_disk(qmp, disk)
-        exported = [d for d in disks if d.export]
-        if exported:
-            NbdDevice.connect(self.nbd_socket, exported[0].node).close()
+        if disks:
+            NbdDevice.connect(self.nbd_socket, disks[0].node).close()
 
     def _wait_qmp(self) -> QmpClient:
         deadline = time.monotonic() + START_TIMEOUT
@@ -262,8 +256,6 @@ def _add_disk(qmp: QmpClient, disk: DiskSpec) -> None:
         "read-only": read_only,
         "discard": "unmap",
     }
-    if not disk.flush:
-        file_args["cache"] = {"no-flush": True}
     qmp.execute("blockdev-add", **file_args)
     format_args: dict[str, Any] = {
         "driver": disk.fmt,
@@ -273,8 +265,6 @@ def _add_disk(qmp: QmpClient, disk: DiskSpec) -> None:
         "discard": "unmap",
     }
     qmp.execute("blockdev-add", **format_args)
-    if not disk.export:
-        return
     qmp.execute(
         "block-export-add",
         **{"type": "nbd", "id": disk.node, "node-name": disk.node, "name": disk.node},

@@ -1,83 +1,92 @@
-"""Full copies between two local images, offloaded to QEMU's block layer.
+"""Full copies between two local images, offloaded to ``qemu-img convert``.
 
 When ``siterecovery sync --mode full`` copies a local image into another and
-at least one of them is not raw (qcow2, vhdx…), moving every byte through two
-private NBD servers and Python costs four times what ``qemu-img convert``
-does (docs/PERFORMANCE.md). Here one private qemu-storage-daemon opens both
-images (no export) and runs a ``blockdev-mirror`` job with ``sync=full``:
-QEMU reads the allocated data of the source (its block status skips holes and
-zero clusters), writes it to the target in parallel requests and zeroes what
-must read as zeroes. This module only starts, follows and cancels that job;
-the digests that prove the copy are taken by the caller, as for any sync.
+at least one of them is not raw (qcow2, vhdx…), moving every byte through
+private NBD servers and Python costs several times what QEMU's own converter
+does (docs/PERFORMANCE.md). So the converter does the copy: it reads the
+source's allocated data (its block status skips holes and zero clusters),
+writes the target with parallel requests and makes the rest read as zeroes;
+no byte passes through Python. This module runs it, relays its progress
+(``-p``), cancels it, and counts what it copied: the source's allocated
+bytes, from ``qemu-img map``, asked while the copy runs. The digests that
+prove the copy are taken by the caller, as for any sync.
+
+A missing target is created by the converter (in the format its name asks
+for); an existing one is written in place (``-n``) and must be at least as
+large as the source. The converter never flushes (its default cache mode
+for the target is ``unsafe``); with ``flush`` the target is fsynced once
+the copy is done.
+
+A ``blockdev-mirror`` job inside a private qemu-storage-daemon did this before:
+the copy took as long (median 0.555 s against 0.544 s for 2 GiB of data, 5
+interleaved runs), and starting and stopping the daemon cost ~50 ms more.
 
 Not offloaded: NBD URLs and receivers (not local files), raw to raw (the
-engine is already at ``cp`` speed there), ``tracked`` and ``checksum`` modes,
-and resumed syncs (a mirror restarts from zero).
+engine is at ``cp`` speed there), ``tracked`` and ``checksum`` modes, and
+resumed syncs (a conversion restarts from zero).
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
+import os
+import re
+import selectors
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from siterecovery.disk.qmp import QmpClient
-from siterecovery.disk.qsd import DiskSpec, StorageDaemon
+from siterecovery.disk import qemu_img
 from siterecovery.domain.errors import DiskError, SyncCancelled
-from siterecovery.replication.sync import SyncMode, SyncResult
+from siterecovery.replication.options import SyncMode, SyncResult
 
 Progress = Callable[[int, int], None]
 Cancelled = Callable[[], bool]
-JOB = "sr-copy"
 PROGRESS_EVERY = 0.25
-"""Seconds between two progress reports (and cancel checks)."""
+"""Seconds between two cancel checks (progress is relayed as QEMU prints it)."""
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def copy_image(
     source: tuple[Path, str],
     target: tuple[Path, str],
     *,
+    size: int,
+    create: bool,
     flush: bool = True,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> SyncResult:
-    """Make the image ``target`` (path, format) read as ``source``; what it did.
+    """Make the image ``target`` (path, format) read as ``source`` (path, format,
+    ``size`` bytes); what it did.
 
-    ``flush`` False opens the target with ``cache.no-flush`` (QEMU's mirror
-    flushes its target before it reports ready). ``bytes_read`` and
-    ``bytes_written`` are what QEMU's job counted as copied
-    (the source's allocated data; holes and zero clusters are not read).
-    Raises SyncCancelled (resume offset 0) when ``cancelled()`` said so, or
-    DiskError when QEMU reports the job failed.
+    ``create`` makes a new target of ``size`` bytes (replacing nothing: the
+    caller saw none). ``bytes_read`` and ``bytes_written`` are the source's
+    allocated bytes (holes and unallocated clusters are not read). Raises
+    SyncCancelled (resume offset 0) when ``cancelled()`` said so, or DiskError
+    when qemu-img fails.
     """
     started = time.monotonic()
-    run_dir = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))
-    daemon = StorageDaemon.start(
-        run_dir,
-        [
-            DiskSpec("src", source[0], fmt=source[1], writable=False, export=False),
-            DiskSpec("dst", target[0], fmt=target[1], writable=True, export=False, flush=flush),
-        ],
-        detached=False,
-    )
+    allocated = _Allocated(source[0])
+    argv = [qemu_img.QEMU_IMG, "convert", "-p", "-f", source[1], "-O", target[1]]
+    if not create:
+        argv.append("-n")
+    argv += [str(source[0]), str(target[0])]
     try:
-        qmp = daemon.qmp()
-        qmp.execute(
-            "blockdev-mirror",
-            **{"job-id": JOB, "device": "src", "target": "dst", "sync": "full"},
-            **{"auto-dismiss": False},
-        )
-        copied = _follow(qmp, progress, cancelled)
-        qmp.execute("job-complete", id=JOB)
-        _concluded(qmp)
-        qmp.execute("job-dismiss", id=JOB)
-    finally:
-        daemon.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise DiskError(detail=f"cannot run {qemu_img.QEMU_IMG}: {e}") from e
+    with process:
+        _follow(process, allocated, size, progress, cancelled)
+        error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        if process.wait() != 0:
+            raise DiskError(detail=f"qemu-img convert failed: {error.strip()}")
+    if flush:
+        _fsync(target[0])
+    copied = allocated.result()
+    if progress is not None:
+        progress(copied, copied)
     return SyncResult(
         mode=SyncMode.FULL,
         bytes_read=copied,
@@ -91,47 +100,66 @@ def copy_image(
     )
 
 
-def _follow(qmp: QmpClient, progress: Progress | None, cancelled: Cancelled | None) -> int:
-    """Wait until the mirror is ready (every byte copied); the bytes it copied."""
-    while True:
-        job = _job(qmp)
-        if job.get("error"):
-            raise DiskError(detail=f"the QEMU copy job failed: {job['error']}")
-        done, total = int(job["current-progress"]), int(job["total-progress"])
-        if progress is not None:
-            progress(done, total)
-        if job["status"] == "ready":
-            return total
-        if cancelled is not None and cancelled():
-            qmp.execute("job-cancel", id=JOB)
-            _await(qmp, "concluded")
-            raise SyncCancelled(what="full copy", resume_offset=0)
-        _await(qmp, "ready", timeout=PROGRESS_EVERY)
+class _Allocated:
+    """The allocated bytes of an image, asked of ``qemu-img map`` in a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._value: int | None = None
+        self._error: DiskError | None = None
+        self._thread = threading.Thread(target=self._ask, args=(path,), name="qemu-img-map")
+        self._thread.start()
+
+    def _ask(self, path: Path) -> None:
+        try:
+            self._value = sum(extent.length for extent in qemu_img.map_allocated(path))
+        except DiskError as e:
+            self._error = e
+
+    def known(self) -> int | None:
+        """The count when already known, else None (without waiting)."""
+        return None if self._thread.is_alive() else self._value
+
+    def result(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
-def _await(qmp: QmpClient, status: str, *, timeout: float = 3600.0) -> None:
-    """Wait for the job's status change to ``status`` (at most ``timeout`` s)."""
-    with contextlib.suppress(DiskError):  # a timeout: the caller looks again
-        qmp.wait_event(
-            "JOB_STATUS_CHANGE",
-            lambda data: data.get("id") == JOB and data.get("status") == status,
-            timeout=timeout,
-        )
+def _follow(
+    process: subprocess.Popen[bytes],
+    allocated: _Allocated,
+    size: int,
+    progress: Progress | None,
+    cancelled: Cancelled | None,
+) -> None:
+    """Relay the converter's progress until its stdout closes; cancel it when asked."""
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while True:
+            if cancelled is not None and cancelled():
+                process.terminate()
+                process.wait()
+                raise SyncCancelled(what="full copy", resume_offset=0)
+            if not selector.select(timeout=PROGRESS_EVERY):
+                continue
+            output = os.read(process.stdout.fileno(), 4096)
+            if not output:
+                return
+            percents = _PERCENT.findall(output)
+            if percents and progress is not None:
+                total = allocated.known() or size
+                progress(int(float(percents[-1]) / 100 * total), total)
 
 
-def _job(qmp: QmpClient) -> dict[str, Any]:
-    for job in qmp.execute("query-jobs"):
-        if job["id"] == JOB:
-            found: dict[str, Any] = job
-            return found
-    raise DiskError(detail="the QEMU copy job vanished")
-
-
-def _concluded(qmp: QmpClient) -> None:
-    """Wait for the job to conclude; DiskError if QEMU says it failed."""
-    job = _job(qmp)
-    while job["status"] != "concluded":
-        _await(qmp, "concluded", timeout=PROGRESS_EVERY)
-        job = _job(qmp)
-    if job.get("error"):
-        raise DiskError(detail=f"the QEMU copy job failed: {job['error']}")
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DiskError(detail=f"cannot flush {path}: {e.strerror or e}") from e

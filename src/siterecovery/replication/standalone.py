@@ -18,35 +18,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.open import (
     NBD_SCHEME,
-    create_image,
     image_format,
+    new_image_format,
     open_source,
     open_target,
     virtual_size,
 )
-from siterecovery.domain.errors import IntegrityError, InvalidInput
-from siterecovery.replication.sync import (
-    Cancelled,
-    Progress,
-    SyncMode,
-    SyncOptions,
-    SyncResult,
-    sync,
-)
+from siterecovery.domain.errors import DiskError, IntegrityError, InvalidInput
+from siterecovery.replication.options import SyncMode, SyncOptions, SyncResult
 from siterecovery.wire import address as addresses
 
-if TYPE_CHECKING:  # Loaded when used: a local sync needs neither keys nor the wire.
+if TYPE_CHECKING:
+    # Loaded when used: a local sync needs neither keys nor the wire, and a copy
+    # offloaded to qemu-img without --verify needs neither the engine nor numpy.
     from siterecovery.keys import SecretKey
+    from siterecovery.replication.sync import Cancelled, Progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +78,9 @@ def run_sync(
     offloaded = _offload(request, progress, cancelled)
     if offloaded is not None and not request.verify:
         return _report(request, offloaded, offloaded.bytes_written, None, wire=None)
+    from siterecovery.disk.digest import disk_digest
+    from siterecovery.replication.sync import sync
+
     with ExitStack() as stack:
         src = open_source(request.source, stack)
         if addresses.is_address(request.target):
@@ -108,22 +105,24 @@ def _offload(
     specs = (request.source, request.target)
     if any(spec.startswith(NBD_SCHEME) or addresses.is_address(spec) for spec in specs):
         return None
-    paths = [Path(spec) for spec in specs]
-    if not paths[0].is_file():
+    source, target = (Path(spec) for spec in specs)
+    create = not target.exists()
+    if not source.is_file() or not (create or target.is_file()):
         return None
-    source_fmt = image_format(paths[0])
-    if not paths[1].exists():
-        create_image(paths[1], virtual_size(paths[0], source_fmt))
-    if not paths[1].is_file():
-        return None
-    target_fmt = image_format(paths[1])
+    source_fmt = image_format(source)
+    target_fmt = new_image_format(target) if create else image_format(target)
     if source_fmt == target_fmt == "raw":
         return None
+    size = virtual_size(source, source_fmt)
+    if not create and virtual_size(target, target_fmt) < size:
+        raise DiskError(detail=f"the target {target} is smaller than the source ({size} bytes)")
     from siterecovery.replication.offload import copy_image
 
     return copy_image(
-        (paths[0], source_fmt),
-        (paths[1], target_fmt),
+        (source, source_fmt),
+        (target, target_fmt),
+        size=size,
+        create=create,
         flush=request.options.flush,
         progress=progress,
         cancelled=cancelled,
@@ -148,6 +147,8 @@ def _to_receiver(
     resume = welcome.resume_offset if request.resume else 0
     options = replace(request.options, resume_offset=resume, target_is_blank=welcome.created)
     checkpoint = dst.mark if options.flush else None
+    from siterecovery.replication.sync import sync
+
     result = sync(src, dst, options, progress=progress, checkpoint=checkpoint, cancelled=cancelled)
     digests = _digests(src, dst.disk_digest) if request.verify else None
     dst.done()
@@ -168,6 +169,10 @@ def _identity(spec: str) -> str:
 
 def _digests(src: BlockDevice, target_digest: Callable[[], str]) -> dict[str, str]:
     """Whole-disk digests of both sides, computed at the same time; equal or IntegrityError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from siterecovery.disk.digest import disk_digest
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest") as pool:
         theirs = pool.submit(target_digest)
         ours = disk_digest(src)
