@@ -32,13 +32,13 @@ import os
 import re
 import selectors
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from siterecovery.disk import qemu_img
 from siterecovery.domain.errors import DiskError, SyncCancelled
+from siterecovery.replication.background import Background
 from siterecovery.replication.options import SyncMode, SyncResult
 
 Progress = Callable[[int, int], None]
@@ -52,23 +52,22 @@ def copy_image(
     source: tuple[Path, str],
     target: tuple[Path, str],
     *,
-    size: int,
     create: bool,
     flush: bool = True,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> SyncResult:
-    """Make the image ``target`` (path, format) read as ``source`` (path, format,
-    ``size`` bytes); what it did.
+    """Make the image ``target`` (path, format) read as ``source`` (path,
+    format); what it did.
 
-    ``create`` makes a new target of ``size`` bytes (replacing nothing: the
-    caller saw none). ``bytes_read`` and ``bytes_written`` are the source's
+    ``create`` makes a new target of the source's size (the caller saw none);
+    else the target must be at least as large. ``bytes_read`` and ``bytes_written`` are the source's
     allocated bytes (holes and unallocated clusters are not read). Raises
     SyncCancelled (resume offset 0) when ``cancelled()`` said so, or DiskError
     when qemu-img fails.
     """
     started = time.monotonic()
-    allocated = _Allocated(source[0])
+    allocated = Background(lambda: _allocated(source[0]), name="qemu-img-map")
     argv = [qemu_img.QEMU_IMG, "convert", "-p", "-f", source[1], "-O", target[1]]
     if not create:
         argv.append("-n")
@@ -78,7 +77,11 @@ def copy_image(
     except OSError as e:
         raise DiskError(detail=f"cannot run {qemu_img.QEMU_IMG}: {e}") from e
     with process:
-        _follow(process, allocated, size, progress, cancelled)
+        try:
+            _follow(process, allocated, progress, cancelled)
+        except BaseException:
+            process.kill()  # Cancelled, or the count or the progress callback failed.
+            raise
         error = process.stderr.read().decode(errors="replace") if process.stderr else ""
         if process.wait() != 0:
             raise DiskError(detail=f"qemu-img convert failed: {error.strip()}")
@@ -100,48 +103,23 @@ def copy_image(
     )
 
 
-class _Allocated:
-    """The allocated bytes of an image, asked of ``qemu-img map`` in a thread."""
-
-    def __init__(self, path: Path) -> None:
-        self._value: int | None = None
-        self._error: DiskError | None = None
-        self._thread = threading.Thread(target=self._ask, args=(path,), name="qemu-img-map")
-        self._thread.start()
-
-    def _ask(self, path: Path) -> None:
-        try:
-            self._value = sum(extent.length for extent in qemu_img.map_allocated(path))
-        except DiskError as e:
-            self._error = e
-
-    def known(self) -> int | None:
-        """The count when already known, else None (without waiting)."""
-        return None if self._thread.is_alive() else self._value
-
-    def result(self) -> int:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
+def _allocated(path: Path) -> int:
+    """The bytes holding data anywhere in the chain of ``path`` (``qemu-img map``)."""
+    return sum(extent.length for extent in qemu_img.map_allocated(path))
 
 
 def _follow(
     process: subprocess.Popen[bytes],
-    allocated: _Allocated,
-    size: int,
+    allocated: Background[int],
     progress: Progress | None,
     cancelled: Cancelled | None,
 ) -> None:
-    """Relay the converter's progress until its stdout closes; cancel it when asked."""
+    """Relay the converter's progress until its stdout closes; SyncCancelled when asked."""
     assert process.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         while True:
             if cancelled is not None and cancelled():
-                process.terminate()
-                process.wait()
                 raise SyncCancelled(what="full copy", resume_offset=0)
             if not selector.select(timeout=PROGRESS_EVERY):
                 continue
@@ -150,7 +128,7 @@ def _follow(
                 return
             percents = _PERCENT.findall(output)
             if percents and progress is not None:
-                total = allocated.known() or size
+                total = allocated.result()  # qemu-img map: done long before the copy
                 progress(int(float(percents[-1]) / 100 * total), total)
 
 

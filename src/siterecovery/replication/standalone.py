@@ -121,7 +121,6 @@ def _offload(
     return copy_image(
         (source, source_fmt),
         (target, target_fmt),
-        size=size,
         create=create,
         flush=request.options.flush,
         progress=progress,

@@ -27,15 +27,14 @@ The work flows through stages (:mod:`~siterecovery.replication.pipeline`)::
 from __future__ import annotations
 
 import functools
-import threading
 import time
-from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.digest import Digests, block_digests, bytes_to_hash, hash_plan
 from siterecovery.domain.errors import DiskError, InvalidInput, SyncCancelled
 from siterecovery.replication import plan as planning
+from siterecovery.replication.background import Background
 from siterecovery.replication.options import SyncMode, SyncOptions, SyncResult
 from siterecovery.replication.pipeline import (
     Cancelled,
@@ -58,8 +57,6 @@ __all__ = [
     "SyncResult",
     "sync",
 ]
-
-T = TypeVar("T")
 
 
 @runtime_checkable
@@ -189,8 +186,9 @@ def _plan_checksum(
         block_digests, block_size=bs, offset=start, length=length,
         threads=options.threads, on_read=tally.read, cancelled=cancelled,
     )  # fmt: skip
-    theirs = _Background(
-        lambda: _target_digests(dst, options, start, length, hash_blocks, theirs_plan)
+    theirs = Background(
+        lambda: _target_digests(dst, options, start, length, hash_blocks, theirs_plan),
+        name="sync-digests",
     )
     try:
         ours = hash_blocks(src, plan=ours_plan)
@@ -218,30 +216,3 @@ def _target_digests(
             options.block_size, offset=start, length=length, threads=options.threads
         )
     return hash_blocks(dst, plan=plan), 0
-
-
-class _Background(Generic[T]):
-    """Runs one function in a thread; :meth:`result` joins, then returns or raises."""
-
-    def __init__(self, fn: Callable[[], T]) -> None:
-        self._fn = fn
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sync-digests")
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as e:
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
