@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +21,9 @@ KiB, MiB = 1024, 1024 * 1024
 SIZE = 64 * MiB
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sro-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def scattered_qcow2(workdir: Path, name: str, seed: int) -> Path:
+def scattered_qcow2(tmp_path: Path, name: str, seed: int) -> Path:
     """A qcow2 image of SIZE with 24 random extents of data, holes elsewhere."""
-    raw, image = workdir / f"{name}.raw", workdir / f"{name}.qcow2"
+    raw, image = tmp_path / f"{name}.raw", tmp_path / f"{name}.qcow2"
     create_raw(raw, SIZE)
     rng = random.Random(seed)
     with FileDevice.open(raw, writable=True) as dev:
@@ -57,9 +47,9 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_new_target_is_created_with_the_source_data_only(workdir: Path) -> None:
-    src = scattered_qcow2(workdir, "src", seed=1)
-    dst = workdir / "dst.qcow2"
+def test_a_new_target_is_created_with_the_source_data_only(tmp_path: Path) -> None:
+    src = scattered_qcow2(tmp_path, "src", seed=1)
+    dst = tmp_path / "dst.qcow2"
     seen: list[tuple[int, int]] = []
     result = copy_image(
         (src, "qcow2"), (dst, "qcow2"), create=True, progress=lambda *p: seen.append(p)
@@ -73,18 +63,18 @@ def test_a_new_target_is_created_with_the_source_data_only(workdir: Path) -> Non
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
-def test_an_existing_target_is_overwritten_in_place(workdir: Path) -> None:
+def test_an_existing_target_is_overwritten_in_place(tmp_path: Path) -> None:
     """``-n``: the stale target's data where the source has holes reads as zeroes after."""
-    src = scattered_qcow2(workdir, "src", seed=2)
-    dst = scattered_qcow2(workdir, "dst", seed=3)
+    src = scattered_qcow2(tmp_path, "src", seed=2)
+    dst = scattered_qcow2(tmp_path, "dst", seed=3)
     assert not same_content(src, dst)
     copy_image((src, "qcow2"), (dst, "qcow2"), create=False)
     assert same_content(src, dst)
 
 
-def test_a_smaller_target_is_refused_and_left_alone(workdir: Path) -> None:
-    src = scattered_qcow2(workdir, "src", seed=4)
-    dst = workdir / "small.qcow2"
+def test_a_smaller_target_is_refused_and_left_alone(tmp_path: Path) -> None:
+    src = scattered_qcow2(tmp_path, "src", seed=4)
+    dst = tmp_path / "small.qcow2"
     qemu_img.create(dst, SIZE // 2)
     before = file_digest(dst)
     request = SyncRequest(str(src), str(dst), SyncOptions(mode=SyncMode.FULL))
@@ -93,9 +83,9 @@ def test_a_smaller_target_is_refused_and_left_alone(workdir: Path) -> None:
     assert file_digest(dst) == before
 
 
-def test_a_cancelled_copy_stops_qemu_img(workdir: Path) -> None:
-    src = scattered_qcow2(workdir, "src", seed=5)
-    dst = workdir / "dst.qcow2"
+def test_a_cancelled_copy_stops_qemu_img(tmp_path: Path) -> None:
+    src = scattered_qcow2(tmp_path, "src", seed=5)
+    dst = tmp_path / "dst.qcow2"
     with pytest.raises(SyncCancelled) as raised:
         copy_image((src, "qcow2"), (dst, "qcow2"), create=True, cancelled=lambda: True)
     assert raised.value.fields["resume_offset"] == 0
@@ -103,8 +93,8 @@ def test_a_cancelled_copy_stops_qemu_img(workdir: Path) -> None:
     assert running.returncode == 1  # no converter left behind
 
 
-def test_a_failing_conversion_is_a_disk_error(workdir: Path) -> None:
-    broken = workdir / "broken.qcow2"
+def test_a_failing_conversion_is_a_disk_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.qcow2"
     broken.write_bytes(b"QFI\xfb" + bytes(1020))  # a qcow2 magic and nothing valid after it
     with pytest.raises(DiskError, match="qemu-img"):
-        copy_image((broken, "qcow2"), (workdir / "dst.qcow2", "qcow2"), create=True)
+        copy_image((broken, "qcow2"), (tmp_path / "dst.qcow2", "qcow2"), create=True)
