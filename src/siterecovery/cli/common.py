@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,14 @@ def print_json(doc: Any) -> None:
     """Print ``doc`` as the one JSON document of the command."""
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def emit(doc: Any, human: Callable[[Any], None], *, as_json: bool) -> None:
+    """Print ``doc`` as JSON with --json, else through ``human``."""
+    if as_json:
+        print_json(doc)
+    else:
+        human(doc)
 
 
 def resolve_vault(given: Path | None) -> Path:

@@ -89,7 +89,7 @@ def outcome(job: render.Doc) -> None:
     elif state in FINISHED:
         error = job.get("error") or {"code": "JOB_" + str(state).upper(), "message": ""}
         message = f"job {job_id} {state}: {error.get('message')}"
-        render.print_error({**error, "message": message}, as_json=False)
+        render.print_error({**error, "message": message})
     else:
         render.warn(f"job {job_id} is still {state}; `siterecovery job wait {job_id}` goes on")
 

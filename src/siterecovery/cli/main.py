@@ -121,7 +121,7 @@ def fail(error: dict[str, Any], *, as_json: bool, code: int | None = None) -> in
     else:
         from siterecovery.cli import render
 
-        render.print_error(error, as_json=False)
+        render.print_error(error)
     return exit_code(str(error["code"])) if code is None else code
 
 

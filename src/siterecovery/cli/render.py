@@ -26,7 +26,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from siterecovery.cli.common import print_json as print_json
 from siterecovery.domain.values import format_size
 
 Doc = Mapping[str, Any]
@@ -38,11 +37,9 @@ def console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False)
 
 
-def print_error(error: Doc, *, as_json: bool) -> None:
-    """Print an error body (code, message, details): JSON on stdout, or red on stderr."""
-    if as_json:
-        print_json({"error": dict(error)})
-        return
+def print_error(error: Doc) -> None:
+    """Print an error body (code, message) in red on stderr (with --json, cli/main.py
+    prints the error document instead)."""
     text = Text.assemble(("error: ", "bold red"), (str(error["message"]), "red"))
     text.append(f"  ({error['code']})", style="dim")
     console(stderr=True).print(text)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from siterecovery.cli.common import JSON_HELP, VAULT_HELP, print_json, resolve_vault
+from siterecovery.cli.common import JSON_HELP, VAULT_HELP, emit, resolve_vault
 
 if TYPE_CHECKING:
     from siterecovery.cli.client import Client
@@ -63,10 +63,7 @@ class Session:
 
     def emit(self, doc: Any, human: Callable[[Any], None]) -> None:
         """Print ``doc`` as JSON with --json, else through ``human``."""
-        if self.json:
-            print_json(doc)
-        else:
-            human(doc)
+        emit(doc, human, as_json=self.json)
 
     def __enter__(self) -> Session:
         return self

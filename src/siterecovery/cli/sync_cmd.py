@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from siterecovery.cli.common import JSON_HELP, VAULT_HELP, UsageError, print_json
+from siterecovery.cli.common import JSON_HELP, VAULT_HELP, UsageError, emit
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.values import parse_size
 
@@ -117,7 +117,7 @@ def sync(options: Options) -> None:
                           key=secret, resume=options.resume, verify=options.verify)  # fmt: skip
     with _progress_bar(enabled=not options.json) as progress:
         doc = run_sync(request, progress=progress)
-    _emit(doc, _render_sync, as_json=options.json)
+    emit(doc, _render_sync, as_json=options.json)
 
 
 def receive(options: Options) -> None:
@@ -132,7 +132,7 @@ def receive(options: Options) -> None:
         sys.stderr.write(f"listening on {receiver.address}\n")
         sys.stderr.flush()
         doc = receiver.serve()
-    _emit(doc, _render_summary, as_json=options.json)
+    emit(doc, _render_summary, as_json=options.json)
 
 
 # -- the command lines -------------------------------------------------------
@@ -230,13 +230,6 @@ def _load_key(vault: Path | None, name: str) -> SecretKey:
 
     with vault_store(resolve_vault(vault)) as store:
         return load_key(store, name=name)
-
-
-def _emit(doc: dict[str, Any], human: Callable[[dict[str, Any]], None], *, as_json: bool) -> None:
-    if as_json:
-        print_json(doc)
-    else:
-        human(doc)
 
 
 @contextmanager
