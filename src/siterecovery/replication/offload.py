@@ -22,8 +22,9 @@ the copy took as long (median 0.555 s against 0.544 s for 2 GiB of data, 5
 interleaved runs), and starting and stopping the daemon cost ~50 ms more.
 
 Not offloaded: NBD URLs and receivers (not local files), raw to raw (the
-engine is at ``cp`` speed there), ``tracked`` and ``checksum`` modes, and
-resumed syncs (a conversion restarts from zero).
+engine reads and writes files itself, with its own zero detection),
+``tracked`` and ``checksum`` modes, and resumed syncs (a conversion restarts
+from zero).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from siterecovery.disk import qemu_img
+from siterecovery.disk.file import FileDevice
 from siterecovery.domain.errors import DiskError, SyncCancelled
 from siterecovery.replication.background import Background
 from siterecovery.replication.options import SyncMode, SyncResult
@@ -86,7 +88,8 @@ def copy_image(
         if process.wait() != 0:
             raise DiskError(detail=f"qemu-img convert failed: {error.strip()}")
     if flush:
-        _fsync(target[0])
+        with FileDevice.open(target[0]) as written:
+            written.flush()
     copied = allocated.result()
     if progress is not None:
         progress(copied, copied)
@@ -130,14 +133,3 @@ def _follow(
             if percents and progress is not None:
                 total = allocated.result()  # qemu-img map: done long before the copy
                 progress(int(float(percents[-1]) / 100 * total), total)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise DiskError(detail=f"cannot flush {path}: {e.strerror or e}") from e
