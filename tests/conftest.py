@@ -57,11 +57,19 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.client: httpx.Client | None = None
 
-    def start(self, *, lab: bool = False, timeout: float = 180.0) -> Daemon:
+    def start(
+        self, *, lab: bool = False, timeout: float = 180.0, env: dict[str, str] | None = None
+    ) -> Daemon:
+        """Start the daemon; ``env`` adds variables to its environment (e.g. a fault)."""
         (self.vault / "daemon.json").unlink(missing_ok=True)
         argv = [sys.executable, "-m", "siterecovery", "serve", "--vault", str(self.vault)]
         log = open(self.vault.parent / "daemon.out", "ab")  # noqa: SIM115 - kept by Popen
-        self.process = subprocess.Popen(argv + (["--lab"] if lab else []), stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            argv + (["--lab"] if lab else []),
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+        )
         deadline = time.monotonic() + timeout
         while not (self.vault / "daemon.json").exists():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -11,9 +11,15 @@ Vault directory::
     VAULT/vault.sqlite    the vault database (Alembic-managed schema)
     VAULT/dbos.sqlite     DBOS system database (workflow and step records); on a
                           PostgreSQL vault, the schema ``dbos`` of the same database
-    VAULT/token           API token (mode 0600)
+    VAULT/token           API token
+    VAULT/master.key      the master key wrapping every key's material (keys/master.py)
     VAULT/daemon.json     {"url", "pid"} while a daemon runs
+    VAULT/logs/daemon.log the daemon's log
     VAULT/sites/NAME/     site directories of the lab
+
+The directory and ``logs/`` are 0700, every file above 0600 whatever the
+umask: :func:`secure_vault` sets them on every open, and the daemon runs with
+umask 077. SQLite creates ``-wal``/``-shm`` with its database's mode.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from typing import Any
 
 from sqlalchemy import make_url
 
+from siterecovery.keys.master import MasterKey, write_private
 from siterecovery.services.context import Context
+from siterecovery.store.keys import open_keys
 from siterecovery.store.repo import VaultStore
 
 log = logging.getLogger("siterecovery")
@@ -53,20 +61,51 @@ def system_database_url(vault: Path) -> str:
     return f"sqlite:///{vault.absolute() / 'dbos.sqlite'}"
 
 
+PRIVATE_FILES = ("config.json", "token", "master.key", "master.key.new", "master.lock",
+                 "daemon.json", "vault.sqlite*", "dbos.sqlite*", "logs/daemon.log*")  # fmt: skip
+"""What :func:`secure_vault` makes 0600 (globs, relative to the vault)."""
+
+
+def secure_vault(vault: Path) -> None:
+    """Vault directory and ``logs/`` 0700, its secret files 0600 (an older vault,
+    or files made under a loose umask)."""
+    vault.chmod(0o700)
+    if (vault / "logs").is_dir():
+        (vault / "logs").chmod(0o700)
+    for pattern in PRIVATE_FILES:
+        for path in vault.glob(pattern):
+            path.chmod(0o600)
+
+
+def _touch_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (SQLite opens an
+    empty file as a new database, and gives its -wal/-shm files the same mode)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def init_vault(vault: Path, *, db_url: str | None = None) -> dict[str, Any]:
-    """Create (or upgrade) a vault directory. Idempotent."""
+    """Create (or upgrade) a vault directory: config, token, master key, schema;
+    keys of an older vault wrapped; modes as :func:`secure_vault`. Idempotent."""
     vault = vault.absolute()
-    vault.mkdir(parents=True, exist_ok=True)
+    vault.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secure_vault(vault)
     config = vault / "config.json"
     if db_url or not config.exists():
-        config.write_text(json.dumps({"db_url": db_url}, indent=2) + "\n")
+        write_private(config, (json.dumps({"db_url": db_url}, indent=2) + "\n").encode())
     token = vault / "token"
     if not token.exists():
         fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32) + "\n")
+    if vault_url(vault).startswith("sqlite"):
+        _touch_private(vault / "vault.sqlite")
+        _touch_private(vault / "dbos.sqlite")
     store = VaultStore(vault_url(vault))
-    store.close()
+    try:
+        open_keys(store, master=MasterKey(vault))
+    finally:
+        store.close()
+    secure_vault(vault)
     shown = make_url(vault_url(vault)).render_as_string(hide_password=True)
     return {"vault": str(vault), "db_url": shown, "token": str(token)}
 
@@ -77,9 +116,7 @@ def open_context(vault: Path) -> Context:
 
 def _write_atomically(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one, never a part."""
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    write_private(path, text.encode())
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -91,12 +128,37 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _logging(vault: Path) -> None:
-    (vault / "logs").mkdir(exist_ok=True)
+class _Redact(logging.Filter):
+    """Replaces the API token in every record a handler writes (a belt: no code
+    logs it, but a foreign library's message might quote a header)."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._secret in message:
+            record.msg, record.args = message.replace(self._secret, "[redacted]"), ()
+        return True
+
+
+def _logging(vault: Path, *, token: str) -> None:
+    logs = vault / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    logs.chmod(0o700)
+    _touch_private(logs / "daemon.log")
+    (logs / "daemon.log").chmod(0o600)
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(logs / "daemon.log"),
+        logging.StreamHandler(),
+    ]
+    for handler in handlers:
+        handler.addFilter(_Redact(token))
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.FileHandler(vault / "logs" / "daemon.log"), logging.StreamHandler()],
+        handlers=handlers,
     )
 
 
@@ -109,16 +171,17 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     from siterecovery.replication.scheduler import Scheduler
     from siterecovery.services.lab import lab_up
 
+    os.umask(0o077)  # everything the daemon and its children create is private
     vault = vault.absolute()
     init_vault(vault)
-    _logging(vault)
+    token = (vault / "token").read_text().strip()
+    _logging(vault, token=token)
     ctx = open_context(vault)
     runtime = JobRuntime(ctx, system_database_url=system_database_url(vault))
     runtime.start()
     scheduler = Scheduler(ctx)
     sock = _bind(host, port)
     url = f"http://{host}:{sock.getsockname()[1]}"
-    token = (vault / "token").read_text().strip()
     info = vault / "daemon.json"
     try:
         if lab:

@@ -26,6 +26,7 @@ from siterecovery.disk.file import FileDevice, create_raw
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.keys import generate
+from siterecovery.keys.master import MasterKey
 from siterecovery.store import keys as key_store
 from siterecovery.store.repo import VaultStore
 
@@ -180,7 +181,7 @@ def vault_with_key(path: Path, name: str) -> Path:
     init_vault(path)
     store = VaultStore(vault_url(path))
     try:
-        key_store.add_key(store, key=generate(name, datetime.now(UTC)))
+        key_store.add_key(store, master=MasterKey(path), key=generate(name, datetime.now(UTC)))
     finally:
         store.close()
     return path
@@ -234,7 +235,8 @@ def test_a_key_exported_from_one_vault_and_imported_into_another_syncs_between_t
     assert clash["error"]["code"] == "ALREADY_EXISTS"
     store = VaultStore(vault_url(target_vault))
     try:
-        assert [k.name for k in key_store.list_keys(store)] == ["dr"]
+        keys = key_store.list_keys(store, master=MasterKey(target_vault))
+        assert [k.name for k in keys] == ["dr"]
     finally:
         store.close()
 

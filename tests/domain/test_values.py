@@ -33,3 +33,31 @@ def test_bad_names() -> None:
     for bad in ("", "-x", "a/b", "x" * 64, "é"):
         with pytest.raises(InvalidInput):
             check_name("name", bad)
+
+
+@pytest.mark.parametrize("bad", ["web01\n", "web01\r\n", "\nweb01", "web 01"])
+def test_names_are_matched_whole(bad: str) -> None:
+    # A ``$`` anchor lets "web01\n" through: a name with a newline in a path,
+    # a log line or a unit file.
+    with pytest.raises(InvalidInput) as refused:
+        check_name("name", bad)
+    assert refused.value.fields["field"] == "name"
+
+
+@pytest.mark.parametrize("number", [30, 30.0, 86400.0])
+def test_a_duration_as_json_returns_it_is_accepted_back(number: float) -> None:
+    assert parse_duration("interval", number) == float(number)
+
+
+@pytest.mark.parametrize("text", ["1" * 400, "1" * 400 + "d"])
+def test_endless_durations_and_sizes_are_refused(text: str) -> None:
+    with pytest.raises(InvalidInput, match="interval"):
+        parse_duration("interval", text)
+    with pytest.raises(InvalidInput, match="disk"):
+        parse_size("disk", text.replace("d", "G"))
+    with pytest.raises(InvalidInput, match="interval"):
+        parse_duration("interval", float("inf"))
+
+
+def test_a_size_as_json_returns_it_is_accepted_back() -> None:
+    assert parse_size("max-rate", 52428800, minimum=0) == 52428800

@@ -18,6 +18,7 @@ import pytest
 from siterecovery.daemon import init_vault, vault_url
 from siterecovery.domain.errors import AlreadyExists, InvalidInput, KeyNotFound
 from siterecovery.keys import KEY_BYTES, SecretKey, encode_material, fingerprint, generate
+from siterecovery.keys.master import MasterKey
 from siterecovery.store import keys as key_store
 from siterecovery.store.repo import VaultStore
 
@@ -30,26 +31,31 @@ def store(tmp_path: Path) -> VaultStore:
     return VaultStore(vault_url(tmp_path / "vault"))
 
 
-def test_keys_are_stored_found_and_listed(store: VaultStore) -> None:
+@pytest.fixture
+def master(tmp_path: Path) -> MasterKey:
+    return MasterKey(tmp_path / "vault")
+
+
+def test_keys_are_stored_found_and_listed(store: VaultStore, master: MasterKey) -> None:
     made = [generate(name, datetime.now(UTC)) for name in ("b-key", "a-key")]
     for key in made:
-        key_store.add_key(store, key=key)
-    found = key_store.get_key(store, name="b-key")
+        key_store.add_key(store, master=master, key=key)
+    found = key_store.get_key(store, master=master, name="b-key")
     assert found == made[0] and len(found.material) == KEY_BYTES
-    assert [k.name for k in key_store.list_keys(store)] == ["a-key", "b-key"]
+    assert [k.name for k in key_store.list_keys(store, master=master)] == ["a-key", "b-key"]
     assert found.fingerprint == fingerprint(made[0].material) != made[1].fingerprint
 
 
-def test_refusals_change_nothing(store: VaultStore) -> None:
-    key = key_store.add_key(store, key=generate("dr", datetime.now(UTC)))
+def test_refusals_change_nothing(store: VaultStore, master: MasterKey) -> None:
+    key = key_store.add_key(store, master=master, key=generate("dr", datetime.now(UTC)))
     with pytest.raises(AlreadyExists):
-        key_store.add_key(store, key=generate("dr", datetime.now(UTC)))
+        key_store.add_key(store, master=master, key=generate("dr", datetime.now(UTC)))
     with pytest.raises(KeyNotFound) as missing:
-        key_store.get_key(store, name="nope")
+        key_store.get_key(store, master=master, name="nope")
     assert missing.value.code == "KEY_NOT_FOUND" and "key list" in str(missing.value)
     with pytest.raises(InvalidInput):
         generate("bad name!", datetime.now(UTC))
-    assert key_store.list_keys(store) == [key]
+    assert key_store.list_keys(store, master=master) == [key]
 
 
 def test_the_material_is_never_shown() -> None:
@@ -83,7 +89,7 @@ def test_key_commands_through_the_daemon(vault: Path) -> None:
         daemon.stop()
     store = VaultStore(vault_url(vault))
     try:
-        material = key_store.get_key(store, name="dr").material
+        material = key_store.get_key(store, master=MasterKey(vault), name="dr").material
     finally:
         store.close()
     assert created["fingerprint"] == fingerprint(material)

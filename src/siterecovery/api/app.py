@@ -5,6 +5,7 @@ Only this layer knows HTTP statuses: they follow the error category.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -15,7 +16,15 @@ from starlette.exceptions import HTTPException
 from siterecovery import __version__, portal
 from siterecovery.api import failover, inventory, keys, protection, recovery
 from siterecovery.api.deps import require_token
-from siterecovery.domain.errors import Category, SiteRecoveryError
+from siterecovery.domain.errors import (
+    Category,
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    SiteRecoveryError,
+    Unauthorized,
+)
 from siterecovery.jobs.runtime import JobRuntime
 from siterecovery.services.context import Context
 
@@ -27,33 +36,66 @@ STATUS = {
     Category.CANCELLED: 409,
     Category.IO: 502,
     Category.INTERNAL: 500,
+    Category.AUTH: 401,
 }
+
+
+class _ErrorResponse(JSONResponse):
+    """An error document; ASCII-escaped, so that input echoed in a message (even a
+    lone surrogate from a JSON escape) can always be encoded."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return JSONResponse(status_code=status, content=body)
+    return _ErrorResponse(status_code=status, content=body)
+
+
+def _document(status: int, error: SiteRecoveryError) -> JSONResponse:
+    body = error.to_dict()
+    return _error(status, body["code"], body["message"], body["details"])
 
 
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SiteRecoveryError)
-    body = exc.to_dict()
-    return _error(STATUS[exc.category], body["code"], body["message"], body["details"])
+    return _document(STATUS[exc.category], exc)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 becomes our ``INVALID_INPUT`` (400) naming the first bad field."""
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
-    field = ".".join(str(p) for p in first["loc"] if p != "body")
-    return _error(400, "INVALID_INPUT", f"{field}: {first['msg']}", {"errors": str(exc.errors())})
+    problems = [_problem(e) for e in exc.errors()] or [{"field": "body", "reason": "invalid"}]
+    error = InvalidInput(**problems[0])
+    return _error(400, error.code, error.message, {**problems[0], "errors": problems})
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _problem(error: Any) -> dict[str, str]:
+    """``{"field", "reason"}`` of one pydantic error: ``dryrun``, ``query.timeout``…"""
+    where = [str(p) for p in error.get("loc", ()) if p != "body"]
+    field = ".".join(where) or "body"
+    if error.get("type") == "extra_forbidden":
+        return {"field": field, "reason": "unknown field (a typo?); it is not accepted"}
+    return {"field": field, "reason": str(error.get("msg", "invalid"))}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no route, wrong method, no token) as our documents."""
     assert isinstance(exc, HTTPException)
-    code = {401: "UNAUTHORIZED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(
-        exc.status_code, "HTTP_ERROR"
-    )
-    return _error(exc.status_code, code, str(exc.detail))
+    detail, path = str(exc.detail), request.url.path
+    error: SiteRecoveryError
+    if exc.status_code == 401:
+        error = Unauthorized(reason=detail)
+    elif exc.status_code == 404:
+        error = NotFound(kind="route", name=path)
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(method=request.method, path=path)
+    elif exc.status_code < 500:
+        error = InvalidInput(field="request", reason=detail)
+    else:
+        error = InternalError(detail=detail)
+    return _document(exc.status_code, error)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from siterecovery.jobs.runtime import JobRuntime
 from siterecovery.services.context import Context
@@ -21,11 +22,18 @@ def get_runtime(request: Request) -> JobRuntime:
     return runtime
 
 
-def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+_BEARER = HTTPBearer(auto_error=False, description="The vault's API token (`VAULT/token`).")
+"""Declares the scheme in the OpenAPI document (clients and fuzzers see it); we refuse."""
+
+
+def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> None:
     """Every API call carries ``Authorization: Bearer <vault token>``."""
     expected: str = request.app.state.token
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given, expected):
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(status_code=401, detail="missing or wrong API token")
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from siterecovery.api.deps import Ctx, Runtime
+from siterecovery.api.models import Body
 from siterecovery.services import failover as service
 from siterecovery.services.verify import verify
 
 router = APIRouter()
 
 
-class FailoverIn(BaseModel):
+class FailoverIn(Body):
     type: str
     point: str = "latest"
     sync: str = "delta"
@@ -26,7 +26,7 @@ class FailoverIn(BaseModel):
     dry_run: bool = False
 
 
-class DryRunIn(BaseModel):
+class DryRunIn(Body):
     dry_run: bool = False
 
 

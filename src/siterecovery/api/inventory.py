@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from siterecovery.api.deps import Ctx
+from siterecovery.api.models import Body, Size
 from siterecovery.services import inventory, lab, protection
 
 router = APIRouter()
 
 
-class SiteIn(BaseModel):
+class SiteIn(Body):
     name: str
     provider: str = "local"
     path: str
@@ -21,7 +22,7 @@ class SiteIn(BaseModel):
     storage: str = "block"
 
 
-class HostIn(BaseModel):
+class HostIn(Body):
     site: str
     name: str
     switches: list[str] = Field(default_factory=list)
@@ -29,14 +30,14 @@ class HostIn(BaseModel):
     connected: bool = True
 
 
-class HostPatch(BaseModel):
+class HostPatch(Body):
     connected: bool
 
 
-class VmIn(BaseModel):
+class VmIn(Body):
     name: str
     host: str
-    disks: list[str] = Field(default_factory=list)
+    disks: list[Size] = Field(default_factory=list)
     os: str = "linux"
     switch: str | None = None
     workload: bool = True

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from siterecovery.api.deps import Ctx
+from siterecovery.api.models import Body
 from siterecovery.services import keys
 
 router = APIRouter()
 
 
-class KeyIn(BaseModel):
+class KeyIn(Body):
     name: str
 
 

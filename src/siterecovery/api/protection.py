@@ -5,36 +5,38 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from siterecovery.api.deps import Ctx, Runtime
+from siterecovery.api.models import Body, Duration, Size
 from siterecovery.replication.scheduler import replicate_now
 from siterecovery.services import jobs, protection
 
 router = APIRouter()
 
 
-class ProtectIn(BaseModel):
+class ProtectIn(Body):
     vm: str
     to: str
-    interval: str = "30s"
+    interval: Duration = "30s"
     app_consistent_every: int = 0
-    retention: str = "24h"
+    retention: Duration = "24h"
     threads: int = 4
-    max_rate: str = "0"
+    max_rate: Size = 0
     verify_points: bool = False
 
 
-class PolicyIn(BaseModel):
-    interval: str | None = None
+class PolicyIn(Body):
+    """A policy change; every field as ``GET /items/{vm}`` answers it is accepted back."""
+
+    interval: Duration | None = None
     app_consistent_every: int | None = None
-    retention: str | None = None
+    retention: Duration | None = None
     threads: int | None = None
-    max_rate: str | None = None
+    max_rate: Size | None = None
     verify_points: bool | None = None
 
 
-class ReplicateIn(BaseModel):
+class ReplicateIn(Body):
     app_consistent: bool | None = None
 
 

@@ -5,45 +5,47 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from siterecovery.api.deps import Ctx, Runtime
+from siterecovery.api.models import Body, Duration
+from siterecovery.domain.values import parse_duration
 from siterecovery.services import groups, plans
 
 router = APIRouter()
 
 
-class GroupIn(BaseModel):
+class GroupIn(Body):
     name: str
     vms: list[str]
-    common_interval: float = 300.0
+    common_interval: Duration = 300.0
 
 
-class MembersIn(BaseModel):
+class MembersIn(Body):
     vms: list[str]
 
 
-class PlanIn(BaseModel):
+class PlanIn(Body):
     name: str
     description: str = ""
 
 
-class PlanVmsIn(BaseModel):
+class PlanVmsIn(Body):
     group: int = Field(1, ge=1)
     vms: list[str]
 
 
-class ActionIn(BaseModel):
+class ActionIn(Body):
     group: int = Field(1, ge=1)
     name: str
     kind: str
     when: str = "before"
     command: str | None = None
     instructions: str | None = None
-    timeout: float = 300.0
+    timeout: Duration = 300.0
 
 
-class PlanFailoverIn(BaseModel):
+class PlanFailoverIn(Body):
     type: str
     point: str = "latest"
     sync: str = "delta"
@@ -52,7 +54,7 @@ class PlanFailoverIn(BaseModel):
     dry_run: bool = False
 
 
-class DryRunIn(BaseModel):
+class DryRunIn(Body):
     dry_run: bool = False
 
 
@@ -63,9 +65,8 @@ def list_groups(ctx: Ctx) -> list[dict[str, Any]]:
 
 @router.post("/groups", status_code=201)
 def create_group(ctx: Ctx, body: GroupIn) -> dict[str, Any]:
-    return groups.create_group(
-        ctx, name=body.name, vms=body.vms, common_interval=body.common_interval
-    )
+    every = parse_duration("common_interval", body.common_interval)
+    return groups.create_group(ctx, name=body.name, vms=body.vms, common_interval=every)
 
 
 @router.get("/groups/{name}")
@@ -127,7 +128,8 @@ def remove_vm(ctx: Ctx, name: str, vm: str) -> dict[str, Any]:
 def add_action(ctx: Ctx, name: str, body: ActionIn) -> dict[str, Any]:
     return plans.add_action(
         ctx, name=name, group=body.group, action=body.name, kind=body.kind, when=body.when,
-        command=body.command, instructions=body.instructions, timeout=body.timeout,
+        command=body.command, instructions=body.instructions,
+        timeout=parse_duration("timeout", body.timeout),
     )  # fmt: skip
 
 

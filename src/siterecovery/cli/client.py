@@ -24,6 +24,7 @@ from urllib.parse import quote
 import httpx
 
 from siterecovery.domain.errors import (
+    DaemonTimeout,
     DaemonUnavailable,
     InternalError,
     SiteRecoveryError,
@@ -135,6 +136,11 @@ class Client:
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return self._http.request(method, path, **kwargs)
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+            seconds = kwargs["timeout"].read if kwargs.get("timeout") else READ_TIMEOUT
+            raise DaemonTimeout(
+                url=self.endpoint.url, method=method, path=path, seconds=seconds or 0
+            ) from None
         except httpx.TransportError as exc:
             reason = f"{self.endpoint.url} does not answer ({type(exc).__name__}: {exc})"
             raise DaemonUnavailable(vault=str(self.endpoint.vault), reason=reason) from None

@@ -226,10 +226,12 @@ def _mode(text: str) -> SyncMode:
 def _load_key(vault: Path | None, name: str) -> SecretKey:
     """The key ``name`` from the vault database (read here: no daemon needed)."""
     from siterecovery.cli.common import resolve_vault, vault_store
+    from siterecovery.keys.master import MasterKey
     from siterecovery.services.keys import load_key
 
-    with vault_store(resolve_vault(vault)) as store:
-        return load_key(store, name=name)
+    where = resolve_vault(vault)
+    with vault_store(where) as store:
+        return load_key(store, master=MasterKey(where), name=name)
 
 
 @contextmanager

@@ -47,7 +47,12 @@ BITMAP_PREFIX = "sr-"
 VIEW_PREFIX = "srv"
 """qemu names of the parts of our views start with this."""
 
-TEARDOWN_TIMEOUT = 30.0
+CHECK_PREFIX = "srk"
+"""... and of views that only read (a check), which touch no checkpoint: a
+replication pass's cleanup of its own views leaves them alone."""
+
+TEARDOWN_TIMEOUT = 120.0
+"""Seconds a view's export or job has to go away (generous: a loaded host)."""
 _POLL = 0.01
 
 
@@ -118,16 +123,26 @@ class Tracker:
 
     ``work_dir`` holds the temporary fleece images of the views (each grows by
     what the guest overwrites while the view lives). Not thread-safe: one
-    caller at a time per node.
+    caller at a time per node. ``prefix`` (:data:`VIEW_PREFIX` or
+    :data:`CHECK_PREFIX`) keeps two kinds of views of one node apart: each
+    tracker sees, finds and cleans up only views of its own prefix.
     """
 
-    def __init__(self, qmp: QmpClient, node: str, work_dir: Path, nbd_socket: Path) -> None:
+    def __init__(
+        self,
+        qmp: QmpClient,
+        node: str,
+        work_dir: Path,
+        nbd_socket: Path,
+        *,
+        prefix: str = VIEW_PREFIX,
+    ) -> None:
         self._qmp = qmp
         self._node = node
         self._work_dir = Path(work_dir).absolute()
         self._nbd_socket = Path(nbd_socket)
         node_hash = hashlib.sha256(node.encode()).hexdigest()[:6]
-        self._view_prefix = f"{VIEW_PREFIX}{node_hash}-"
+        self._view_prefix = f"{prefix}{node_hash}-"
 
     @classmethod
     def of(cls, daemon: StorageDaemon, node: str, work_dir: Path | None = None) -> Tracker:
@@ -222,9 +237,9 @@ class Tracker:
     def _view_id(self, tag: str) -> str:
         return self._view_prefix + hashlib.sha256(tag.encode()).hexdigest()[:10]
 
-    def _check_since(self, since: Sequence[str], new_checkpoint: str) -> None:
+    def _check_since(self, since: Sequence[str], new_checkpoint: str | None) -> None:
         states = {b.name: b for b in self.bitmaps()}
-        if new_checkpoint in states:
+        if new_checkpoint is not None and new_checkpoint in states:
             raise DiskError(
                 detail=f"checkpoint '{new_checkpoint}' of '{self._node}' already exists"
             )
@@ -244,11 +259,15 @@ class Tracker:
         )
 
     def _freeze_actions(
-        self, view_id: str, new_checkpoint: str, since: Sequence[str], granularity: int | None
+        self,
+        view_id: str,
+        new_checkpoint: str | None,
+        since: Sequence[str],
+        granularity: int | None,
     ) -> list[dict[str, Any]]:
         node = self._node
         fine = {"granularity": granularity} if granularity else {}
-        actions = [
+        actions = [] if new_checkpoint is None else [
             _action("block-dirty-bitmap-add", node=node, name=BITMAP_PREFIX + new_checkpoint,
                     persistent=True, **fine),
             *(
@@ -306,7 +325,10 @@ class Tracker:
         deadline = time.monotonic() + TEARDOWN_TIMEOUT
         while not done():
             if time.monotonic() > deadline:
-                raise DiskError(detail=f"{what} of '{self._node}' did not go away in time")
+                raise DiskError(
+                    detail=f"{what} of '{self._node}' did not go away within "
+                    f"{TEARDOWN_TIMEOUT:g} s (daemon with QMP at {self._qmp.path})"
+                )
             time.sleep(_POLL)
 
     # Observing the daemon.
@@ -359,10 +381,13 @@ def freeze_together(
     requests: Sequence[tuple[Tracker, Sequence[str]]],
     tag: str,
     *,
-    new_checkpoint: str,
+    new_checkpoint: str | None,
     granularity: int | None = None,
 ) -> list[PointInTimeView]:
     """Freeze several disks of ONE daemon in one QMP transaction.
+
+    ``new_checkpoint`` None takes the views only, touching no checkpoint (a
+    read-only look at a running disk, e.g. a check; ``since`` must be empty).
 
     ``granularity`` (bytes, a power of two) of the new checkpoint: finer than
     the default (the cluster size, 64 KiB) when what follows must be sent
@@ -394,7 +419,7 @@ def freeze_together(
 
 def _start_fleeces(
     fresh: Sequence[tuple[Tracker, str, Sequence[str]]],
-    new_checkpoint: str,
+    new_checkpoint: str | None,
     granularity: int | None,
 ) -> None:
     qmp = fresh[0][0]._qmp

@@ -18,7 +18,7 @@ from typing import Any
 import nbd
 
 from siterecovery.disk.base import Extent, merge_touching
-from siterecovery.domain.errors import DiskError
+from siterecovery.domain.errors import DiskError, DiskFull
 
 MAX_REQUEST = 32 * 1024 * 1024
 """Largest read or write sent in one NBD request (bytes)."""
@@ -33,11 +33,14 @@ _Kind = tuple[bool, bool]
 
 
 @contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Translate nbd.Error into DiskError, once, at this boundary."""
+def _translated(what: str, target: str = "") -> Iterator[None]:
+    """Translate nbd.Error into DiskError, once, at this boundary (DiskFull
+    when a write to ``target`` found no space: the server's ENOSPC)."""
     try:
         yield
     except nbd.Error as e:
+        if target and getattr(e, "errno", None) == "ENOSPC":
+            raise DiskFull(what=what, where=target) from e
         raise DiskError(detail=f"{what}: {e.string}") from e
 
 
@@ -103,6 +106,10 @@ class NbdDevice:
         return self._export
 
     @property
+    def _served_by(self) -> str:
+        return f"the image served as NBD export '{self._export}' on {self._socket}"
+
+    @property
     def bitmap(self) -> str | None:
         """The dirty bitmap this device was opened against, if any."""
         return self._bitmap
@@ -125,7 +132,7 @@ class NbdDevice:
     def write(self, offset: int, buf: memoryview) -> None:
         """Write all of ``buf`` at ``offset`` (split to the server max)."""
         h = self._writable_handle(offset, len(buf))
-        with _translated(f"cannot write NBD export '{self._export}'"):
+        with _translated(f"a write to NBD export '{self._export}'", self._served_by):
             for start in range(0, len(buf), self._max_request):
                 h.pwrite(buf[start : start + self._max_request], offset + start)
 
@@ -135,7 +142,7 @@ class NbdDevice:
         if not h.can_zero():
             self._write_zeroes(offset, length)  # Slow path.
             return
-        with _translated(f"cannot zero NBD export '{self._export}'"):
+        with _translated(f"a zero to NBD export '{self._export}'", self._served_by):
             for start in range(offset, offset + length, _MAX_ZERO):
                 h.zero(min(_MAX_ZERO, offset + length - start), start)
 
@@ -148,7 +155,7 @@ class NbdDevice:
         """Ask the server to make completed writes durable. Idempotent."""
         h = self._handle(0, 0)
         if h.can_flush():
-            with _translated(f"cannot flush NBD export '{self._export}'"):
+            with _translated(f"a flush of NBD export '{self._export}'", self._served_by):
                 h.flush()
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.disk.base import Extent
-from siterecovery.domain.errors import DiskError
+from siterecovery.domain.errors import DiskError, DiskFull
 
 QEMU_IMG = "qemu-img"
 
@@ -50,8 +50,16 @@ def _run(*args: str) -> str:
     except OSError as e:
         raise DiskError(detail=f"cannot run {QEMU_IMG}: {e}") from e
     if done.returncode != 0:
+        if "No space left on device" in done.stderr:
+            raise DiskFull(what=f"qemu-img {args[0]}", where=_written(args))
         raise DiskError(detail=f"qemu-img {args[0]} failed: {done.stderr.strip()}")
     return done.stdout
+
+
+def _written(args: tuple[str, ...]) -> str:
+    """The image a qemu-img command writes: its last argument naming a file."""
+    paths = [a for a in args[1:] if not a.startswith("-") and ("/" in a or "." in a)]
+    return paths[-1] if paths else "its image"
 
 
 def _relative(backing: Path, overlay: Path) -> str:

@@ -30,8 +30,10 @@ from siterecovery.disk.qmp import QmpClient
 from siterecovery.domain.errors import DiskError, InvalidInput
 
 QSD_BINARY = "qemu-storage-daemon"
-START_TIMEOUT = 10.0
-"""Seconds a new daemon has to answer on both sockets."""
+START_TIMEOUT = 30.0
+"""Seconds a new daemon has to answer on both sockets (generous: a loaded host)."""
+STOP_TIMEOUT = 30.0
+"""Seconds a SIGTERMed daemon has to close its images (and write their bitmaps)."""
 
 _PR_SET_PDEATHSIG = 1
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,25}$")  # + "-file" fits in 31
@@ -137,9 +139,13 @@ class StorageDaemon:
         with _clients_lock:
             client = _clients.get(key)
             if client is None or client.closed:
-                client = QmpClient.connect(self.qmp_socket)
+                client = QmpClient.connect(self.qmp_socket, name=self.describe())
                 _clients[key] = client
             return client
+
+    def describe(self) -> str:
+        """Which process this is, for messages: binary, pid and run directory."""
+        return f"{QSD_BINARY} pid {self._pid} of {self._run_dir}"
 
     def is_running(self) -> bool:
         """Whether the daemon process is alive (a zombie is not)."""
@@ -147,7 +153,7 @@ class StorageDaemon:
             return self._process.poll() is None
         return _is_alive(self._pid)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM (a clean exit keeps persistent bitmaps consistent), then
         SIGKILL after ``timeout`` seconds. Removes the run files. Idempotent."""
         self._close_qmp()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from siterecovery.disk.base import BlockDevice, Extent
@@ -112,14 +112,22 @@ class TokenBucket:
 
     :meth:`take` lets a request through at once and makes the caller sleep off
     the debt, so requests larger than ``burst`` work and the long-run rate is
-    exact.
+    exact. The sleep is cut into slices of at most :data:`SLICE` seconds;
+    ``interrupt`` (a sync's cancel check) is called between slices: when it
+    returns True or raises, the caller stops waiting at once, so a low cap never
+    delays a cancel by more than a slice.
     """
 
-    def __init__(self, rate: int, burst: int) -> None:
+    SLICE = 0.2
+
+    def __init__(
+        self, rate: int, burst: int, *, interrupt: Callable[[], bool] | None = None
+    ) -> None:
         if rate <= 0 or burst <= 0:
             raise InvalidInput(field="bytes_per_second", reason=f"{rate}/{burst} is not positive")
         self._rate = rate
         self._burst = burst
+        self._interrupt = interrupt
         self._tokens = float(burst)
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
@@ -130,7 +138,15 @@ class TokenBucket:
 
     def take(self, nbytes: int) -> None:
         """Spend ``nbytes`` tokens, sleeping while the bucket is in debt."""
-        time.sleep(self.debit(nbytes))
+        wait = self.debit(nbytes)
+        if self._interrupt is None:
+            time.sleep(wait)
+            return
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.SLICE))
+            if self._interrupt():
+                return
 
     def debit(self, nbytes: int) -> float:
         """Spend ``nbytes`` tokens now; returns the seconds the caller must wait."""
@@ -157,9 +173,12 @@ class RateLimitedDevice:
         *,
         burst: int | None = None,
         bucket: TokenBucket | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> None:
         self._inner = inner
-        self._bucket = bucket or TokenBucket(bytes_per_second, burst or bytes_per_second // 4 or 1)
+        self._bucket = bucket or TokenBucket(
+            bytes_per_second, burst or bytes_per_second // 4 or 1, interrupt=interrupt
+        )
 
     @property
     def inner(self) -> BlockDevice:

@@ -9,6 +9,9 @@ adapter that calls them.
 
     SiteRecoveryError                      category
     ├── InvalidInput                       usage       bad value, the user must change it
+    │   ├── SitePathRefused                usage       a site's storage path is unsafe or taken
+    │   └── MethodNotAllowed               usage       an API path without that HTTP method
+    ├── Unauthorized                       auth        no or wrong API token
     ├── NotFound                           not-found   a named object does not exist
     │   └── Site/Host/Vm/Item/Point/Job/Key/Group/PlanNotFound
     ├── RuleViolation                      rule        the request is valid but a rule refuses it
@@ -22,10 +25,12 @@ adapter that calls them.
     ├── Conflict                           conflict    concurrent change, retry
     ├── DiskError                          io          block device, NBD, QMP, qemu-img
     │   ├── BitmapInconsistent             io          change tracking cannot be trusted
+    │   ├── DiskFull                       io          no space left (ENOSPC) where data is written
     │   ├── IntegrityError                 io          digests differ after a sync
     │   ├── QmpError                       io          qemu refused a QMP command
     │   ├── WireError, DecryptionFailed    io          the sync protocol between sites
     ├── GuestError                         io          the guest agent (workload) failed
+    ├── KeyUnreadable                      io          the vault master key cannot open a key
     ├── ActionFailed                       io          a recovery plan's script failed
     ├── ChildJobFailed                     io          a VM's job inside a plan's job failed
     ├── JobCancelled                       cancelled   a job was cancelled by the user
@@ -50,6 +55,7 @@ class Category(StrEnum):
     IO = "io"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    AUTH = "auth"
 
 
 class SiteRecoveryError(Exception):
@@ -99,6 +105,24 @@ class InvalidInput(SiteRecoveryError):
     code = "INVALID_INPUT"
     category = Category.USAGE
     template = "{field}: {reason}"
+
+
+class SitePathRefused(InvalidInput):
+    """A site's storage path that could let deleting a VM remove files not ours."""
+
+    code = "SITE_PATH_REFUSED"
+    template = "path: site storage path '{path}' {reason}"
+
+
+class MethodNotAllowed(InvalidInput):
+    code = "METHOD_NOT_ALLOWED"
+    template = "{method} is not allowed on {path}"
+
+
+class Unauthorized(SiteRecoveryError):
+    code = "UNAUTHORIZED"
+    category = Category.AUTH
+    template = "{reason}"
 
 
 class NotFound(SiteRecoveryError):
@@ -200,6 +224,14 @@ class VmInconsistent(RuleViolation):
 class VmBusy(RuleViolation):
     code = "VM_BUSY"
     template = "VM '{vm}' is {state}; {hint}"
+
+
+class ItemChanged(RuleViolation):
+    code = "ITEM_CHANGED"
+    template = (
+        "replicated item '{vm}' is {state}, not {expected}: it changed while the job ran; "
+        "nothing more was done — look at its jobs, then run the operation again"
+    )
 
 
 class JobFinished(RuleViolation):
@@ -376,6 +408,19 @@ class DaemonUnavailable(SiteRecoveryError):
     )
 
 
+class DaemonTimeout(SiteRecoveryError):
+    """The daemon accepted the connection but did not answer in time: it is up,
+    and the request may have been carried out — never report it as "no daemon"."""
+
+    code = "DAEMON_TIMEOUT"
+    category = Category.INTERNAL
+    template = (
+        "the daemon at {url} did not answer {method} {path} within {seconds:g} s; "
+        "it may still be carrying it out: check `siterecovery jobs` and `item show` "
+        "before running it again"
+    )
+
+
 class DiskError(SiteRecoveryError):
     code = "DISK_ERROR"
     category = Category.IO
@@ -390,6 +435,37 @@ class BitmapInconsistent(DiskError):
     )
 
 
+class DiskFull(DiskError):
+    """A write failed because the filesystem it goes to is full (ENOSPC).
+
+    Fields: ``what`` (the operation), ``where`` (the file, directory or NBD
+    export written), ``site`` (the site whose storage it is, when known) and
+    ``free`` (bytes free there when known). Raised where ENOSPC is translated
+    (the NBD client, qemu-img) and re-raised with the site by whoever knows it.
+    """
+
+    code = "DISK_FULL"
+    template = (
+        "no space left on device for {what}: writing to {where}{at_site} failed ({free_text}); "
+        "free space on that filesystem (delete other files there, or keep fewer recovery "
+        "points with a shorter retention) or grow it, then run it again"
+    )
+
+    def __init__(
+        self, *, what: str, where: str, site: str | None = None, free: int | None = None
+    ) -> None:
+        super().__init__(
+            what=what,
+            where=where,
+            site=site,
+            free=free,
+            at_site=f" at site '{site}'" if site else "",
+            free_text="free space unknown"
+            if free is None
+            else f"{free / 2**20:.1f} MiB free there",
+        )
+
+
 class IntegrityError(DiskError):
     code = "INTEGRITY_MISMATCH"
     template = "digest of {what} differs: source {source} != target {target}"
@@ -399,6 +475,15 @@ class JobCancelled(SiteRecoveryError):
     code = "JOB_CANCELLED"
     category = Category.CANCELLED
     template = "job '{job}' was cancelled"
+
+
+class PassPreempted(SiteRecoveryError):
+    code = "PASS_PREEMPTED"
+    category = Category.CANCELLED
+    template = (
+        "the replication pass of '{vm}' stopped to let {by} run; "
+        "nothing it sent is lost: the next pass sends what this one did not"
+    )
 
 
 class InternalError(SiteRecoveryError):
@@ -449,6 +534,18 @@ class SyncCancelled(JobCancelled):
 
     code = "SYNC_CANCELLED"
     template = "{what} was cancelled"
+
+
+class KeyUnreadable(SiteRecoveryError):
+    """A key's stored material does not open with the vault's master key
+    (``VAULT/master.key``): the file is missing, damaged or from another vault."""
+
+    code = "KEY_UNREADABLE"
+    category = Category.IO
+    template = (
+        "cannot read key '{name}': the vault master key {path} is missing, damaged or not "
+        "the one it was wrapped with; restore {path} from a backup of this vault"
+    )
 
 
 class GuestError(SiteRecoveryError):

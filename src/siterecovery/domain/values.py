@@ -6,28 +6,36 @@ the API and the portal refuse bad input the same way, before any side effect.
 
 from __future__ import annotations
 
+import math
 import re
 
 from siterecovery.domain.errors import InvalidInput
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""Matched whole (``fullmatch``): ``$`` would let a trailing newline through."""
 
 
 def parse_duration(field: str, text: str | float | int, *, minimum: float = 0.0) -> float:
-    """Seconds from ``"30s"``, ``"5m"``, ``"24h"``, ``"1d"``, ``"250ms"`` or a number."""
+    """Seconds from ``"30s"``, ``"5m"``, ``"24h"``, ``"1d"``, ``"250ms"`` or a number.
+
+    A number is seconds, as every duration reads back in JSON (``Policy``), so
+    what the API returns can be sent back to it.
+    """
     if isinstance(text, int | float):
         value = float(text)
     else:
-        match = _DURATION.match(text)
+        match = _DURATION.fullmatch(text)
         if not match:
             raise InvalidInput(
                 field=field, reason=f"'{text}' is not a duration (e.g. 30s, 5m, 24h)"
             )
         value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+    if not math.isfinite(value):
+        raise InvalidInput(field=field, reason=f"'{text}' is not a finite duration")
     if value < minimum:
         raise InvalidInput(field=field, reason=f"must be at least {minimum:g}s, got {value:g}s")
     return value
@@ -38,11 +46,14 @@ def parse_size(field: str, text: str | int, *, minimum: int = 1) -> int:
     if isinstance(text, int):
         value = text
     else:
-        match = _SIZE.match(text)
+        match = _SIZE.fullmatch(text)
         if not match:
             raise InvalidInput(field=field, reason=f"'{text}' is not a size (e.g. 1G, 512M)")
         unit = (match[2] or "").lower().rstrip("b").rstrip("i")
-        value = int(float(match[1]) * _SIZE_UNITS[unit])
+        number = float(match[1])
+        if not math.isfinite(number):
+            raise InvalidInput(field=field, reason=f"'{text}' is not a finite size")
+        value = int(number * _SIZE_UNITS[unit])
     if value < minimum:
         raise InvalidInput(field=field, reason=f"must be at least {minimum} bytes, got {value}")
     return value
@@ -50,7 +61,7 @@ def parse_size(field: str, text: str | int, *, minimum: int = 1) -> int:
 
 def check_name(field: str, name: str) -> str:
     """A name for a site, host, VM or switch: letters, digits, '.', '_', '-'."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidInput(
             field=field,
             reason=f"'{name}' is not a valid name (1-63 letters, digits, '.', '_', '-')",

@@ -1,18 +1,26 @@
 """Helpers shared by the failover and failback workflows: the item, its VMs and
-sides, stopping and starting, swapping the direction, and recorded steps."""
+sides, stopping and starting, swapping the direction, and recorded steps.
+
+Replay rule: a workflow body decides only from its parameters (the direction
+``frm`` → ``to`` is fixed when the job is submitted) and from the recorded
+results of its steps; every read of live state and every write happens inside
+a step. DBOS re-runs a body after a crash: it must take the same path.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.domain.errors import JobCancelled
+from siterecovery.domain.errors import ItemChanged, JobCancelled
 from siterecovery.domain.lifecycle import ItemState
-from siterecovery.domain.model import Item, Vm, failure
+from siterecovery.domain.model import Item, Vm, failure, utcnow
 from siterecovery.jobs.runtime import ProgressReporter, context, run_step
 from siterecovery.replication import failback as data
 from siterecovery.replication.cycle import PassOptions, run_pass
+from siterecovery.services import ownership
 from siterecovery.services.context import Context
 
 
@@ -20,8 +28,9 @@ def load_item(vm: str) -> Item:
     return context().store.get_item(vm=vm)
 
 
-def release(vm: str) -> None:
-    context().store.merge_tracking(vm=vm, busy=None)
+def release(vm: str, job_id: str) -> None:
+    """The job's end: the item is free again (only if this job still owns it)."""
+    ownership.release(context(), vm, job_id)
 
 
 def failed(vm: str, exc: BaseException) -> None:
@@ -57,17 +66,32 @@ def side_of(ctx: Context, vm: Vm) -> data.Side:
 
 
 def stop_vm(ctx: Context, vm: Vm) -> dict[str, Any]:
+    """Stop ``vm``; ``at`` is when it was stopped (the start of a downtime)."""
     side = side_of(ctx, vm)
+    began = time.time()
     side.provider.stop_vm(side.site, vm)
-    guest_state = getattr(side.provider, "guest_state", None)
-    state = guest_state(side.site, vm) if callable(guest_state) else {}
-    return {"stopped": f"{vm.name}@{vm.site}", "acknowledged_seq": state.get("seq")}
+    stopped = time.time()
+    state = side.provider.guest_state(side.site, vm)
+    return {
+        "stopped": f"{vm.name}@{vm.site}",
+        "acknowledged_seq": state.get("seq"),
+        "at": stopped,
+        "stop_seconds": round(stopped - began, 3),
+    }
 
 
 def start_vm(ctx: Context, vm: Vm) -> dict[str, Any]:
+    """Start ``vm``; ``at`` is when it was started (the end of a downtime)."""
     side = side_of(ctx, vm)
+    began = time.time()
     side.provider.start_vm(side.site, vm)
-    return {"started": f"{vm.name}@{vm.site}", "host": vm.host}
+    started = time.time()
+    return {
+        "started": f"{vm.name}@{vm.site}",
+        "host": vm.host,
+        "at": started,
+        "start_seconds": round(started - began, 3),
+    }
 
 
 def delete_vm(ctx: Context, name: str, site_name: str) -> None:
@@ -79,24 +103,26 @@ def delete_vm(ctx: Context, name: str, site_name: str) -> None:
     ctx.store.delete_vm(name=name, site=site_name)
 
 
-def switch_direction(ctx: Context, item: Item, kind: str, **failover: Any) -> dict[str, Any]:
-    """The VM now runs at the standby site: swap the item's direction."""
-    if item.state is not ItemState.FAILED_OVER or item.active_site != failover["to"]:
+def switch_direction(
+    ctx: Context, vm: str, kind: str, *, frm: str, to: str, **failover: Any
+) -> dict[str, Any]:
+    """The VM now runs at ``to``: the item's direction becomes ``to`` → ``frm``.
+
+    Idempotent: a re-run after the swap changes nothing more.
+    """
+    item = ctx.store.get_item(vm=vm)
+    if item.state is not ItemState.FAILED_OVER or item.active_site != to:
         ctx.store.update_item(
-            vm=item.vm,
-            active_site=item.standby_site,
-            standby_site=item.active_site,
-            state=ItemState.FAILED_OVER,
-            last_error=None,
+            vm=vm, active_site=to, standby_site=frm, state=ItemState.FAILED_OVER, last_error=None
         )
-    hosts = ctx.store.get_tracking(vm=item.vm).get("hosts") or {}
+    hosts = ctx.store.get_tracking(vm=vm).get("hosts") or {}
     ctx.store.merge_tracking(
-        vm=item.vm,
-        failover={"kind": kind, **failover},
-        hosts={**hosts, failover["to"]: failover["host"]},
+        vm=vm,
+        failover={"kind": kind, "to": to, "came_from": frm, **failover},
+        hosts={**hosts, to: failover["host"]},
         resume=None,
     )
-    return {"state": ItemState.FAILED_OVER.value, "active_site": failover["to"]}
+    return {"state": ItemState.FAILED_OVER.value, "active_site": to}
 
 
 def step(job_id: str, name: str, body: Any) -> Any:
@@ -112,5 +138,25 @@ def initial_pass(job_id: str, vm: str) -> dict[str, Any]:
     options = PassOptions(
         tag=job_id, initial=True, progress=reporter, cancelled=cancel_check(reporter, job_id)
     )
-    with context().item_lock(vm):
-        return run_pass(context(), vm, options).to_dict()
+    return run_pass(context(), vm, options).to_dict()  # under the job's ownership
+
+
+def recorded_initial_pass(job_id: str, vm: str) -> dict[str, Any]:
+    """The initial pass, its report also kept in the job's result."""
+    report = initial_pass(job_id, vm)
+    context().store.merge_job_result(job_id=job_id, initial_sync=report)
+    return report
+
+
+def enable(vm: str, expected: ItemState) -> dict[str, Any]:
+    """Replication starts: ``expected`` → protected. Idempotent; refuses (nothing
+    changes) if the item left ``expected`` meanwhile, e.g. it was disabled."""
+    item = load_item(vm)
+    if item.state is not ItemState.PROTECTED:
+        if item.state is not expected:
+            raise ItemChanged(vm=vm, state=item.state.value, expected=expected.value)
+        context().store.update_item(
+            vm=vm, state=ItemState.PROTECTED, last_cycle=utcnow(), last_error=None
+        )
+    context().store.merge_tracking(vm=vm, failover=None)
+    return {"state": ItemState.PROTECTED.value}

@@ -12,8 +12,9 @@ from typing import Any
 
 from dbos import DBOS
 
+from siterecovery.domain.errors import TargetVmMissing
 from siterecovery.domain.lifecycle import ItemState
-from siterecovery.domain.model import Item, JobState, Vm, failure
+from siterecovery.domain.model import JobState, Vm, failure
 from siterecovery.jobs import control
 from siterecovery.jobs.common import (
     cancel_check,
@@ -26,6 +27,7 @@ from siterecovery.jobs.common import (
     switch_direction,
     vm_at,
     vm_fields,
+    vm_required,
 )
 from siterecovery.jobs.runtime import ProgressReporter, context, job_scope
 from siterecovery.replication import failback as data
@@ -33,146 +35,157 @@ from siterecovery.replication import failback as data
 
 @DBOS.workflow(name="failback")
 def failback_workflow(
-    job_id: str, vm: str, host: str, sync: str, create_vm: bool, threads: int | None
+    job_id: str,
+    vm: str,
+    host: str,
+    sync: str,
+    create_vm: bool,
+    threads: int | None,
+    frm: str,
+    to: str,
 ) -> None:
-    """Planned failover toward the other site with a data sync (delta or full)."""
+    """Planned failover from ``frm`` toward ``to`` with a data sync (delta or full)."""
 
     def on_error(exc: BaseException) -> None:
         context().store.update_item(vm=vm, state=ItemState.INCONSISTENT, last_error=failure(exc))
 
-    with job_scope(job_id, on_error=on_error, on_exit=lambda: release(vm)):
+    with job_scope(job_id, on_error=on_error, on_exit=lambda: release(vm, job_id)):
         prepared = step(
-            job_id, "prepare-target", lambda: _prepare_target(job_id, vm, host, create_vm)
+            job_id,
+            "prepare-target",
+            lambda: _prepare_target(job_id, vm, host, create_vm, threads, frm, to),
         )
-        move_threads = threads or load_item(vm).policy.threads
         if sync == "delta":
-            _delta(job_id, vm, prepared, move_threads)
+            _delta(job_id, vm, prepared)
         else:
-            _full(job_id, vm, prepared, move_threads)
-        item = load_item(vm)
-        step(job_id, "switch-direction", lambda: _switch_failback(job_id, item, host))
+            _full(job_id, vm, prepared)
+        step(job_id, "switch-direction", lambda: _switch_failback(job_id, vm, host, frm, to))
 
 
-def _prepare_target(job_id: str, vm: str, host: str, create_vm: bool) -> dict[str, Any]:
-    """The target VM exists (or is created blank), is stopped and marked inconsistent."""
+def _prepare_target(
+    job_id: str, vm: str, host: str, create_vm: bool, threads: int | None, frm: str, to: str
+) -> dict[str, Any]:
+    """The target VM exists (or is created blank), is stopped and marked inconsistent.
+
+    Also fixes what the rest of the job uses (threads, the phases' tags), so a
+    replay after a crash takes the same values: the tags are kept across re-runs
+    of a failed failback, whose new job then resumes the old one's views.
+    """
     ctx = context()
-    item = load_item(vm)
-    site = ctx.store.get_site(name=item.standby_site)
+    site = ctx.store.get_site(name=to)
     provider = ctx.provider(site)
-    target = vm_at(ctx, vm, item.standby_site)
+    target = vm_at(ctx, vm, to)
     created = False
     if target is None:
-        source = vm_at(ctx, vm, item.active_site)
-        assert source is not None and create_vm
+        source = vm_required(ctx, vm, frm)
+        if not create_vm:
+            raise TargetVmMissing(vm=vm, host=host, site=to)
         target = Vm(**{**vm_fields(source), "site": site.name, "host": host})
         provider.create_vm(site, target)
         ctx.store.add_vm(vm=target)
         created = True
     provider.stop_vm(site, target)
-    provider_set = getattr(provider, "set_inconsistent", None)
-    if callable(provider_set):
-        provider_set(site, target, True)
+    provider.set_inconsistent(site, target, True)
     ctx.store.update_item(vm=vm, state=ItemState.SYNCING)
-    failover = ctx.store.get_tracking(vm=vm).get("failover") or {}
+    tracking = ctx.store.get_tracking(vm=vm)
+    failover = tracking.get("failover") or {}
+    tags = {p: p + job_id[1:9] for p in PHASES} | (tracking.get("failback_tags") or {})
+    ctx.store.merge_tracking(vm=vm, failback_tags=tags)
     return {
         "target": f"{vm}@{site.name}",
         "host": host,
         "created": created,
         "source_checkpoint": failover.get("source_checkpoint"),
         "target_checkpoint": failover.get("target_checkpoint"),
+        "threads": threads or load_item(vm).policy.threads,
+        "tags": tags,
+        "frm": frm,
+        "to": to,
     }
 
 
-def _sides(vm: str) -> tuple[data.Side, data.Side]:
+PHASES = ("p1", "p2", "fd")
+
+
+def _sides(vm: str, prepared: dict[str, Any]) -> tuple[data.Side, data.Side]:
     ctx = context()
-    item = load_item(vm)
-    source = vm_at(ctx, vm, item.active_site)
-    target = vm_at(ctx, vm, item.standby_site)
-    assert source is not None and target is not None
+    source = vm_required(ctx, vm, prepared["frm"])
+    target = vm_required(ctx, vm, prepared["to"])
     return side_of(ctx, source), side_of(ctx, target)
 
 
-def _movement(job_id: str, vm: str, tag: str, threads: int) -> data.Movement:
+def _movement(job_id: str, vm: str, prepared: dict[str, Any], phase: str) -> data.Movement:
     reporter = ProgressReporter(job_id)
     return data.Movement(
         context(),
         vm,
-        tag,
-        threads,
+        str(prepared["tags"][phase]),
+        int(prepared["threads"]),
         progress=reporter,
         cancelled=cancel_check(reporter, job_id),
         max_rate=load_item(vm).policy.max_rate,
     )
 
 
-def _delta(job_id: str, vm: str, prepared: dict[str, Any], threads: int) -> None:
-    ctx = context()
-    tag1 = _resumable_tag(vm, "p1", job_id)
-    phase1 = step(
-        job_id,
-        "phase1-sync",
-        lambda: _timed(
-            lambda: data.delta_phase1(_movement(job_id, vm, tag1, threads), *_sides(vm), prepared)
-        ),
-    )
-    ctx.store.update_item(vm=vm, state=ItemState.AWAITING_COMPLETION)
-    ctx.store.update_job(job_id=job_id, state=JobState.AWAITING_COMPLETION)
+def _delta(job_id: str, vm: str, prepared: dict[str, Any]) -> None:
+    phase1 = step(job_id, "phase1-sync", lambda: _phase1(job_id, vm, prepared))
     control.wait_for(job_id, control.COMPLETE)
-    ctx.store.update_item(vm=vm, state=ItemState.FINALIZING)
-    ctx.store.update_job(job_id=job_id, state=JobState.RUNNING)
-    prediction = step(job_id, "predict-phase2", lambda: _predict(vm, phase1))
-    started = step(
-        job_id, "stop-source", lambda: {"at": time.time(), **stop_vm(ctx, _sides(vm)[0].vm)}
-    )
-    tag2 = _resumable_tag(vm, "p2", job_id)
+    prediction = step(job_id, "predict-phase2", lambda: _predict(job_id, vm, prepared, phase1))
+    stopped = step(job_id, "stop-source", lambda: _stop_source(vm, prepared))
     phase2 = step(
         job_id,
         "phase2-sync",
         lambda: _timed(
-            lambda: data.delta_phase2(_movement(job_id, vm, tag2, threads), *_sides(vm), phase1)
+            lambda: data.delta_phase2(
+                _movement(job_id, vm, prepared, "p2"), *_sides(vm, prepared), phase1
+            )
         ),
     )
-    done = step(job_id, "start-target", lambda: {"at": time.time(), **_start_target(vm)})
-    _record_downtime(job_id, prediction, phase2, started, done)
-
-
-def _full(job_id: str, vm: str, prepared: dict[str, Any], threads: int) -> None:
-    ctx = context()
-    started = step(
-        job_id, "stop-source", lambda: {"at": time.time(), **stop_vm(ctx, _sides(vm)[0].vm)}
+    step(
+        job_id,
+        "start-target",
+        lambda: _start_target(job_id, vm, prepared, prediction, phase2, stopped),
     )
+
+
+def _phase1(job_id: str, vm: str, prepared: dict[str, Any]) -> dict[str, Any]:
+    """Phase 1 (the source keeps running); then the job waits for ``complete``."""
+    move = _movement(job_id, vm, prepared, "p1")
+    report = _timed(lambda: data.delta_phase1(move, *_sides(vm, prepared), prepared))
+    context().store.update_item(vm=vm, state=ItemState.AWAITING_COMPLETION)
+    context().store.update_job(job_id=job_id, state=JobState.AWAITING_COMPLETION)
+    return report
+
+
+def _stop_source(vm: str, prepared: dict[str, Any]) -> dict[str, Any]:
+    return stop_vm(context(), _sides(vm, prepared)[0].vm)
+
+
+def _full(job_id: str, vm: str, prepared: dict[str, Any]) -> None:
+    stopped = step(job_id, "stop-source", lambda: _stop_source(vm, prepared))
     if not prepared["created"]:
-        step(job_id, "replace-target-disks", lambda: _replace_target(vm))
-    tag = _resumable_tag(vm, "fd", job_id)
+        step(job_id, "replace-target-disks", lambda: _replace_target(vm, prepared))
     copied = step(
         job_id,
         "full-download",
         lambda: _timed(
-            lambda: data.full_download(_movement(job_id, vm, tag, threads), *_sides(vm))
+            lambda: data.full_download(_movement(job_id, vm, prepared, "fd"), *_sides(vm, prepared))
         ),
     )
-    done = step(job_id, "start-target", lambda: {"at": time.time(), **_start_target(vm)})
     prediction = {"predicted_bytes": None, "predicted_seconds": None}
-    _record_downtime(job_id, prediction, copied, started, done)
+    step(
+        job_id,
+        "start-target",
+        lambda: _start_target(job_id, vm, prepared, prediction, copied, stopped),
+    )
 
 
-def _replace_target(vm: str) -> dict[str, Any]:
-    target = _sides(vm)[1]
+def _replace_target(vm: str, prepared: dict[str, Any]) -> dict[str, Any]:
+    target = _sides(vm, prepared)[1]
     if context().store.get_tracking(vm=vm).get("resume"):
         return {"skipped": "a download of these disks is under way"}
     target.provider.replace_disks(target.site, target.vm)
     return {"replaced": [d.name for d in target.vm.disks]}
-
-
-def _resumable_tag(vm: str, phase: str, job_id: str) -> str:
-    """The tag of a sync phase: kept across re-runs of a cancelled failback so
-    the new job resumes the old one's view and offsets."""
-    ctx = context()
-    tags = ctx.store.get_tracking(vm=vm).get("failback_tags") or {}
-    if phase not in tags:
-        tags = {**tags, phase: phase + job_id[1:9]}
-        ctx.store.merge_tracking(vm=vm, failback_tags=tags)
-    return str(tags[phase])
 
 
 def _timed(body: Any) -> dict[str, Any]:
@@ -190,9 +203,15 @@ def _timed(body: Any) -> dict[str, Any]:
     }
 
 
-def _predict(vm: str, phase1: dict[str, Any]) -> dict[str, Any]:
-    """Phase 2's bytes (the phase-1 checkpoint's dirty count) and time at phase 1's rate."""
-    pending = data.pending_bytes(_sides(vm)[0], phase1["checkpoint"])
+def _predict(
+    job_id: str, vm: str, prepared: dict[str, Any], phase1: dict[str, Any]
+) -> dict[str, Any]:
+    """``complete`` arrived: phase 2's bytes (the phase-1 checkpoint's dirty count)
+    and its sync time at phase 1's rate, recorded before the source stops."""
+    ctx = context()
+    ctx.store.update_item(vm=vm, state=ItemState.FINALIZING)
+    ctx.store.update_job(job_id=job_id, state=JobState.RUNNING)
+    pending = data.pending_bytes(_sides(vm, prepared)[0], phase1["checkpoint"])
     rate = phase1["bytes_read"] / phase1["seconds"] if phase1["seconds"] > 0 else 0.0
     seconds = pending / rate if rate > 0 else None
     return {
@@ -201,13 +220,21 @@ def _predict(vm: str, phase1: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _start_target(vm: str) -> dict[str, Any]:
+def _start_target(
+    job_id: str,
+    vm: str,
+    prepared: dict[str, Any],
+    prediction: dict[str, Any],
+    sync_report: dict[str, Any],
+    stopped: dict[str, Any],
+) -> dict[str, Any]:
+    """Clear the target's marker (the proof is in), start it, record the downtime."""
     ctx = context()
-    target = _sides(vm)[1]
-    setter = getattr(target.provider, "set_inconsistent", None)
-    if callable(setter):
-        setter(target.site, target.vm, False)
-    return start_vm(ctx, target.vm)
+    target = _sides(vm, prepared)[1]
+    target.provider.set_inconsistent(target.site, target.vm, False)
+    started = start_vm(ctx, target.vm)
+    _record_downtime(job_id, prediction, sync_report, stopped, started)
+    return started
 
 
 def _record_downtime(
@@ -217,6 +244,9 @@ def _record_downtime(
     stopped: dict[str, Any],
     started: dict[str, Any],
 ) -> None:
+    """Predicted vs measured, like with like: ``predicted_seconds`` is the sync
+    time at phase 1's rate, compared with the measured ``seconds`` of the sync;
+    ``downtime_seconds`` runs from the source stopped to the target started."""
     disks = sync_report["disks"]
     context().store.merge_job_result(
         job_id=job_id,
@@ -225,6 +255,11 @@ def _record_downtime(
             "bytes": sync_report["bytes"],
             "seconds": sync_report["seconds"],
             "downtime_seconds": round(started["at"] - stopped["at"], 3),
+            "downtime": {
+                "sync_seconds": sync_report["seconds"],
+                "start_seconds": started.get("start_seconds"),
+                "stop_seconds": stopped.get("stop_seconds"),
+            },
         },
         integrity={
             "disks": {
@@ -238,22 +273,22 @@ def _record_downtime(
     )
 
 
-def _switch_failback(job_id: str, item: Item, host: str) -> dict[str, Any]:
+def _switch_failback(job_id: str, vm: str, host: str, frm: str, to: str) -> dict[str, Any]:
     ctx = context()
     checkpoint = "fb" + job_id[1:9]
-    target = vm_at(ctx, item.vm, item.standby_site)
-    ctx.store.merge_tracking(vm=item.vm, failback_tags=None)
+    target = vm_at(ctx, vm, to)
+    ctx.store.merge_tracking(vm=vm, failback_tags=None)
     if target is not None and target.host != host:
         ctx.store.delete_vm(name=target.name, site=target.site)
         ctx.store.add_vm(vm=Vm(**{**vm_fields(target), "host": host}))
     return switch_direction(
         ctx,
-        item,
+        vm,
         "failback",
+        frm=frm,
+        to=to,
         point=None,
         host=host,
-        to=item.standby_site,
-        came_from=item.active_site,
         source_checkpoint=checkpoint,
         target_checkpoint=None,
     )

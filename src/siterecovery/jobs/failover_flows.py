@@ -12,14 +12,15 @@ from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.domain.errors import SiteRecoveryError
+from siterecovery.domain.errors import SiteRecoveryError, VmNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, Vm, failure, utcnow
 from siterecovery.jobs.common import (
     delete_vm,
+    enable,
     failed,
-    initial_pass,
     load_item,
+    recorded_initial_pass,
     release,
     start_vm,
     step,
@@ -34,59 +35,59 @@ from siterecovery.points.chain import ReplicaChain
 from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services.context import Context
 from siterecovery.services.failover import home_of
+from siterecovery.services.protection import find_point
 
 
-def _point_bases(ctx: Context, item: Item, point_id: str) -> dict[str, Any]:
-    point = next(p for p in ctx.store.list_points(vm=item.vm) if p.id == point_id)
+def _point_bases(ctx: Context, vm: str, point_id: str) -> dict[str, Any]:
+    point = find_point(ctx, vm=vm, point_id=point_id)
     site = ctx.store.get_site(name=point.site)
     provider = ctx.provider(site)
-    return {d: provider.replica_dir(site, item.vm, d) / f for d, f in point.files.items()}
+    return {d: provider.replica_dir(site, vm, d) / f for d, f in point.files.items()}
 
 
 def _create_on_point(
-    ctx: Context, item: Item, point_id: str, host: str, *, name: str, checkpoint: str
+    ctx: Context, vm: str, at: str, point_id: str, host: str, *, name: str, checkpoint: str
 ) -> Vm:
-    """A VM at the standby site whose disks are overlays on the point's chain files."""
-    source = vm_at(ctx, item.vm, item.active_site) or ctx.store.find_vms(name=item.vm)[0]
-    vm = Vm(
-        name=name,
-        site=item.standby_site,
-        host=host,
-        os=source.os,
-        disks=source.disks,
-        nics=source.nics,
-        cpus=source.cpus,
-        memory_mib=source.memory_mib,
-        workload=source.workload,
-    )
-    existing = vm_at(ctx, name, item.standby_site)
+    """A VM at site ``at`` whose disks are overlays on the point's chain files."""
+    existing = vm_at(ctx, name, at)
     if existing is not None:
         return existing
-    site = ctx.store.get_site(name=item.standby_site)
+    source = next((v for v in ctx.store.find_vms(name=vm) if v.site != at), None)
+    if source is None:
+        raise VmNotFound(name=vm, site=None)
+    created = Vm(**{**vm_fields(source), "name": name, "site": at, "host": host})
+    site = ctx.store.get_site(name=at)
     provider = ctx.provider(site)
-    provider.create_vm(site, vm, bases=_point_bases(ctx, item, point_id), checkpoint=checkpoint)
-    ctx.store.add_vm(vm=vm)
-    return vm
+    provider.create_vm(site, created, bases=_point_bases(ctx, vm, point_id), checkpoint=checkpoint)
+    ctx.store.add_vm(vm=created)
+    return created
 
 
 # Unplanned and planned failover ---------------------------------------------
 
 
 @DBOS.workflow(name="unplanned-failover")
-def unplanned_failover_workflow(job_id: str, vm: str, point: str, host: str) -> None:
-    """Start the VM at the other site on a recovery point (no copy first)."""
-    with job_scope(job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm)):
-        step(job_id, "stop-source", lambda: _stop_source_best_effort(vm))
-        _start_on_point(job_id, vm, point, host, "unplanned")
+def unplanned_failover_workflow(
+    job_id: str, vm: str, point: str, host: str, frm: str, to: str
+) -> None:
+    """Start the VM at ``to`` on a recovery point (no copy first)."""
+    with job_scope(
+        job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm, job_id)
+    ):
+        stopped = step(job_id, "stop-source", lambda: _stop_source_best_effort(vm, frm, to))
+        replace = bool(stopped.get("replace_previous"))
+        _start_on_point(job_id, vm, point, host, "unplanned", frm, to, replace=replace)
 
 
-def _stop_source_best_effort(vm: str) -> dict[str, Any]:
-    """An unplanned failover stops the source if it can still be reached."""
+def _stop_source_best_effort(vm: str, frm: str, to: str) -> dict[str, Any]:
+    """An unplanned failover stops the source if it can still be reached. When
+    the VM already runs at ``to`` (a failover to another point), the previous
+    failed-over VM is replaced and the old side stays as it is."""
     ctx = context()
     item = load_item(vm)
-    if item.state is ItemState.FAILED_OVER:
-        return {"skipped": "re-run: the source is already the old side"}
-    source = vm_at(ctx, vm, item.active_site)
+    if item.state is ItemState.FAILED_OVER and item.active_site == to:
+        return {"skipped": "the VM runs at the recovery site", "replace_previous": True}
+    source = vm_at(ctx, vm, frm)
     if source is None:
         return {"stopped": None, "reason": "the source VM is gone"}
     try:
@@ -95,77 +96,88 @@ def _stop_source_best_effort(vm: str) -> dict[str, Any]:
         return {"stopped": None, "reason": str(exc)}
 
 
-def _start_on_point(job_id: str, vm: str, point: str, host: str, kind: str) -> None:
+def _start_on_point(
+    job_id: str, vm: str, point: str, host: str, kind: str, frm: str, to: str, *, replace: bool
+) -> None:
     ctx = context()
-    item = load_item(vm)
-    if item.state is ItemState.FAILED_OVER:
-        # Re-run with another point: the previous failed-over VM goes first.
-        step(job_id, "remove-previous-failover", lambda: _remove_previous(vm))
-        item = load_item(vm)
+    if replace:
+        step(job_id, "remove-previous-failover", lambda: _remove_previous(vm, frm, to))
     checkpoint = "fo" + job_id[1:9]
-    target = step(
+    step(
         job_id,
         "create-target-vm",
-        lambda: _create_on_point(ctx, item, point, host, name=vm, checkpoint=checkpoint).to_dict(),
+        lambda: _create_on_point(
+            ctx, vm, to, point, host, name=vm, checkpoint=checkpoint
+        ).to_dict(),
     )
-    step(job_id, "start-target-vm", lambda: start_vm(ctx, vm_required(ctx, vm, target["site"])))
-    last = ctx.store.get_tracking(vm=vm).get("last_checkpoint") or {}
-    source_checkpoint = last.get("tag") if last.get("point") == point else None
+    step(job_id, "start-target-vm", lambda: start_vm(ctx, vm_required(ctx, vm, to)))
     step(
         job_id,
         "switch-direction",
-        lambda: switch_direction(
-            ctx,
-            item,
-            kind,
-            point=point,
-            host=host,
-            to=item.standby_site,
-            came_from=item.active_site,
-            source_checkpoint=checkpoint,
-            target_checkpoint=source_checkpoint,
-        ),
+        lambda: _switch_to_point(vm, kind, point, host, frm, to, checkpoint),
     )
 
 
-def _remove_previous(vm: str) -> dict[str, Any]:
+def _switch_to_point(
+    vm: str, kind: str, point: str, host: str, frm: str, to: str, checkpoint: str
+) -> dict[str, Any]:
+    """The direction swaps; the old side keeps the bitmap of the point when the
+    point was the latest (a later delta failback sends only what changed)."""
     ctx = context()
-    item = load_item(vm)
-    delete_vm(ctx, vm, item.active_site)
-    ctx.store.update_item(
-        vm=vm,
-        active_site=item.standby_site,
-        standby_site=item.active_site,
-        state=ItemState.PROTECTED,
+    tracking = ctx.store.get_tracking(vm=vm)
+    failover = tracking.get("failover") or {}
+    if failover.get("source_checkpoint") == checkpoint:
+        source_checkpoint = failover.get("target_checkpoint")  # a re-run: already switched
+    else:
+        last = tracking.get("last_checkpoint") or {}
+        source_checkpoint = last.get("tag") if last.get("point") == point else None
+    return switch_direction(
+        ctx,
+        vm,
+        kind,
+        frm=frm,
+        to=to,
+        point=point,
+        host=host,
+        source_checkpoint=checkpoint,
+        target_checkpoint=source_checkpoint,
     )
-    return {"deleted": f"{vm}@{item.active_site}"}
+
+
+def _remove_previous(vm: str, frm: str, to: str) -> dict[str, Any]:
+    """Delete the VM a previous failover started at ``to``; the item is back to
+    ``frm`` → ``to`` until the new one starts."""
+    ctx = context()
+    delete_vm(ctx, vm, to)
+    ctx.store.update_item(vm=vm, active_site=frm, standby_site=to, state=ItemState.PROTECTED)
+    return {"deleted": f"{vm}@{to}"}
 
 
 @DBOS.workflow(name="planned-failover")
-def planned_failover_workflow(job_id: str, vm: str, host: str) -> None:
-    """Stop the source cleanly, replicate its last changes, start the VM at the other site."""
-    with job_scope(job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm)):
+def planned_failover_workflow(job_id: str, vm: str, host: str, frm: str, to: str) -> None:
+    """Stop the source cleanly, replicate its last changes, start the VM at ``to``."""
+    with job_scope(
+        job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm, job_id)
+    ):
         ctx = context()
-        item = load_item(vm)
-        source = vm_at(ctx, vm, item.active_site)
-        assert source is not None
-        stopped = step(job_id, "stop-source", lambda: stop_vm(ctx, source))
-        final = step(job_id, "final-replication", lambda: _final_pass(job_id, vm))
-        ctx.store.merge_job_result(
-            job_id=job_id,
-            zero_data_loss={
-                "acknowledged_seq_at_stop": stopped.get("acknowledged_seq"),
-                "point": final["point"]["id"],
-            },
-        )
-        _start_on_point(job_id, vm, final["point"]["id"], host, "planned")
+        stopped = step(job_id, "stop-source", lambda: stop_vm(ctx, vm_required(ctx, vm, frm)))
+        final = step(job_id, "final-replication", lambda: _final_pass(job_id, vm, stopped))
+        _start_on_point(job_id, vm, final["point"]["id"], host, "planned", frm, to, replace=False)
 
 
-def _final_pass(job_id: str, vm: str) -> dict[str, Any]:
+def _final_pass(job_id: str, vm: str, stopped: dict[str, Any]) -> dict[str, Any]:
+    """The last pass of the stopped source (its tag is the job's: a re-run resumes)."""
     reporter = ProgressReporter(job_id)
     options = PassOptions(tag="f" + job_id[1:11], progress=reporter)
-    with context().item_lock(vm):
-        return run_pass(context(), vm, options).to_dict()
+    report = run_pass(context(), vm, options).to_dict()
+    context().store.merge_job_result(
+        job_id=job_id,
+        zero_data_loss={
+            "acknowledged_seq_at_stop": stopped.get("acknowledged_seq"),
+            "point": report["point"]["id"],
+        },
+    )
+    return report
 
 
 # Commit and reprotect -------------------------------------------------------------
@@ -174,7 +186,9 @@ def _final_pass(job_id: str, vm: str) -> dict[str, Any]:
 @DBOS.workflow(name="commit")
 def commit_workflow(job_id: str, vm: str) -> None:
     """End the failover; after a failback, delete the VM left at the other site."""
-    with job_scope(job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm)):
+    with job_scope(
+        job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm, job_id)
+    ):
         step(job_id, "commit", lambda: _commit(vm))
 
 
@@ -196,11 +210,10 @@ def reprotect_workflow(job_id: str, vm: str) -> None:
     def on_error(exc: BaseException) -> None:
         context().store.update_item(vm=vm, state=ItemState.COMMITTED, last_error=failure(exc))
 
-    with job_scope(job_id, on_error=on_error, on_exit=lambda: release(vm)):
+    with job_scope(job_id, on_error=on_error, on_exit=lambda: release(vm, job_id)):
         step(job_id, "adopt-base", lambda: _adopt_base(vm))
-        report = step(job_id, "initial-sync", lambda: initial_pass(job_id, vm))
-        context().store.merge_job_result(job_id=job_id, initial_sync=report)
-        step(job_id, "enable-replication", lambda: _enable(vm))
+        step(job_id, "initial-sync", lambda: recorded_initial_pass(job_id, vm))
+        step(job_id, "enable-replication", lambda: enable(vm, ItemState.REPROTECTING))
 
 
 def _adopt_base(vm: str) -> dict[str, Any]:
@@ -231,64 +244,55 @@ def _has_chain(ctx: Context, item: Item) -> bool:
     )
 
 
-def _enable(vm: str) -> dict[str, Any]:
-    context().store.update_item(
-        vm=vm, state=ItemState.PROTECTED, last_cycle=utcnow(), last_error=None
-    )
-    context().store.merge_tracking(vm=vm, failover=None)
-    return {"state": ItemState.PROTECTED.value}
-
-
 # Drills ---------------------------------------------------------------------------
 
 
 @DBOS.workflow(name="test-failover")
 def test_failover_workflow(job_id: str, vm: str, point: str, host: str, switch: str) -> None:
     """Start a copy of the VM at the recovery site on an isolated switch; replication goes on."""
-    with job_scope(job_id, on_exit=lambda: release(vm)):
-        ctx = context()
-        ctx.store.merge_tracking(vm=vm, pinned=[point])
-        item = load_item(vm)
-        name = f"{vm}-test"
-        started = time.monotonic()
-        created = step(
-            job_id, "create-test-vm", lambda: _drill_vm(ctx, item, point, host, name, switch)
-        )
-        step(
-            job_id,
-            "start-test-vm",
-            lambda: start_vm(ctx, vm_required(ctx, name, item.standby_site)),
-        )
-        points = ctx.store.list_points(vm=vm)
-        chosen = next(p for p in points if p.id == point)
-        ctx.store.merge_tracking(
-            vm=vm, drill={"vm": name, "site": item.standby_site, "point": point, "job": job_id}
-        )
-        ctx.store.merge_job_result(
-            job_id=job_id,
-            drill={
-                "vm": created["name"],
-                "switch": switch,
-                "rto_seconds": round(time.monotonic() - started, 3),
-                "rpo_seconds": round((utcnow() - chosen.time).total_seconds(), 3),
-            },
-        )
+    with job_scope(job_id, on_exit=lambda: release(vm, job_id)):
+        created = step(job_id, "create-test-vm", lambda: _drill_vm(job_id, vm, point, host, switch))
+        step(job_id, "start-test-vm", lambda: _start_drill(job_id, vm, point, created))
 
 
-def _drill_vm(
-    ctx: Context, item: Item, point: str, host: str, name: str, switch: str
-) -> dict[str, Any]:
-    vm = _create_on_point(ctx, item, point, host, name=name, checkpoint="drill")
-    if vm.nics != (switch,):
-        ctx.store.delete_vm(name=vm.name, site=vm.site)
-        vm = Vm(**{**vm_fields(vm), "nics": (switch,)})
-        ctx.store.add_vm(vm=vm)
-    return vm.to_dict()
+def _drill_vm(job_id: str, vm: str, point: str, host: str, switch: str) -> dict[str, Any]:
+    """The drill VM on the point, on the isolated switch. The point is pinned and
+    the drill recorded first, so a crash leaves nothing cleanup-test can't find."""
+    ctx = context()
+    item = load_item(vm)
+    name = f"{vm}-test"
+    ctx.store.merge_tracking(
+        vm=vm,
+        pinned=[point],
+        drill={"vm": name, "site": item.standby_site, "point": point, "job": job_id},
+    )
+    made = _create_on_point(ctx, vm, item.standby_site, point, host, name=name, checkpoint="drill")
+    if made.nics != (switch,):
+        ctx.store.delete_vm(name=made.name, site=made.site)
+        made = Vm(**{**vm_fields(made), "nics": (switch,)})
+        ctx.store.add_vm(vm=made)
+    return {**made.to_dict(), "at": time.time()}
+
+
+def _start_drill(job_id: str, vm: str, point: str, created: dict[str, Any]) -> dict[str, Any]:
+    ctx = context()
+    started = start_vm(ctx, vm_required(ctx, created["name"], created["site"]))
+    chosen = find_point(ctx, vm=vm, point_id=point)
+    ctx.store.merge_job_result(
+        job_id=job_id,
+        drill={
+            "vm": created["name"],
+            "switch": created["nics"][0],
+            "rto_seconds": round(started["at"] - created["at"], 3),
+            "rpo_seconds": round((utcnow() - chosen.time).total_seconds(), 3),
+        },
+    )
+    return started
 
 
 @DBOS.workflow(name="cleanup-test")
 def cleanup_test_workflow(job_id: str, vm: str) -> None:
-    with job_scope(job_id):
+    with job_scope(job_id, on_exit=lambda: release(vm, job_id)):
         step(job_id, "delete-test-vm", lambda: _cleanup(vm))
 
 

@@ -34,6 +34,7 @@ from siterecovery.domain.recovery import Action, ActionKind
 from siterecovery.jobs import control
 from siterecovery.jobs.common import step
 from siterecovery.jobs.runtime import context, job_scope, new_job_id
+from siterecovery.services import ownership
 from siterecovery.services.context import Context
 
 if TYPE_CHECKING:
@@ -49,9 +50,8 @@ def submit_plan(
     """Mark every VM's item as owned by its (future) child job, then start the parent."""
     groups = _spec(run, two_phase)
     children = [c for g in groups for c in g["vms"]]
+    ownership.take_all(ctx, {c["vm"]: c["job"] for c in children})  # all or none
     for child in children:
-        if child["kind"] != "cleanup-test":  # the one job that does not own its item
-            ctx.store.merge_tracking(vm=child["vm"], busy=child["job"])
         if child["kind"] == "reprotect":
             ctx.store.update_item(vm=child["vm"], state=ItemState.REPROTECTING, last_error=None)
     params = {
@@ -63,7 +63,10 @@ def submit_plan(
     try:
         return submit(plan_workflow, kind=operation, vm=None, params=params)
     except BaseException:
-        _release_unstarted(children)
+        for child in children:
+            ownership.release(ctx, child["vm"], child["job"])
+            if child["kind"] == "reprotect":
+                ctx.store.update_item(vm=child["vm"], state=ItemState.COMMITTED)
         raise
 
 
@@ -85,14 +88,18 @@ def plan_workflow(
     job_id: str, plan: str, operation: str, groups: list[dict[str, Any]], two_phase: bool
 ) -> None:
     children = [c for g in groups for c in g["vms"]]
-    context().store.merge_job_result(
-        job_id=job_id, plan=plan, children={c["vm"]: c["job"] for c in children}
-    )
     with job_scope(job_id, on_exit=lambda: _release_unstarted(children)):
+        step(job_id, "children", lambda: _record_children(job_id, plan, children))
         if two_phase:
             _phase1_everywhere(job_id, children)
         for group in groups:
             _boot_group(job_id, plan, operation, group, children)
+
+
+def _record_children(job_id: str, plan: str, children: list[dict[str, Any]]) -> dict[str, Any]:
+    found = {c["vm"]: c["job"] for c in children}
+    context().store.merge_job_result(job_id=job_id, plan=plan, children=found)
+    return {"children": found}
 
 
 def _phase1_everywhere(job_id: str, children: list[dict[str, Any]]) -> None:
@@ -216,13 +223,20 @@ def _sum_progress(job_id: str, jobs: dict[str, Job | None]) -> None:
 
 
 def _cancel_children(job_id: str, children: list[dict[str, Any]]) -> None:
-    """Cancel every unfinished child, then wait for them to stop."""
-    store = context().store
-    running = [c for c in children if (job := _job_or_none(c["job"])) and not job.state.finished]
+    """Cancel every unfinished child, then wait for them to stop. Which children
+    run is a step's recorded result, so a replay sends the same messages."""
+    running = step(job_id, "cancel-requested", lambda: _request_cancel(children))["jobs"]
     for child in running:
-        store.update_job(job_id=child["job"], cancel_requested=True)
-        control.send(child["job"], control.CANCEL)
-    step(job_id, "cancel-vms", lambda: _await_finished(running))
+        control.send(child, control.CANCEL)
+    step(job_id, "cancel-vms", lambda: _await_finished(children))
+
+
+def _request_cancel(children: list[dict[str, Any]]) -> dict[str, Any]:
+    store = context().store
+    running = [c["job"] for c in children if (j := _job_or_none(c["job"])) and not j.state.finished]
+    for child in running:
+        store.update_job(job_id=child, cancel_requested=True)
+    return {"jobs": running}
 
 
 def _await_finished(children: list[dict[str, Any]]) -> dict[str, Any]:
@@ -235,14 +249,13 @@ def _await_finished(children: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _release_unstarted(children: list[dict[str, Any]]) -> None:
     """Items still owned by a child job that never started are free again."""
-    store = context().store
+    ctx = context()
     for child in children:
         if _job_or_none(child["job"]) is not None:
             continue
-        if store.get_tracking(vm=child["vm"]).get("busy") == child["job"]:
-            store.merge_tracking(vm=child["vm"], busy=None)
-            if child["kind"] == "reprotect":
-                store.update_item(vm=child["vm"], state=ItemState.COMMITTED)
+        released = ctx.store.release_item(vm=child["vm"], owner=child["job"])
+        if released and child["kind"] == "reprotect":
+            ctx.store.update_item(vm=child["vm"], state=ItemState.COMMITTED)
 
 
 # Actions -------------------------------------------------------------------------

@@ -26,9 +26,12 @@ from dbos import DBOS, SetWorkflowID
 
 from siterecovery.domain.errors import InternalError, JobCancelled, describe
 from siterecovery.domain.model import Job, JobState, utcnow
+from siterecovery.jobs import faults
 from siterecovery.services.context import Context
 
-APP_VERSION = "siterecovery-1"
+APP_VERSION = "siterecovery-2"
+"""Bumped when a workflow's parameters or steps change: DBOS recovers only the
+workflows of its own version."""
 T = TypeVar("T")
 
 _context: Context | None = None
@@ -72,6 +75,30 @@ class JobRuntime:
             }
         )
         DBOS.launch()
+        self.reconcile()
+
+    def reconcile(self) -> dict[str, list[str]]:
+        """After a crash: a job recorded but whose workflow never started (the
+        process died between the two) is failed — nothing of it ran; items held
+        by replication passes, synchronous operations or finished jobs of the
+        previous process are freed. Running jobs keep their items (DBOS resumes
+        them). Returns what was repaired."""
+        store = self.ctx.store
+        orphans: list[str] = []
+        planned: list[str] = []
+        for job in store.list_jobs(limit=1000):
+            if job.state.finished:
+                continue
+            for group in job.params.get("groups") or []:  # a plan's future children
+                planned.extend(child["job"] for child in group.get("vms", []))
+            if job.params.get("parent"):
+                continue  # the plan's workflow starts it (again) itself
+            if job.state is JobState.QUEUED and DBOS.get_workflow_status(job.id) is None:
+                error = InternalError(detail="the daemon stopped before this job started")
+                store.update_job(job_id=job.id, state=JobState.FAILED, error=describe(error))
+                orphans.append(job.id)
+        freed = store.release_stale_owners(live_jobs=planned)
+        return {"failed_unstarted_jobs": orphans, "freed_items": freed}
 
     def stop(self) -> None:
         global _context, _dbos
@@ -162,6 +189,8 @@ def job_scope(
 def run_step(job_id: str, name: str, body: Callable[[], T]) -> T:
     """Run ``body`` as the job step ``name`` and record its state and times."""
     store = context().store
+    kind = store.get_job(job_id=job_id).kind if faults.enabled() else ""
+    faults.at_step(kind, name, "before")
     store.record_step(job_id=job_id, name=name, state="running")
     try:
         result = body()
@@ -173,6 +202,7 @@ def run_step(job_id: str, name: str, body: Callable[[], T]) -> T:
         raise
     detail = result if isinstance(result, dict) else {}
     store.record_step(job_id=job_id, name=name, state="succeeded", detail=detail)
+    faults.at_step(kind, name, "after")
     return result
 
 

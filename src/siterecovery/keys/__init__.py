@@ -6,7 +6,8 @@ names the material without revealing it: two sides compare fingerprints to
 tell "different key" from "corrupt data". The material is only ever read by
 the code that seals a sync stream; ``repr`` and :meth:`SecretKey.describe`
 leave it out, so it never reaches a log, an API answer or the CLI.
-Keys live in the vault (``store/keys.py``).
+Keys live in the vault (``store/keys.py``), wrapped under the vault master
+key (``keys/master.py``).
 """
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ def generate(name: str, created: datetime) -> SecretKey:
 
 
 def encode_material(material: bytes) -> str:
-    """The stored form of key material (base64)."""
+    """Key material in base64: its form in a key file (the vault stores it wrapped)."""
     return base64.b64encode(material).decode("ascii")
 
 
 def decode_material(text: str) -> bytes:
-    """Key material from its stored form."""
+    """Key material from its base64 form."""
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 

@@ -124,6 +124,21 @@ class Provider(Protocol):
         """The guest agent of a running VM with guest tools, else None."""
         ...
 
+    def guest_state(self, site: Site, vm: Vm) -> dict[str, object]:
+        """What the guest last reported, readable while it is stopped: at least
+        ``seq`` (its last acknowledged record) when it has guest tools; {} if not."""
+        ...
+
+    def is_inconsistent(self, site: Site, vm: Vm) -> bool:
+        """Whether the VM's disks hold an interrupted sync (it must not start)."""
+        ...
+
+    def set_inconsistent(self, site: Site, vm: Vm, value: bool) -> None:
+        """Mark or clear the interrupted-sync marker, durably, before returning.
+        A failback marks its target before writing it and clears it only after
+        the integrity proof; :meth:`start_vm` refuses a marked VM."""
+        ...
+
     def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
         """Where the VM's disk image lives (qcow2)."""
         ...
@@ -135,6 +150,22 @@ class Provider(Protocol):
     def run_dir(self, site: Site, key: str) -> Path:
         """A short private directory for unix sockets (paths are limited to 107 bytes)."""
         ...
+
+
+PROVIDER_METHODS = tuple(
+    name for name in vars(Provider) if not name.startswith("_") and callable(vars(Provider)[name])
+)
+"""Every method of the protocol: a provider must have them all (nothing optional
+is reached by ``getattr``, so no safety marker can be silently skipped)."""
+
+
+def check_provider(name: str, provider: object) -> None:
+    """Refuse a provider that lacks a method of the protocol (InternalError)."""
+    from siterecovery.domain.errors import InternalError
+
+    missing = [m for m in PROVIDER_METHODS if not callable(getattr(provider, m, None))]
+    if missing:
+        raise InternalError(detail=f"provider '{name}' lacks {', '.join(missing)}")
 
 
 ProviderFactory = Callable[[], Provider]

@@ -21,6 +21,7 @@ union of every bitmap present: nothing written by the guest is ever skipped.
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,8 +36,8 @@ from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
-from siterecovery.domain.errors import BitmapInconsistent, IntegrityError
-from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
+from siterecovery.domain.errors import BitmapInconsistent, DiskError, DiskFull, IntegrityError
+from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, VmPower, utcnow
 from siterecovery.points.chain import ReplicaChain, merge_into_parent
 from siterecovery.points.retention import points_to_drop
 from siterecovery.providers.base import DiskAccess, GuestAgent, Provider
@@ -155,10 +156,12 @@ class PassRun:
             chain = ReplicaChain(
                 target.replica_dir(self.target_site, self.vm.name, disk.name), disk.size
             )
-            disks[disk.name] = _send_disk(
-                self.ctx, target, self.target_site, self.item, chain, self.seq,
-                views[disk.name], disk.name, self.options,
-            )  # fmt: skip
+            what = f"the pass of '{self.vm.name}' (disk {disk.name})"
+            with self._source_alive(), _space(chain, self.target_site, what):
+                disks[disk.name] = _send_disk(
+                    self.ctx, target, self.target_site, self.item, chain, self.seq,
+                    views[disk.name], disk.name, self.options,
+                )  # fmt: skip
         consistent = workload_seq is not None if app_consistent is None else app_consistent
         sealing = Sealing(moment, disks, workload_seq, consistent, common)
         point = _seal(
@@ -169,6 +172,21 @@ class PassRun:
             views[name].view.release()
         seconds = round(time.monotonic() - self.started, 3)
         return PassReport(point, {name: {**d, "seconds": seconds} for name, d in disks.items()})
+
+    @contextmanager
+    def _source_alive(self) -> Iterator[None]:
+        """Say so when a disk error comes from the VM's daemon having gone away."""
+        try:
+            yield
+        except DiskError as e:
+            power = self.ctx.provider(self.source_site).power(self.source_site, self.vm)
+            if not (self.access.running and power is VmPower.STOPPED):
+                raise
+            raise DiskError(
+                detail=f"the qemu-storage-daemon serving '{self.vm.name}' at site "
+                f"'{self.source_site.name}' exited during the pass ({e}); no point was sealed: "
+                "start the VM again, its next pass compares checksums"
+            ) from e
 
     def retain(self) -> list[str]:
         target = self.ctx.provider(self.target_site)
@@ -243,7 +261,7 @@ def _send_disk(
     partial = chain.begin(seq, backing=chain.head())
     run_dir = target.run_dir(target_site, f"writer-{item.vm}-{disk}")
     with _writer(run_dir, partial) as dst, view.open() as raw_src:
-        src = CountingDevice(_throttled(raw_src, item.policy.max_rate))
+        src = CountingDevice(_throttled(raw_src, item.policy.max_rate, options.cancelled))
         result = sync(
             src,
             dst,
@@ -264,6 +282,18 @@ def _send_disk(
     return {**report, "tracking": frozen.tracking}
 
 
+@contextmanager
+def _space(chain: ReplicaChain, site: Site, what: str) -> Iterator[None]:
+    """Re-raise DiskFull naming the site and the directory that is full, after
+    removing the partial file: its space goes back and no point is sealed."""
+    try:
+        yield
+    except DiskFull as e:
+        chain.discard_partials()
+        free = shutil.disk_usage(chain.directory).free if chain.directory.is_dir() else None
+        raise DiskFull(what=what, where=str(chain.directory), site=site.name, free=free) from e
+
+
 def _mode(options: PassOptions, view: PointInTimeView, chain: ReplicaChain) -> SyncMode:
     if chain.head() is None:
         return SyncMode.FULL
@@ -274,8 +304,13 @@ def _mode(options: PassOptions, view: PointInTimeView, chain: ReplicaChain) -> S
     return SyncMode.TRACKED if view.has_bitmap else SyncMode.CHECKSUM
 
 
-def _throttled(device: NbdDevice, max_rate: int) -> Any:
-    return RateLimitedDevice(device, max_rate) if max_rate > 0 else device
+def _throttled(
+    device: NbdDevice, max_rate: int, cancelled: Callable[[], bool] | None = None
+) -> Any:
+    """The bandwidth cap; its waits end early when the pass is cancelled."""
+    if max_rate <= 0:
+        return device
+    return RateLimitedDevice(device, max_rate, interrupt=cancelled)
 
 
 def _disk_report(result: SyncResult, mode: SyncMode, counted: CountingDevice) -> dict[str, Any]:

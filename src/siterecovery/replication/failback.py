@@ -106,7 +106,7 @@ def delta_phase1(
             for disk in source.vm.disks:
                 extra = dirty.get(disk.name, []) if dirty is not None else None
                 view, dst = frozen.views[disk.name], targets[disk.name]
-                report[disk.name] = _send(move, view, dst, disk.name, extra)
+                report[disk.name] = _send(move, view, dst, disk.name, extra, frozen.resumed)
         frozen.release()
     return {"disks": report, "checkpoint": frozen.checkpoint, "older": frozen.older}
 
@@ -135,7 +135,8 @@ def delta_phase2(
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
                 view, dst = frozen.views[disk.name], targets[disk.name]
-                report[disk.name] = _send(move, view, dst, disk.name, [] if tracked else None)
+                extra = [] if tracked else None
+                report[disk.name] = _send(move, view, dst, disk.name, extra, frozen.resumed)
                 report[disk.name].update(_proof(view, dst, disk.name))
         frozen.release()
     return {"disks": report, "checkpoint": frozen.checkpoint}
@@ -151,7 +152,9 @@ def full_download(move: Movement, source: Side, target: Side) -> dict[str, Any]:
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
                 view, dst = frozen.views[disk.name], targets[disk.name]
-                report[disk.name] = _send(move, view, dst, disk.name, None, full=True)
+                report[disk.name] = _send(
+                    move, view, dst, disk.name, None, frozen.resumed, full=True
+                )
                 report[disk.name].update(_proof(view, dst, disk.name))
         frozen.release()
     return {"disks": report}
@@ -231,8 +234,11 @@ def _freeze(
     found = {name: t.find_view(tag) for name, t in trackers.items()}
     names = sorted({b.name for t in trackers.values() for b in t.bitmaps()})
     if all(view is not None for view in found.values()):
+        # An earlier attempt froze these views and started their checkpoint: it
+        # records what came after them, so it is not one of the older bitmaps.
         views = {name: view for name, view in found.items() if view is not None}
-        return Frozen(views, _recording(trackers, tag), True, names)
+        checkpoint = _recording(trackers, tag)
+        return Frozen(views, checkpoint, True, [n for n in names if n != checkpoint])
     for tracker in trackers.values():
         tracker.cleanup_views(keep_tags=(tag,))
     checkpoint = _free_name(tag, names)
@@ -250,10 +256,19 @@ def _free_name(tag: str, taken: list[str]) -> str:
 
 
 def _recording(trackers: dict[str, Tracker], tag: str) -> str:
-    """The checkpoint a found view's freeze started (the newest name of ``tag``)."""
+    """The checkpoint a found view's freeze started (the newest recording name
+    of ``tag``: ``tag``, then ``tag``r1, r2…)."""
     names = {b.name for t in trackers.values() for b in t.bitmaps() if b.recording}
-    candidates = sorted(n for n in names if n == tag or n.startswith(tag + "r"))
-    return candidates[-1] if candidates else tag
+    attempts = {k: n for n in names if (k := _attempt(tag, n)) is not None}
+    return attempts[max(attempts)] if attempts else tag
+
+
+def _attempt(tag: str, name: str) -> int | None:
+    """0 for ``tag``, k for ``tag``rk (see :func:`_free_name`), else None."""
+    if name == tag:
+        return 0
+    suffix = name[len(tag) + 1 :]
+    return int(suffix) if name.startswith(tag + "r") and suffix.isdigit() else None
 
 
 @contextmanager
@@ -271,11 +286,13 @@ def _send(
     dst: BlockDevice,
     disk: str,
     extra_dirty: list[Extent] | None,
+    resumed: bool,
     *,
     full: bool = False,
 ) -> dict[str, Any]:
     """Sync one disk: tracked (view bitmap ∪ ``extra_dirty``), checksum when
-    ``extra_dirty`` is None and not ``full``, or full."""
+    ``extra_dirty`` is None and not ``full``, or full. ``resumed``: the view
+    is an earlier attempt's, so the sync starts at its saved offset."""
     with view.open() as raw:
         src: BlockDevice = RateLimitedDevice(raw, move.max_rate) if move.max_rate else raw
         if full:
@@ -299,7 +316,7 @@ def _send(
             cancelled=move.cancelled,
         )
         dst.flush()
-    return {**result.to_dict(), "mode": mode.value}
+    return {**result.to_dict(), "mode": mode.value, "resumed": resumed}
 
 
 def _proof(view: PointInTimeView, dst: BlockDevice, disk: str) -> dict[str, Any]:

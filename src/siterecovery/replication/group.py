@@ -2,8 +2,8 @@
 
 Order (the seed's multi-VM consistency):
 
-1. take every member's item lock (sorted by name, so two group passes never
-   deadlock) and open every member's disk access;
+1. own every member's item in the vault, all or none (one transaction), and
+   open every member's disk access;
 2. quiesce every member's guest, one after the other;
 3. freeze every member's disks (its new checkpoint and point-in-time views);
 4. thaw every guest — the pause ends here, before any byte is copied;
@@ -27,21 +27,19 @@ from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import PointType, RecoveryPoint, utcnow
 from siterecovery.domain.recovery import ReplicationGroup
 from siterecovery.replication.cycle import PassOptions, PassRun, new_tag, quiesced
+from siterecovery.services import ownership
 from siterecovery.services.context import Context
 
 
 def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
     """Take one common point of ``group`` now; its report (points, pause)."""
     members = sorted(group.members)
-    with _locked(ctx, members):
+    tag = new_tag()
+    with _owned(ctx, group, members, ownership.pass_owner(tag)):
         _require_ready(ctx, group)
         common = group.common_id(ctx.store.take_common_seq(name=group.name))
-        tag = new_tag()
         with ExitStack() as stack:
-            runs = [
-                PassRun.open(ctx, vm, PassOptions(tag=tag, app_consistent=True), stack)
-                for vm in members
-            ]
+            runs = [PassRun.open(ctx, vm, _options(ctx, vm, tag), stack) for vm in members]
             paused = time.monotonic()
             with quiesced([run.guest() for run in runs]) as seqs:
                 views = [run.freeze() for run in runs]
@@ -66,11 +64,22 @@ def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
 
 
 @contextmanager
-def _locked(ctx: Context, members: list[str]) -> Iterator[None]:
-    with ExitStack() as stack:
-        for vm in members:
-            stack.enter_context(ctx.item_lock(vm))
+def _owned(ctx: Context, group: ReplicationGroup, members: list[str], owner: str) -> Iterator[None]:
+    """Every member owned by the common pass (all or none), released at the end."""
+    holders = ctx.store.take_items(owners={vm: owner for vm in members})
+    if holders:
+        vm, holder = sorted(holders.items())[0]
+        raise GroupIncomplete(group=group.name, vm=vm, state=ownership.holder_text(holder))
+    try:
         yield
+    finally:
+        for vm in members:
+            ownership.release(ctx, vm, owner)
+
+
+def _options(ctx: Context, vm: str, tag: str) -> PassOptions:
+    """A member's pass: app-consistent, and it stops when an operation claims the VM."""
+    return PassOptions(tag=tag, app_consistent=True, cancelled=ownership.preemption(ctx, vm))
 
 
 def _require_ready(ctx: Context, group: ReplicationGroup) -> None:
@@ -79,9 +88,6 @@ def _require_ready(ctx: Context, group: ReplicationGroup) -> None:
         state = "not protected" if item is None else item.state.value
         if item is None or item.state is not ItemState.PROTECTED:
             raise GroupIncomplete(group=group.name, vm=vm, state=state)
-        busy = ctx.store.get_tracking(vm=vm).get("busy")
-        if busy:
-            raise GroupIncomplete(group=group.name, vm=vm, state=f"owned by job {busy}")
 
 
 def newest_common(

@@ -2,9 +2,11 @@
 
 A background thread wakes every ``tick`` seconds, picks the items in state
 ``protected`` whose last pass is older than their policy interval and runs
-their passes on a small thread pool (one pass per item at a time, under the
-item's lock). Replication groups whose last common point is older than their
-``common_interval`` get a common pass (under every member's lock). A pass
+their passes on a small thread pool. A pass owns its item in the vault while it
+runs (``services/ownership.py``): an item a job owns is skipped, and a user's
+operation that claims the item stops the pass at its next chunk. Replication
+groups whose last common point is older than their ``common_interval`` get a
+common pass (owning every member). A pass
 that fails records ``last_error`` on the item and is retried at the next
 interval; the item's health shows it. Restarting the daemon restarts the
 scheduler, which picks up where the vault says.
@@ -17,7 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
-from siterecovery.domain.errors import VmBusy
+from siterecovery.domain.errors import PassPreempted, VmBusy
 from siterecovery.domain.lifecycle import ItemState, Operation, require
 from siterecovery.domain.model import Item, failure, utcnow
 from siterecovery.domain.recovery import ReplicationGroup
@@ -28,6 +30,7 @@ from siterecovery.replication.cycle import (
     run_pass,
 )
 from siterecovery.replication.group import run_common_pass
+from siterecovery.services import ownership
 from siterecovery.services.context import Context
 
 log = logging.getLogger(__name__)
@@ -47,25 +50,35 @@ def wants_app_consistent(item: Item) -> bool:
 
 
 def replicate_now(ctx: Context, vm: str, *, app_consistent: bool | None = None) -> PassReport:
-    """Run one pass of ``vm`` now (under its lock) and record the outcome on the item."""
-    with ctx.item_lock(vm):
+    """Run one pass of ``vm`` now and record the outcome on the item.
+
+    The pass owns the item while it runs (VmBusy at once if anything else does)
+    and gives way to a user's operation that claims the item: it stops at its
+    next chunk with PassPreempted, which is not a failure of the item.
+    """
+    item = ctx.store.get_item(vm=vm)
+    require(item.state, Operation.REPLICATE, vm=vm)
+    tag = new_tag()
+    owner = ownership.pass_owner(tag)
+    ownership.take(ctx, vm, owner, preempt=False)
+    try:
         item = ctx.store.get_item(vm=vm)
         require(item.state, Operation.REPLICATE, vm=vm)
-        busy = ctx.store.get_tracking(vm=vm).get("busy")
-        if busy:
-            raise VmBusy(vm=vm, state=f"owned by job {busy}", hint="wait for it or cancel it")
         consistent = wants_app_consistent(item) if app_consistent is None else app_consistent
+        options = PassOptions(
+            tag=tag, app_consistent=consistent, cancelled=ownership.preemption(ctx, vm)
+        )
         try:
-            report = run_pass(ctx, vm, PassOptions(tag=new_tag(), app_consistent=consistent))
+            report = run_pass(ctx, vm, options)
+        except PassPreempted:
+            raise
         except Exception as exc:
-            ctx.store.update_item(
-                vm=vm,
-                last_error=failure(exc),
-                last_cycle=utcnow(),
-            )
+            ctx.store.update_item(vm=vm, last_error=failure(exc), last_cycle=utcnow())
             raise
         ctx.store.update_item(vm=vm, cycles=item.cycles + 1, last_cycle=utcnow(), last_error=None)
         return report
+    finally:
+        ownership.release(ctx, vm, owner)
 
 
 class Scheduler:
@@ -106,7 +119,7 @@ class Scheduler:
             busy = self._running.get(item.vm)
             if busy is not None and not busy.done():
                 continue
-            if is_due(item, now) and not self.ctx.store.get_tracking(vm=item.vm).get("busy"):
+            if is_due(item, now):
                 self._running[item.vm] = self._pool.submit(self._run, item.vm)
 
     def _group_due(self, group: ReplicationGroup, now: datetime) -> bool:
@@ -134,5 +147,7 @@ class Scheduler:
             return
         try:
             replicate_now(self.ctx, vm)
+        except (VmBusy, PassPreempted) as exc:
+            log.info("replication of %s skipped: %s", vm, exc)
         except Exception as exc:
             log.warning("replication of %s failed: %s", vm, exc)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.model import Site
-from siterecovery.providers.base import PROVIDERS, Provider, load_builtins
+from siterecovery.providers.base import PROVIDERS, Provider, check_provider, load_builtins
 from siterecovery.store.repo import VaultStore
 
 
@@ -17,14 +17,13 @@ class Context:
     """The vault directory, its store and the providers of its sites.
 
     Thread-safe: the store opens a session per call and providers are
-    stateless between calls. ``item_locks`` serialises work on one item
-    (replication cycles, jobs) inside this process.
+    stateless between calls. Work on one item is serialised by its ownership
+    in the vault (``services/ownership.py``), across processes.
     """
 
     vault_dir: Path
     store: VaultStore
     _providers: dict[str, Provider] = field(default_factory=dict)
-    _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def provider(self, site: Site | str) -> Provider:
@@ -37,9 +36,8 @@ class Context:
                     raise InvalidInput(
                         field="provider", reason=f"unknown '{name}' (known: {known})"
                     )
-                self._providers[name] = PROVIDERS[name]()
+                provider = PROVIDERS[name]()
+                check_provider(name, provider)
+                self._providers[name] = provider
             return self._providers[name]
 
-    def item_lock(self, vm: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(vm, threading.Lock())

@@ -32,14 +32,15 @@ from siterecovery.domain.errors import (
     ReplicationUnhealthy,
     SwitchMissing,
     TargetVmMissing,
-    VmBusy,
 )
 from siterecovery.domain.lifecycle import ItemState, Operation, require, require_group_together
 from siterecovery.domain.model import Host, Item, JobState, PointType, RecoveryPoint, Vm
 from siterecovery.domain.plan import Plan
 from siterecovery.domain.values import check_name, check_positive
+from siterecovery.services import ownership
 from siterecovery.services.context import Context
 from siterecovery.services.protection import health, item_view
+from siterecovery.store.owner_repo import PASS_PREFIX
 
 Submit = Callable[..., Any]
 
@@ -85,24 +86,39 @@ def home_of(ctx: Context, item: Item) -> str:
 
 
 def require_idle(ctx: Context, item: Item) -> None:
-    busy = tracking(ctx, item.vm).get("busy")
-    if busy:
-        raise VmBusy(vm=item.vm, state=f"owned by job {busy}", hint="wait for it or cancel it")
+    """No job owns the item (a replication pass gives way, see ownership.take)."""
+    owner, _claim = ctx.store.item_owner(vm=item.vm)
+    if owner and not owner.startswith(PASS_PREFIX):
+        raise ownership.busy(item.vm, owner)
 
 
 def owned_submit(
-    ctx: Context, submit: Submit, workflow: Callable[..., Any], *, kind: str, vm: str, **rest: Any
+    ctx: Context,
+    submit: Submit,
+    workflow: Callable[..., Any],
+    *,
+    kind: str,
+    vm: str,
+    state: ItemState | None = None,
+    **rest: Any,
 ) -> Any:
-    """Submit a job that owns its item: the item is marked busy *before* the job
-    can start, so the job's own release at its end can never come first."""
+    """Submit a job that owns its item: the item is taken (compare-and-set) for the
+    job's id *before* the job can start, so of two requests exactly one gets a job
+    and the job's own release at its end can never come first. ``state`` is set
+    on the item once it is owned (and put back if the job cannot be submitted)."""
     from siterecovery.jobs.runtime import new_job_id
 
     job_id = new_job_id()
-    ctx.store.merge_tracking(vm=vm, busy=job_id)
+    ownership.take(ctx, vm, job_id)
+    before = ctx.store.get_item(vm=vm)
     try:
+        if state is not None:
+            ctx.store.update_item(vm=vm, state=state, last_error=None)
         return submit(workflow, kind=kind, vm=vm, job_id=job_id, **rest)
     except BaseException:
-        ctx.store.merge_tracking(vm=vm, busy=None)
+        if state is not None:
+            ctx.store.update_item(vm=vm, state=before.state, last_error=before.last_error)
+        ownership.release(ctx, vm, job_id)
         raise
 
 
@@ -157,6 +173,9 @@ def workflows() -> dict[str, Callable[..., Any]]:
 
 def job_params(kind: str, request: FailoverRequest, plan: Plan) -> dict[str, Any]:
     params: dict[str, Any] = {"vm": request.vm, "host": plan.host}
+    if kind != "test-failover":
+        # The direction is decided here, once: a workflow never reads it live.
+        params.update(frm=plan.source, to=plan.target)
     if kind in ("test-failover", "unplanned-failover"):
         params["point"] = plan.point["id"] if plan.point else None
     if kind == "test-failover":
@@ -468,9 +487,16 @@ def reprotect(ctx: Context, *, vm: str, submit: Submit, dry_run: bool = False) -
     if dry_run:
         return plan.to_dict()
     plan.raise_first()
-    ctx.store.update_item(vm=vm, state=ItemState.REPROTECTING, last_error=None)
     workflow = workflows()["reprotect"]
-    job = owned_submit(ctx, submit, workflow, kind="reprotect", vm=vm, params={"vm": vm})
+    job = owned_submit(
+        ctx,
+        submit,
+        workflow,
+        kind="reprotect",
+        vm=vm,
+        state=ItemState.REPROTECTING,
+        params={"vm": vm},
+    )
     return {
         "job": job.id,
         "plan": plan.to_dict(),
@@ -512,7 +538,7 @@ def cleanup_test(ctx: Context, *, vm: str, submit: Submit) -> dict[str, Any]:
     item = ctx.store.get_item(vm=vm)
     plan_cleanup_test(ctx, item).raise_first()
     workflow = workflows()["cleanup-test"]
-    job = submit(workflow, kind="cleanup-test", vm=vm, params={"vm": vm})
+    job = owned_submit(ctx, submit, workflow, kind="cleanup-test", vm=vm, params={"vm": vm})
     return {"job": job.id, "item": item_view(ctx, item)}
 
 

@@ -6,11 +6,13 @@ refused call leaves the vault and the disks as they were.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from siterecovery.domain.errors import AlreadyExists, InvalidInput, VmBusy
+from siterecovery.domain.errors import AlreadyExists, InvalidInput, SitePathRefused, VmBusy
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, OsType, Site, SiteRole, Vm, VmPower
 from siterecovery.domain.values import check_name, parse_size
@@ -37,15 +39,61 @@ HYPERVISOR_KINDS = ("local", "kvm", "hyperv", "vmware")
 def add_site(
     ctx: Context, *, name: str, provider: str, path: str, role: str, storage: str = "block"
 ) -> Site:
+    """A site whose storage is the directory ``path`` (see :func:`site_path`)."""
     check_name("name", name)
-    site = Site(name=name, provider=provider, path=str(Path(path).absolute()), role=_role(role))
+    role_value = _role(role)
     impl = ctx.provider(provider)
     if storage not in STORAGE_KINDS:
         raise InvalidInput(field="storage", reason=f"'{storage}' is not one of {STORAGE_KINDS}")
-    if any(s.name == name for s in ctx.store.list_sites()):
+    sites = ctx.store.list_sites()
+    if any(s.name == name for s in sites):
         raise AlreadyExists(kind="site", name=name)
-    impl.prepare_site(site, storage=storage)
+    root = site_path(path, name=name, others=[Path(s.path) for s in sites])
+    site = Site(name=name, provider=provider, path=str(root), role=role_value)
+    try:
+        impl.prepare_site(site, storage=storage)
+    except OSError as exc:
+        raise SitePathRefused(path=path, reason=f"cannot be made: {exc.strerror}") from None
     return ctx.store.add_site(site=site)
+
+
+def site_path(path: str, *, name: str, others: list[Path]) -> Path:
+    """The confined storage directory of a new site, or :class:`SitePathRefused`.
+
+    Deleting a VM removes ``SITE/vms/VM``: a site's directory must hold only
+    what we put there. So it is absolute (symbolic links resolved), not ``/``,
+    neither inside nor around another site's directory, and either absent (it
+    is created), empty, or a site directory we made for this same name.
+    """
+    if "\0" in path or not os.path.isabs(path):
+        raise SitePathRefused(path=path, reason="is not an absolute path")
+    try:
+        root = Path(path).resolve()
+        taken = root.exists() and not _ours_or_empty(root, name)
+        sites = [other.resolve() for other in others]
+    except (OSError, ValueError) as exc:  # too long, undecodable, unreadable
+        raise SitePathRefused(path=path, reason=f"cannot be used: {exc}") from None
+    if root == Path(root.anchor):
+        raise SitePathRefused(path=path, reason="is the root directory")
+    for other in sites:
+        if root == other or other in root.parents or root in other.parents:
+            raise SitePathRefused(path=path, reason=f"overlaps the site directory {other}")
+    if taken:
+        reason = "already holds files that are not a site of this name: give a new or empty one"
+        raise SitePathRefused(path=path, reason=reason)
+    return root
+
+
+def _ours_or_empty(root: Path, name: str) -> bool:
+    if not root.is_dir():
+        return False
+    if not any(root.iterdir()):
+        return True
+    try:
+        marker = json.loads((root / "site.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("name") == name
 
 
 def _role(role: str) -> SiteRole:
@@ -175,9 +223,7 @@ def vm_view(ctx: Context, vm: Vm) -> dict[str, Any]:
     site = ctx.store.get_site(name=vm.site)
     provider = ctx.provider(site)
     view = {**vm.to_dict(), "power": provider.power(site, vm).value}
-    guest_state = getattr(provider, "guest_state", None)
-    if callable(guest_state):
-        view["guest"] = guest_state(site, vm)
+    view["guest"] = provider.guest_state(site, vm)
     return view
 
 

@@ -3,7 +3,10 @@
 The material leaves the vault only through :func:`load_key`, called by the
 code that seals a sync stream, and :func:`export_key`, which writes it to a
 file only its owner can read (to import into the vault of the other site);
-every other answer is :meth:`SecretKey.describe`.
+every other answer is :meth:`SecretKey.describe`. In the vault the material
+is wrapped under the vault master key (``keys/master.py``); the functions that
+take a ``store`` run without a daemon and are given the vault's
+:class:`MasterKey` with it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from siterecovery.domain.errors import AlreadyExists, InvalidInput
 from siterecovery.domain.model import utcnow
 from siterecovery.keys import SecretKey, export_document, generate, parse_export
+from siterecovery.keys.master import MasterKey
 from siterecovery.services.context import Context
 from siterecovery.store import keys as key_store
 from siterecovery.store.repo import VaultStore
@@ -24,23 +28,31 @@ from siterecovery.store.repo import VaultStore
 def create_key(ctx: Context, *, name: str) -> dict[str, Any]:
     """A new random AES-256 key named ``name``: its name, date and fingerprint."""
     key = generate(name, utcnow())
-    return key_store.add_key(ctx.store, key=key).describe()
+    return key_store.add_key(ctx.store, master=MasterKey(ctx.vault_dir), key=key).describe()
 
 
 def list_keys(ctx: Context) -> list[dict[str, Any]]:
     """Name, date and fingerprint of every key."""
-    return [key.describe() for key in key_store.list_keys(ctx.store)]
+    return [
+        key.describe() for key in key_store.list_keys(ctx.store, master=MasterKey(ctx.vault_dir))
+    ]
 
 
-def load_key(store: VaultStore, *, name: str) -> SecretKey:
+def load_key(store: VaultStore, *, master: MasterKey, name: str) -> SecretKey:
     """The key ``name`` with its material (KeyNotFound when missing)."""
-    return key_store.get_key(store, name=name)
+    return key_store.get_key(store, master=master, name=name)
 
 
-def export_key(store: VaultStore, *, name: str, path: Path) -> dict[str, Any]:
+def rotate_master(store: VaultStore, *, master: MasterKey) -> dict[str, Any]:
+    """A new vault master key, every key re-wrapped under it (see
+    :func:`siterecovery.store.keys.rotate_master`): its id and the key count."""
+    return key_store.rotate_master(store, master=master)
+
+
+def export_key(store: VaultStore, *, master: MasterKey, name: str, path: Path) -> dict[str, Any]:
     """Write key ``name`` to a new file at ``path`` (mode 0600); AlreadyExists when
     the file exists (nothing is overwritten). The answer describes the key only."""
-    key = key_store.get_key(store, name=name)
+    key = key_store.get_key(store, master=master, name=name)
     text = json.dumps(export_document(key), indent=2) + "\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -53,7 +65,9 @@ def export_key(store: VaultStore, *, name: str, path: Path) -> dict[str, Any]:
     return {**key.describe(), "file": str(path)}
 
 
-def import_key(store: VaultStore, *, path: Path, name: str | None = None) -> dict[str, Any]:
+def import_key(
+    store: VaultStore, *, master: MasterKey, path: Path, name: str | None = None
+) -> dict[str, Any]:
     """Add the key of a key file to the vault (under ``name`` if given).
 
     Importing the same key again is a no-op; another key under a taken name is
@@ -64,7 +78,7 @@ def import_key(store: VaultStore, *, path: Path, name: str | None = None) -> dic
     except (OSError, ValueError) as e:
         raise InvalidInput(field="file", reason=f"cannot read a key file at {path}: {e}") from None
     key = parse_export(document, name=name)
-    existing = {k.name: k for k in key_store.list_keys(store)}.get(key.name)
+    existing = {k.name: k for k in key_store.list_keys(store, master=master)}.get(key.name)
     if existing is not None and existing.fingerprint == key.fingerprint:
         return existing.describe()
-    return key_store.add_key(store, key=key).describe()
+    return key_store.add_key(store, master=master, key=key).describe()

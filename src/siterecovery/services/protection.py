@@ -5,13 +5,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from siterecovery.disk import qemu_img
 from siterecovery.disk.base import BlockDevice
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import (
     AlreadyProtected,
+    DrillActive,
     InvalidInput,
     PointNotFound,
     SameSite,
@@ -27,7 +30,7 @@ from siterecovery.domain.model import (
     utcnow,
 )
 from siterecovery.domain.values import check_positive, parse_duration, parse_size
-from siterecovery.providers.local import journal
+from siterecovery.services import ownership
 from siterecovery.services.context import Context
 
 Submit = Callable[..., Any]
@@ -82,10 +85,21 @@ def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -
         policy=policy,
         created=utcnow(),
     )
+    from siterecovery.jobs.runtime import new_job_id
+    from siterecovery.jobs.workflows import protect_workflow
+
+    job_id = new_job_id()
     if existing is None:
-        ctx.store.add_item(item=item)
+        ctx.store.add_item(item=item, owner=job_id)  # owned from its first instant
     else:
         require(existing.state, Operation.PROTECT, vm=vm)
+        ownership.take(ctx, vm, job_id, preempt=False)
+        now = ctx.store.get_item(vm=vm)
+        if now.state is not ItemState.DISABLED:  # another protect won the race
+            ownership.release(ctx, vm, job_id)
+            raise AlreadyProtected(
+                vm=vm, state=now.state.value, source=now.active_site, target=now.standby_site
+            )
         ctx.store.update_item(
             vm=vm,
             active_site=item.active_site,
@@ -94,10 +108,13 @@ def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -
             policy=policy,
             last_error=None,
         )
-    _remember_origin(ctx, item, source_vm)
-    from siterecovery.jobs.workflows import protect_workflow
-
-    job = submit(protect_workflow, kind="protect", vm=vm, params={"vm": vm})
+    try:
+        _remember_origin(ctx, item, source_vm)
+        job = submit(protect_workflow, kind="protect", vm=vm, params={"vm": vm}, job_id=job_id)
+    except BaseException:
+        ctx.store.update_item(vm=vm, state=ItemState.DISABLED)
+        ownership.release(ctx, vm, job_id)
+        raise
     return {"job": job.id, "item": item_view(ctx, ctx.store.get_item(vm=vm))}
 
 
@@ -112,19 +129,65 @@ def _remember_origin(ctx: Context, item: Item, vm: Vm) -> None:
 
 
 def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
-    """Stop protecting ``vm``: replication stops and its replica chain is deleted."""
-    item = ctx.store.get_item(vm=vm)
-    require(item.state, Operation.DISABLE, vm=vm)
-    with ctx.item_lock(vm):
+    """Stop protecting ``vm``: replication stops and its recovery points are deleted.
+
+    Refused (VM_BUSY naming the job, nothing changed) while a job owns the item;
+    a replication pass is stopped at its next chunk. Replica files that a VM's
+    disks are backed by (a failed-over VM on a point) are kept: only what no
+    disk needs is deleted.
+    """
+    require(ctx.store.get_item(vm=vm).state, Operation.DISABLE, vm=vm)
+    owner = ownership.operation_owner("disable")
+    ownership.take(ctx, vm, owner)
+    try:
+        item = ctx.store.get_item(vm=vm)
+        require(item.state, Operation.DISABLE, vm=vm)
+        drill = ctx.store.get_tracking(vm=vm).get("drill")
+        if drill:
+            raise DrillActive(vm=vm, site=drill["site"])
         ctx.store.update_item(vm=vm, state=ItemState.DISABLED)
-        target = ctx.store.get_site(name=item.standby_site)
-        provider = ctx.provider(target)
-        source_vm = ctx.store.get_vm(name=vm, site=item.active_site)
-        for disk in source_vm.disks:
-            shutil.rmtree(provider.replica_dir(target, vm, disk.name), ignore_errors=True)
+        kept = _delete_replicas(ctx, item)
         ctx.store.delete_points(ids=[p.id for p in ctx.store.list_points(vm=vm)])
         ctx.store.merge_tracking(vm=vm, next_seq=1, resume=None, pending_merges=[])
-    return item_view(ctx, ctx.store.get_item(vm=vm))
+    finally:
+        ownership.release(ctx, vm, owner)
+    return {**item_view(ctx, ctx.store.get_item(vm=vm)), "kept_replica_files": kept}
+
+
+def _delete_replicas(ctx: Context, item: Item) -> list[str]:
+    """Delete the item's replica chains at its standby site, except every file a
+    VM disk at that site is backed by. Returns the files kept."""
+    site = ctx.store.get_site(name=item.standby_site)
+    provider = ctx.provider(site)
+    needed = _backing_files(ctx, site, item.vm)
+    kept: list[str] = []
+    disks = {d.name for v in ctx.store.find_vms(name=item.vm) for d in v.disks}
+    for disk in sorted(disks):
+        chain = provider.replica_dir(site, item.vm, disk)
+        if not chain.is_dir():
+            continue
+        keep = [str(p) for p in sorted(chain.iterdir()) if p.resolve() in needed]
+        if not keep:
+            shutil.rmtree(chain, ignore_errors=True)
+            continue
+        for path in chain.iterdir():
+            if str(path) not in keep:
+                path.unlink(missing_ok=True)
+        kept.extend(keep)
+    return kept
+
+
+def _backing_files(ctx: Context, site: Site, vm: str) -> set[Path]:
+    """Every image the disks of ``vm`` (and its drill copy) at ``site`` read through."""
+    provider = ctx.provider(site)
+    needed: set[Path] = set()
+    for name in (vm, f"{vm}-test"):
+        for found in ctx.store.find_vms(name=name, site=site.name):
+            for disk in found.disks:
+                path = provider.disk_path(site, found, disk.name)
+                if path.exists():
+                    needed.update(p.resolve() for p in qemu_img.backing_chain(path)[1:])
+    return needed
 
 
 def health(item: Item, latest: RecoveryPoint | None) -> tuple[Health, float | None]:
@@ -161,11 +224,17 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
         "latest_app_consistent_point": app[-1].to_dict() if app else None,
         "last_pass": tracking.get("last_pass"),
         "home_site": tracking.get("home"),
-        "busy_job": tracking.get("busy"),
+        "busy_job": _job_owner(ctx, item.vm),
         "failover": tracking.get("failover"),
         "drill": tracking.get("drill"),
         "allowed_operations": sorted(op.value for op in _allowed(item)),
     }
+
+
+def _job_owner(ctx: Context, vm: str) -> str | None:
+    """The job that owns the item, if one does (passes come and go: not shown)."""
+    owner, _claim = ctx.store.item_owner(vm=vm)
+    return owner if owner and owner.startswith("j") else None
 
 
 def _allowed(item: Item) -> set[Operation]:
@@ -199,49 +268,18 @@ def update_policy(ctx: Context, *, vm: str, **changes: Any) -> dict[str, Any]:
     return item_view(ctx, ctx.store.get_item(vm=vm))
 
 
-def check_vm(
-    ctx: Context, *, name: str, site: str | None = None, point: str | None = None
-) -> dict[str, Any]:
-    """Check the guest journal of a VM's disks, or of a recovery point's image."""
-    report, where = _check(ctx, name, site, point)
-    return {**report.to_dict(), "vm": name, **where}
+def check_vm(ctx: Context, **arguments: Any) -> dict[str, Any]:
+    """Forwarded to :func:`siterecovery.services.checks.check_vm`."""
+    from siterecovery.services import checks
+
+    return checks.check_vm(ctx, **arguments)
 
 
-def check_together(
-    ctx: Context, *, vms: list[str], site: str | None = None, points: list[str] | None = None
-) -> dict[str, Any]:
-    """Check several VMs (live, or the given points of some) and their links: no
-    record of one may depend on a record another lacks (replication groups)."""
-    chosen = {p.vm: p for p in (find_point_by_id(ctx, point_id=i) for i in points or [])}
-    stray = sorted(set(chosen) - set(vms))
-    if stray:
-        raise InvalidInput(field="point", reason=f"points of {', '.join(stray)}: name those VMs")
-    checked = {}
-    for vm in vms:
-        point = chosen.get(vm)
-        checked[vm] = _check(ctx, vm, site, point.id if point else None)
-    dangling = journal.dangling_links({vm: report for vm, (report, _) in checked.items()})
-    return {
-        "consistent": not dangling and all(r.consistent for r, _ in checked.values()),
-        "vms": {vm: {**r.to_dict(), "vm": vm, **where} for vm, (r, where) in checked.items()},
-        "links": {"consistent": not dangling, "errors": dangling},
-    }
+def check_together(ctx: Context, **arguments: Any) -> dict[str, Any]:
+    """Forwarded to :func:`siterecovery.services.checks.check_together`."""
+    from siterecovery.services import checks
 
-
-def _check(
-    ctx: Context, name: str, site: str | None, point: str | None
-) -> tuple[journal.CheckReport, dict[str, Any]]:
-    if point is not None:
-        target = find_point(ctx, vm=name, point_id=point)
-        with point_devices(ctx, target) as devices:
-            return journal.check(devices), {"point": point, "site": target.site}
-    vm = ctx.store.get_vm(name=name, site=site)
-    owner = ctx.store.get_site(name=vm.site)
-    with (
-        ctx.provider(owner).disk_access(owner, vm) as access,
-        open_all(access.nbd_socket, [access.nodes[d.name] for d in vm.disks]) as devices,
-    ):
-        return journal.check(devices), {"site": vm.site}
+    return checks.check_together(ctx, **arguments)
 
 
 def find_point_by_id(ctx: Context, *, point_id: str) -> RecoveryPoint:

@@ -47,6 +47,7 @@ from siterecovery.domain.model import (
     Vm,
     utcnow,
 )
+from siterecovery.store.owner_repo import OwnerRepo
 from siterecovery.store.recovery_repo import RecoveryRepo
 from siterecovery.store.schema import (
     HostRow,
@@ -94,9 +95,9 @@ def upgrade_schema(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-class VaultStore(RecoveryRepo):
+class VaultStore(RecoveryRepo, OwnerRepo):
     """Data access for sites, hosts, VMs, items, points and jobs (groups and plans:
-    :class:`RecoveryRepo`)."""
+    :class:`RecoveryRepo`; item ownership: :class:`OwnerRepo`)."""
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
@@ -216,7 +217,8 @@ class VaultStore(RecoveryRepo):
 
     # Replicated items.
 
-    def add_item(self, *, item: Item) -> Item:
+    def add_item(self, *, item: Item, owner: str | None = None) -> Item:
+        """Insert an item, owned from its first instant by ``owner`` if given."""
         with self.session() as s:
             if s.get(ItemRow, item.vm):
                 raise AlreadyExists(kind="replicated item", name=item.vm)
@@ -232,6 +234,8 @@ class VaultStore(RecoveryRepo):
                     cycles=item.cycles,
                     last_cycle=item.last_cycle,
                     tracking={},
+                    owner=owner,
+                    owner_since=utcnow() if owner else None,
                 )
             )
         return item

@@ -78,6 +78,11 @@ class ItemRow(Base):
     cycles: Mapped[int] = mapped_column(Integer, default=0)
     last_cycle: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     tracking: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    owner: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    """Who owns the item: a job id, or ``pass:TAG`` for a replication pass (0004)."""
+    owner_since: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    claim: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    """Who takes the item over when the pass owning it stops (it stops at its next chunk)."""
 
 
 class PointRow(Base):

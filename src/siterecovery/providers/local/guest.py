@@ -32,6 +32,11 @@ START_TIMEOUT = 15.0
 """Seconds :func:`spawn` waits for the control socket to answer."""
 STOP_TIMEOUT = 10.0
 """Seconds a stopping workload has to finish its record."""
+CONTROL_TIMEOUT = 60.0
+"""Seconds a control call waits for its reply (generous: a loaded host)."""
+IDEMPOTENT_ATTEMPTS = 3
+"""How many times an idempotent call (status, thaw) is tried before its timeout counts."""
+_IDEMPOTENT = frozenset({"status", "thaw"})
 
 _MAX_LINE = 64 * 1024
 _POLL = 0.02
@@ -42,10 +47,12 @@ class WorkloadControl:
 
     Each call opens its own connection, so one instance may be shared between
     threads. Every method raises :class:`GuestError` when the workload does not
-    answer within ``timeout`` seconds (plus the quiesce timeout) or refuses.
+    answer within ``timeout`` seconds (plus the quiesce timeout) or refuses;
+    ``status`` and ``thaw``, idempotent, are tried :data:`IDEMPOTENT_ATTEMPTS`
+    times first.
     """
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = CONTROL_TIMEOUT) -> None:
         self._path = Path(path)
         self._timeout = timeout
 
@@ -72,9 +79,25 @@ class WorkloadControl:
         return reply
 
     def _call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        attempts = IDEMPOTENT_ATTEMPTS if request["op"] in _IDEMPOTENT else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._call_once(request, timeout)
+            except TimeoutError as e:
+                if attempt == attempts:
+                    raise GuestError(
+                        detail=f"the guest workload at {self._path} did not answer "
+                        f"'{request['op']}' within {timeout:g} s ({attempts} attempt"
+                        f"{'s' if attempts > 1 else ''}): it is stopped, hung or starved of CPU"
+                    ) from e
+        raise AssertionError("unreachable")
+
+    def _call_once(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         try:
             line = self._exchange(json.dumps(request).encode() + b"\n", timeout)
             reply = json.loads(line)
+        except TimeoutError:
+            raise
         except (OSError, ValueError) as e:
             raise GuestError(
                 detail=f"the guest workload at {self._path} does not answer: {e}"

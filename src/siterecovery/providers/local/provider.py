@@ -13,6 +13,14 @@ A running VM is a detached ``qemu-storage-daemon`` (NBD + QMP on unix sockets in
 a short run directory under ``$SITERECOVERY_RUN_DIR`` or ``/tmp/siterecovery-run``)
 and, when the VM has guest tools, a guest workload process writing through NBD.
 Both survive a restart of the engine daemon, like real VMs would.
+
+A stopped VM's disks are opened by a *transient* daemon (run directory
+``access-VM``) for the length of one :meth:`LocalProvider.disk_access`. It is
+detached too: when the engine dies in the middle of an access, the daemon, its
+point-in-time views and the consistency of its bitmaps survive, and the next
+access (the resumed job's step) takes it over and resumes from the saved
+offsets. Anything that touches the disks otherwise (start, stop, replace,
+delete) first stops such a leftover.
 """
 
 from __future__ import annotations
@@ -79,6 +87,8 @@ class LocalProvider:
 
     def replace_disks(self, site: Site, vm: Vm) -> None:
         """Give a stopped VM new blank disks (a full download starts from nothing)."""
+        with self._lock(site, vm):
+            self._stop_leftover_access(site, vm)
         for disk in vm.disks:
             path = self.disk_path(site, vm, disk.name)
             partial = path.with_suffix(".qcow2.partial")
@@ -117,6 +127,8 @@ class LocalProvider:
 
     def add_checkpoint(self, site: Site, vm: Vm, checkpoint: str) -> None:
         """Start change tracking on a stopped VM's disks (a persistent bitmap each)."""
+        with self._lock(site, vm):
+            self._stop_leftover_access(site, vm)
         for disk in vm.disks:
             path = self.disk_path(site, vm, disk.name)
             names = {b.name for b in qemu_img.bitmaps(path)}
@@ -127,6 +139,7 @@ class LocalProvider:
         self.stop_vm(site, vm)
         shutil.rmtree(self._vm_dir(site, vm.name), ignore_errors=True)
         shutil.rmtree(self.run_dir(site, f"vm-{vm.name}"), ignore_errors=True)
+        shutil.rmtree(self._access_run(site, vm), ignore_errors=True)
 
     def start_vm(self, site: Site, vm: Vm) -> None:
         if self.is_inconsistent(site, vm):
@@ -134,6 +147,7 @@ class LocalProvider:
         with self._lock(site, vm):
             daemon = StorageDaemon.attach(self._vm_run(site, vm))
             if daemon is None:
+                self._stop_leftover_access(site, vm)
                 daemon = StorageDaemon.start(self._vm_run(site, vm), self._specs(site, vm))
             if vm.workload and self._guest_pid(site, vm) is None:
                 self._spawn_workload(site, vm, daemon)
@@ -146,6 +160,7 @@ class LocalProvider:
             daemon = StorageDaemon.attach(self._vm_run(site, vm))
             if daemon is not None:
                 daemon.stop(timeout=timeout)
+            self._stop_leftover_access(site, vm, timeout=timeout)
 
     def power(self, site: Site, vm: Vm) -> VmPower:
         if self.is_inconsistent(site, vm):
@@ -163,11 +178,12 @@ class LocalProvider:
             # Fast path: the running VM's own daemon serves the disks.
             yield DiskAccess(daemon.qmp(), daemon.nbd_socket, nodes, work_dir, True)
             return
-        # Slow path: a transient daemon, stopped cleanly (SIGTERM) afterwards.
+        # Slow path: a transient daemon (or the one an engine that died mid-access
+        # left, with its views), stopped cleanly (SIGTERM) afterwards.
         with self._lock(site, vm):
-            transient = StorageDaemon.start(
-                self.run_dir(site, f"access-{vm.name}"), self._specs(site, vm), detached=False
-            )
+            transient = StorageDaemon.attach(self._access_run(site, vm))
+            if transient is None:
+                transient = StorageDaemon.start(self._access_run(site, vm), self._specs(site, vm))
             try:
                 yield DiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
             finally:
@@ -213,6 +229,16 @@ class LocalProvider:
 
     def _vm_run(self, site: Site, vm: Vm) -> Path:
         return self.run_dir(site, f"vm-{vm.name}")
+
+    def _access_run(self, site: Site, vm: Vm) -> Path:
+        return self.run_dir(site, f"access-{vm.name}")
+
+    def _stop_leftover_access(self, site: Site, vm: Vm, *, timeout: float = 30.0) -> None:
+        """Stop the transient daemon an engine that died mid-access left on the
+        disks (the caller holds the VM's lock, so no live access owns it)."""
+        leftover = StorageDaemon.attach(self._access_run(site, vm))
+        if leftover is not None:
+            leftover.stop(timeout=timeout)
 
     def _specs(self, site: Site, vm: Vm) -> list[DiskSpec]:
         return [DiskSpec(node=d.name, path=self.disk_path(site, vm, d.name)) for d in vm.disks]
