@@ -1,7 +1,7 @@
 # The two set-up commands of the README are `make run` and `make test`.
 VENV := .venv/bin
 
-.PHONY: install run test lint bench
+.PHONY: install run test test-faults test-lifecycle lint bench
 
 install:
 	bash scripts/install.sh
@@ -10,7 +10,17 @@ run: install
 	$(VENV)/siterecovery serve --vault $${SITERECOVERY_VAULT:-siterecovery-vault} --port $${PORT:-8470} --lab
 
 test: install lint
-	$(VENV)/pytest -q
+	$(VENV)/pytest -q -m "not faults"
+
+# The SIGKILL fault matrix (tests/faults): every step of every job type, ~30 min.
+test-faults: install
+	$(VENV)/pytest -q -m faults tests/faults
+
+# The lifecycle state machine (tests/lifecycle) at the issue's bound: 20 sequences
+# of up to 12 steps on one daemon, ~7 min (`make test` runs 3 of up to 8).
+test-lifecycle: install
+	SR_FSM_EXAMPLES=$${SR_FSM_EXAMPLES:-20} SR_FSM_STEPS=$${SR_FSM_STEPS:-12} \
+		$(VENV)/pytest -q -s tests/lifecycle
 
 lint:
 	$(VENV)/ruff check src tests

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -94,7 +95,9 @@ NAMES = {
 
 
 @pytest.mark.timeout(600)
-def test_fuzzed_requests_never_fail_the_server(daemon: Daemon, tmp_path: Path) -> None:
+def test_fuzzed_requests_never_fail_the_server(
+    daemon: Daemon, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     assert daemon.client is not None
     root = str(daemon.client.base_url).removesuffix("/").removesuffix("/api/v1")
     document = httpx.get(f"{root}/openapi.json").json()
@@ -132,11 +135,13 @@ def test_fuzzed_requests_never_fail_the_server(daemon: Daemon, tmp_path: Path) -
             except Unsatisfiable:  # nothing to make invalid: no parameter, no body
                 assert mode is GenerationMode.NEGATIVE, operation.label
     elapsed = time.monotonic() - started
-    print(
-        f"\nschemathesis: {operations} operations, {tally.requests} requests in {elapsed:.0f}s, "
+    summary = (
+        f"schemathesis: {operations} operations, {tally.requests} requests in {elapsed:.0f}s, "
         f"{sum(n for s, n in tally.statuses.items() if s >= 500)} server errors; "
         f"statuses {dict(sorted(tally.statuses.items()))}"
     )
+    print("\n" + summary)  # shown with -s; and in the JUnit report:
+    record_property("schemathesis", summary)
     assert operations >= 40 and tally.requests >= operations
     assert not tally.problems, "\n".join(tally.problems)
     assert tally.statuses[400] > 0 and sum(n for s, n in tally.statuses.items() if s < 300) > 0

@@ -61,3 +61,11 @@ def test_endless_durations_and_sizes_are_refused(text: str) -> None:
 
 def test_a_size_as_json_returns_it_is_accepted_back() -> None:
     assert parse_size("max-rate", 52428800, minimum=0) == 52428800
+
+
+def test_durations_and_sizes_have_bounds() -> None:
+    with pytest.raises(InvalidInput, match="at most"):
+        parse_duration("retention", 1e308)
+    with pytest.raises(InvalidInput, match="at most"):
+        parse_size("max-rate", 1 << 70, minimum=0)
+    assert parse_size("disk", "2G", maximum=2 << 30) == 2 << 30

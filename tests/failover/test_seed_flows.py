@@ -87,6 +87,13 @@ def test_hyperv_flow_failback_delta(daemon: Daemon, vault: Path) -> None:
     after_phase1 = written_bytes(_superblock(vault, "web01", "onprem"), first + 1, last)
     assert 0 < phase2["bytes"] <= 1.1 * after_phase1, (phase2, after_phase1)
     assert phase2["predicted_bytes"] > 0 and phase2["downtime_seconds"] > 0
+    # Downtime runs from the source stopped to the target started: it holds the
+    # whole phase-2 sync and the target's start, and not the source's stop.
+    stopped, started_at = step(done, "stop-source"), step(done, "start-target")
+    assert phase2["downtime_seconds"] == round(started_at["at"] - stopped["at"], 3)
+    parts = phase2["downtime"]
+    assert phase2["downtime_seconds"] >= parts["sync_seconds"] + parts["start_seconds"] - 0.01
+    assert parts["stop_seconds"] == stopped["stop_seconds"]
     assert done["result"]["integrity"]["equal"] is True
     integrity = done["result"]["integrity"]
     assert integrity["source_digest"] == integrity["target_digest"]

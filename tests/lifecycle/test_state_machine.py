@@ -42,7 +42,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -58,6 +57,19 @@ STEPS = int(os.environ.get("SR_FSM_STEPS", "8"))
 SHRINK = os.environ.get("SR_FSM_SHRINK", "1") != "0"
 DISK = "128M"
 NO_JOB = "j000000000000"
+
+WEIGHTS = {
+    "planned-failover": 2,
+    "unplanned-failover": 2,
+    "commit": 3,
+    "failback-delta": 3,
+    "failback-full": 3,
+    "complete": 2,
+    "cancel": 2,
+    "reprotect": 2,
+}
+"""How much likelier a move is than the others (the deep states need the moves
+that lead there; replicate and drills are as likely as one refusal)."""
 
 S = ItemState
 pytestmark = pytest.mark.slow
@@ -89,7 +101,9 @@ class Lifecycle(RuleBasedStateMachine):
     codes: dict[tuple[Any, ...], str] = {}
     """(operation, state, predicted codes) -> the code the daemon answered first."""
     counts: dict[str, int] = {}
-    """How often each rule ran, accepted or refused (printed at the end)."""
+    """How often each operation ran, accepted or refused (printed at the end)."""
+    states: dict[str, int] = {}
+    """How often each state was checked after a step (printed at the end)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,11 +112,51 @@ class Lifecycle(RuleBasedStateMachine):
         self.m = Model(vm=name)
         self.disables = 0
 
-    @initialize(protected=st.booleans())
-    def begin(self, protected: bool) -> None:
+    @initialize(data=st.data())
+    def begin(self, data: st.DataObject) -> None:
         """Most sequences start protected: the steps go further into the lifecycle."""
-        if protected:
-            self.protect()
+        if data.draw(st.booleans(), label="start protected"):
+            self.protect(data)
+
+    def moves(self) -> dict[str, Any]:
+        """The operations the model says are accepted now, by name, and their rules."""
+        m = self.m
+        table = {
+            "protect": (self.can("protect"), self.protect),
+            "replicate": (self.can("replicate"), self.replicate),
+            "test-failover": (self.can("test-failover"), self.drill),
+            "cleanup-test": (self.can("cleanup-test"), self.cleanup_test),
+            "planned-failover": (
+                m.state is S.PROTECTED and self.can("planned-failover"),
+                self.planned_failover,
+            ),
+            "unplanned-failover": (self.can("unplanned-failover"), self.unplanned_failover),
+            "commit": (self.can("commit"), self.commit),
+            "failback-delta": (
+                m.is_failback() and self.can("planned-failover"),
+                self.failback_delta,
+            ),
+            "failback-full": (m.is_failback() and self.can("planned-failover"), self.failback_full),
+            "complete": (self.can("complete"), self.complete),
+            "cancel": (self.can("cancel"), self.cancel),
+            "reprotect": (self.can("reprotect"), self.reprotect),
+            # Once per sequence: protect → disable → protect loops teach little.
+            "disable": (self.can("disable") and self.disables == 0, self.disable),
+            "delete-stale-copy": (
+                m.state in (None, S.DISABLED) and len(m.copies) > 1,
+                self.delete_stale_copy,
+            ),
+        }
+        return {name: run for name, (ok, run) in table.items() if ok}
+
+    @rule(data=st.data())
+    def operate(self, data: st.DataObject) -> None:
+        """One step: an operation the model accepts, or one it refuses (``refused``)."""
+        moves = self.moves()
+        choices = [n for n in moves for _ in range(WEIGHTS.get(n, 1))] + ["refused"]
+        name = data.draw(st.sampled_from(choices), label="operation")
+        self.counts[name] = self.counts.get(name, 0) + 1
+        moves.get(name, self.refused)(data)
 
     def teardown(self) -> None:
         if self.m.waiting is not None:
@@ -143,7 +197,6 @@ class Lifecycle(RuleBasedStateMachine):
 
     def accepted(self, op: str, **params: Any) -> Any:
         """Run ``op``, which the model says is accepted; its answer."""
-        self.counts[op] = self.counts.get(op, 0) + 1
         response = self.request(op, params)
         assert response.status_code < 300, (op, params, response.status_code, response.text)
         answer = response.json()
@@ -193,39 +246,30 @@ class Lifecycle(RuleBasedStateMachine):
 
     # Accepted operations --------------------------------------------------------
 
-    @precondition(lambda self: self.can("protect"))
-    @rule()
-    def protect(self) -> None:
+    def protect(self, data: st.DataObject) -> None:
         job(self.daemon, self.accepted("protect"))
         m = self.m
         m.state, m.home = S.PROTECTED, m.home or m.active
         self.points_grew(m.standby, 1)
 
-    @precondition(lambda self: self.can("replicate"))
-    @rule(app=st.booleans())
-    def replicate(self, app: bool) -> None:
+    def replicate(self, data: st.DataObject) -> None:
+        app = data.draw(st.booleans(), label="app_consistent")
         report = self.accepted("replicate", app=app)
         assert report["point"]["type"] == ("app-consistent" if app else "crash-consistent")
         self.points_grew(self.m.standby, 1)
 
-    @precondition(lambda self: self.can("test-failover"))
-    @rule(data=st.data())
-    def test_failover(self, data: st.DataObject) -> None:
-        params = data.draw(st.sampled_from(self.accepted_variants("test-failover")))
+    def drill(self, data: st.DataObject) -> None:
+        params = data.draw(st.sampled_from(self.accepted_variants("test-failover")), label="point")
         done = job(self.daemon, self.accepted("test-failover", **params))
         self.m.drill = True
         check(self.daemon, f"{self.m.vm}-test", self.m.standby)
         assert done["result"]["drill"]["vm"] == f"{self.m.vm}-test"
 
-    @precondition(lambda self: self.can("cleanup-test"))
-    @rule()
-    def cleanup_test(self) -> None:
+    def cleanup_test(self, data: st.DataObject) -> None:
         job(self.daemon, self.accepted("cleanup-test"))
         self.m.drill = False
 
-    @precondition(lambda self: self.m.state is S.PROTECTED and self.can("planned-failover"))
-    @rule()
-    def planned_failover(self) -> None:
+    def planned_failover(self, data: st.DataObject) -> None:
         m = self.m
         done = job(self.daemon, self.accepted("planned-failover"))
         final = step(done, "final-replication")["point"]
@@ -236,11 +280,11 @@ class Lifecycle(RuleBasedStateMachine):
         assert self.call("GET", f"/items/{m.vm}")["failover"]["point"] == final["id"]
         self.survivor_has_every_acknowledged_record(done)
 
-    @precondition(lambda self: self.can("unplanned-failover"))
-    @rule(data=st.data())
     def unplanned_failover(self, data: st.DataObject) -> None:
         m = self.m
-        params = data.draw(st.sampled_from(self.accepted_variants("unplanned-failover")))
+        params = data.draw(
+            st.sampled_from(self.accepted_variants("unplanned-failover")), label="point"
+        )
         point = m.select(params["point"])
         assert point is not None
         rerun = m.state is S.FAILED_OVER
@@ -255,9 +299,7 @@ class Lifecycle(RuleBasedStateMachine):
         if point.get("workload_seq") is not None:
             assert report["last_seq"] >= point["workload_seq"], (report, point)
 
-    @precondition(lambda self: self.can("commit"))
-    @rule()
-    def commit(self) -> None:
+    def commit(self, data: st.DataObject) -> None:
         m = self.m
         done = job(self.daemon, self.accepted("commit"))
         m.state = S.COMMITTED
@@ -266,14 +308,12 @@ class Lifecycle(RuleBasedStateMachine):
             m.copies.discard(m.standby)
             m.marked.discard(m.standby)
 
-    @precondition(lambda self: self.m.is_failback() and self.can("planned-failover"))
-    @rule(create_vm=st.booleans())
-    def failback_delta(self, create_vm: bool) -> None:
+    def failback_delta(self, data: st.DataObject) -> None:
+        create_vm = data.draw(st.booleans(), label="create_vm")
         self._failback("delta", create_vm)
 
-    @precondition(lambda self: self.m.is_failback() and self.can("planned-failover"))
-    @rule(create_vm=st.booleans())
-    def failback_full(self, create_vm: bool) -> None:
+    def failback_full(self, data: st.DataObject) -> None:
+        create_vm = data.draw(st.booleans(), label="create_vm")
         self._failback("full", create_vm)
 
     def _failback(self, sync: str, create_vm: bool) -> None:
@@ -297,25 +337,19 @@ class Lifecycle(RuleBasedStateMachine):
         m.marked.discard(m.active)
         self.survivor_has_every_acknowledged_record(done)
 
-    @precondition(lambda self: self.can("complete"))
-    @rule()
-    def complete(self) -> None:
+    def complete(self, data: st.DataObject) -> None:
         waiting = self.m.waiting
         self.accepted("complete")
         self._failed_back(job(self.daemon, {"job": waiting}))
 
-    @precondition(lambda self: self.can("cancel"))
-    @rule()
-    def cancel(self) -> None:
+    def cancel(self, data: st.DataObject) -> None:
         waiting = self.m.waiting
         self.accepted("cancel")
         cancelled = job(self.daemon, {"job": waiting}, "cancelled")
         assert cancelled["error"]["code"] in ("JOB_CANCELLED", "SYNC_CANCELLED"), cancelled
         self.m.state, self.m.waiting = S.INCONSISTENT, None
 
-    @precondition(lambda self: self.can("reprotect"))
-    @rule()
-    def reprotect(self) -> None:
+    def reprotect(self, data: st.DataObject) -> None:
         m = self.m
         done = job(self.daemon, self.accepted("reprotect"))
         m.state = S.PROTECTED
@@ -325,19 +359,14 @@ class Lifecycle(RuleBasedStateMachine):
         m.marked.discard(m.standby)
         self.points_grew(m.standby, 1)
 
-    @precondition(lambda self: self.can("disable") and self.disables == 0)
-    @rule()
-    def disable(self) -> None:
-        """Once per sequence (protect → disable → protect loops teach little)."""
+    def disable(self, data: st.DataObject) -> None:
         self.disables += 1
         item = self.accepted("disable")
         assert item["state"] == "disabled", item
         self.m.state = S.DISABLED
         self.m.points = {s: [] for s in self.m.points}
 
-    @precondition(lambda self: self.m.state in (None, S.DISABLED) and len(self.m.copies) > 1)
-    @rule()
-    def delete_stale_copy(self) -> None:
+    def delete_stale_copy(self, data: st.DataObject) -> None:
         """Not a lifecycle operation: what a user does so that `protect` can name the VM."""
         stale = other(self.m.active)
         self.call("DELETE", f"/vms/{self.m.vm}", params={"site": stale})
@@ -346,7 +375,6 @@ class Lifecycle(RuleBasedStateMachine):
 
     # Refused operations ---------------------------------------------------------
 
-    @rule(data=st.data())
     def refused(self, data: st.DataObject) -> None:
         options = [
             (op, params)
@@ -354,9 +382,10 @@ class Lifecycle(RuleBasedStateMachine):
             for params in self.variants(op)
             if refusal(self.m, op, **_model_args(params))
         ]
-        op, params = data.draw(st.sampled_from(options))
+        op, params = data.draw(st.sampled_from(options), label="refused")
         codes = refusal(self.m, op, **_model_args(params))
         self.counts[f"refused {op}"] = self.counts.get(f"refused {op}", 0) + 1
+        self.counts["refused"] -= 1  # counted by operation instead
         before = vault_snapshot(self.daemon, self.vault)
         response = self.request(op, params)
         assert 400 <= response.status_code < 500, (op, params, response.status_code, response.text)
@@ -378,6 +407,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert response.status_code == 404, response.text
             return
         item = response.json()
+        self.states[item["state"]] = self.states.get(item["state"], 0) + 1
         assert item["state"] in {s.value for s in ItemState}, item
         assert item["state"] == m.state.value, (item["state"], m.state)
         assert item["allowed_operations"] == m.allowed_operations(), item
@@ -408,6 +438,7 @@ def _model_args(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in ("point", "create_vm")}
 
 
+@pytest.mark.timeout(120 + 3 * EXAMPLES * STEPS + (330 if SHRINK else 0))
 def test_lifecycle_state_machine(lab: Daemon) -> None:
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if SHRINK else [])
     machine = type("LifecycleOnLab", (Lifecycle,), {"daemon": lab})
@@ -429,5 +460,7 @@ def test_lifecycle_state_machine(lab: Daemon) -> None:
         f"\nlifecycle state machine: {sequences} sequences (max_examples={EXAMPLES}, "
         f"up to {STEPS} steps), {sum(Lifecycle.counts.values())} steps, "
         f"{time.monotonic() - started:.0f} s; invariants held. Rules run: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(Lifecycle.counts.items()))
+        + ", ".join(f"{k} {v}" for k, v in sorted(Lifecycle.counts.items()) if v)
+        + ". States seen: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(Lifecycle.states.items()))
     )

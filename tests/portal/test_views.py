@@ -158,3 +158,9 @@ def test_sessions_are_signed_with_the_token() -> None:
 )
 def test_after_sign_in_only_local_paths(given: str | None, expected: str) -> None:
     assert safe_next(given) == expected
+
+
+def test_a_failback_offers_only_the_key_the_replicas_use() -> None:
+    keys = [{"name": "k1", "fingerprint": "ab"}, {"name": "k2", "fingerprint": "cd"}]
+    assert views.key_choices({"vm": "web01"}, keys) == []  # replicas are not encrypted yet
+    assert views.key_choices({"vm": "web01", "key": "k2"}, keys) == [keys[1]]

@@ -77,7 +77,8 @@ def _problem(error: Any) -> dict[str, str]:
     field = ".".join(where) or "body"
     if error.get("type") == "extra_forbidden":
         return {"field": field, "reason": "unknown field (a typo?); it is not accepted"}
-    return {"field": field, "reason": str(error.get("msg", "invalid"))}
+    reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return {"field": field, "reason": reason}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -15,11 +15,17 @@ _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_DURATION = 100 * 365 * 86400.0
+"""Seconds: longer is a mistake, and would overflow the dates computed from it."""
+MAX_SIZE = (1 << 63) - 1
+"""Bytes: what a signed 64-bit integer (SQL, qemu) holds."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 """Matched whole (``fullmatch``): ``$`` would let a trailing newline through."""
 
 
-def parse_duration(field: str, text: str | float | int, *, minimum: float = 0.0) -> float:
+def parse_duration(
+    field: str, text: str | float | int, *, minimum: float = 0.0, maximum: float = MAX_DURATION
+) -> float:
     """Seconds from ``"30s"``, ``"5m"``, ``"24h"``, ``"1d"``, ``"250ms"`` or a number.
 
     A number is seconds, as every duration reads back in JSON (``Policy``), so
@@ -38,10 +44,12 @@ def parse_duration(field: str, text: str | float | int, *, minimum: float = 0.0)
         raise InvalidInput(field=field, reason=f"'{text}' is not a finite duration")
     if value < minimum:
         raise InvalidInput(field=field, reason=f"must be at least {minimum:g}s, got {value:g}s")
+    if value > maximum:
+        raise InvalidInput(field=field, reason=f"must be at most {maximum:g}s, got {value:g}s")
     return value
 
 
-def parse_size(field: str, text: str | int, *, minimum: int = 1) -> int:
+def parse_size(field: str, text: str | int, *, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
     """Bytes from ``"1G"``, ``"512M"``, ``"64KiB"`` or a number (binary units)."""
     if isinstance(text, int):
         value = text
@@ -56,6 +64,8 @@ def parse_size(field: str, text: str | int, *, minimum: int = 1) -> int:
         value = int(number * _SIZE_UNITS[unit])
     if value < minimum:
         raise InvalidInput(field=field, reason=f"must be at least {minimum} bytes, got {value}")
+    if value > maximum:
+        raise InvalidInput(field=field, reason=f"must be at most {maximum} bytes, got {value}")
     return value
 
 

@@ -89,7 +89,7 @@ def failover_dialog(
 
 
 def dialog_context(ctx: Context, vm: str, kind_of_request: str) -> dict[str, Any]:
-    """What the failover dialog offers for ``vm``: direction, points, hosts, keys."""
+    """What the failover dialog offers for ``vm``: direction, points, hosts, the key."""
     request = failover.FailoverRequest(vm=vm, type=kind_of_request).validated()
     found = ctx.store.get_item(vm=vm)
     kind = failover.failover_kind(found, request)
@@ -106,7 +106,7 @@ def dialog_context(ctx: Context, vm: str, kind_of_request: str) -> dict[str, Any
         "point_choices": views.POINT_CHOICES,
         "sync_options": views.SYNC_OPTIONS,
         "hosts": [h.to_dict() for h in ctx.store.list_hosts(site=target)],
-        "keys": keys.list_keys(ctx),
+        "keys": views.key_choices(found.to_dict(), keys.list_keys(ctx)),
     }
 
 

@@ -127,6 +127,13 @@ def dialog_direction(item: Doc, kind: str, recovery_site: str) -> tuple[str, str
     return source, target
 
 
+def key_choices(item: Doc, keys: Sequence[Doc]) -> list[Doc]:
+    """The keys a failback dialog offers: only the one the item's replicas are
+    encrypted with. Replicas are not encrypted yet (an item has no ``key``, and
+    the service refuses any key), so today the dialog offers none."""
+    return [key for key in keys if item.get("key") is not None and key["name"] == item["key"]]
+
+
 # Recovery plans --------------------------------------------------------------
 
 # A plan's operations, in the item menu's order and words; the dialog's URL is the value.

@@ -81,12 +81,6 @@ class Movement:
     def offsets(self) -> ResumeOffsets:
         return ResumeOffsets(self.ctx.store, self.item, self.tag)
 
-    def resuming(self, resumed: bool) -> None:
-        """Saved offsets only hold for the view they were taken from: forget
-        them when the views had to be frozen anew."""
-        if not resumed:
-            self.offsets.forget()
-
 
 def delta_phase1(
     move: Movement, source: Side, target: Side, since_point: dict[str, Any]
@@ -100,8 +94,7 @@ def delta_phase1(
         checkpoint = since_point.get("source_checkpoint")
         since = {n: _usable_since(t, checkpoint) for n, t in sources.items()}
         tracked = dirty is not None and all(s is not None for s in since.values())
-        frozen = _freeze(sources, move.tag, _since_if(tracked, since), PHASE2_GRANULARITY)
-        move.resuming(frozen.resumed)
+        frozen = _freeze(move, sources, _since_if(tracked, since), PHASE2_GRANULARITY)
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
                 extra = dirty.get(disk.name, []) if dirty is not None else None
@@ -130,12 +123,11 @@ def delta_phase2(
         sources = source.trackers(src_access)
         since = {n: _newer_than(t, phase1) for n, t in sources.items()}
         tracked = all(s is not None for s in since.values())
-        frozen = _freeze(sources, move.tag, _since_if(tracked, since))
-        move.resuming(frozen.resumed)
+        frozen = _freeze(move, sources, _since_if(tracked, since))
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
                 view, dst = frozen.views[disk.name], targets[disk.name]
-                extra = [] if tracked else None
+                extra: list[Extent] | None = [] if tracked else None
                 report[disk.name] = _send(move, view, dst, disk.name, extra, frozen.resumed)
                 report[disk.name].update(_proof(view, dst, disk.name))
         frozen.release()
@@ -147,8 +139,7 @@ def full_download(move: Movement, source: Side, target: Side) -> dict[str, Any]:
     report: dict[str, Any] = {}
     with source.access() as src_access, target.access() as dst_access:
         trackers = source.trackers(src_access)
-        frozen = _freeze(trackers, move.tag, {name: [] for name in trackers})
-        move.resuming(frozen.resumed)
+        frozen = _freeze(move, trackers, {name: [] for name in trackers})
         with _writable(dst_access) as targets:
             for disk in source.vm.disks:
                 view, dst = frozen.views[disk.name], targets[disk.name]
@@ -213,7 +204,8 @@ def _target_dirty(
 @dataclass(frozen=True, slots=True)
 class Frozen:
     """Views of every disk, the checkpoint that records after them, and whether
-    they were found from an earlier attempt (then saved offsets still hold)."""
+    the saved offsets hold for them (``resumed``: the views were found from an
+    earlier attempt, or show the very same data)."""
 
     views: dict[str, PointInTimeView]
     checkpoint: str
@@ -226,25 +218,44 @@ class Frozen:
 
 
 def _freeze(
+    move: Movement,
     trackers: dict[str, Tracker],
-    tag: str,
     since: dict[str, list[str]],
     granularity: int | None = None,
 ) -> Frozen:
+    """The views of ``move.tag``: an earlier attempt's when every disk still
+    has one, else new ones. Saved offsets hold only for the data they were
+    taken from: they are forgotten before a new freeze, unless the checkpoint
+    the lost views started recorded nothing (a stopped VM whose transient
+    daemon went away cleanly: its disks did not change)."""
+    tag = move.tag
     found = {name: t.find_view(tag) for name, t in trackers.items()}
     names = sorted({b.name for t in trackers.values() for b in t.bitmaps()})
+    previous = _recording(trackers, tag)
     if all(view is not None for view in found.values()):
         # An earlier attempt froze these views and started their checkpoint: it
         # records what came after them, so it is not one of the older bitmaps.
         views = {name: view for name, view in found.items() if view is not None}
-        checkpoint = _recording(trackers, tag)
-        return Frozen(views, checkpoint, True, [n for n in names if n != checkpoint])
+        return Frozen(views, previous, True, [n for n in names if n != previous])
+    unchanged = _unchanged(trackers, previous)
+    if not unchanged:
+        move.offsets.forget()
     for tracker in trackers.values():
         tracker.cleanup_views(keep_tags=(tag,))
     checkpoint = _free_name(tag, names)
     requests = [(t, since[n]) for n, t in trackers.items()]
     fresh = freeze_together(requests, tag, new_checkpoint=checkpoint, granularity=granularity)
-    return Frozen(dict(zip(trackers, fresh, strict=True)), checkpoint, False, names)
+    return Frozen(dict(zip(trackers, fresh, strict=True)), checkpoint, unchanged, names)
+
+
+def _unchanged(trackers: dict[str, Tracker], checkpoint: str) -> bool:
+    """Whether ``checkpoint`` records, consistent and empty, on every disk:
+    nothing was written since the freeze that started it."""
+    return all(
+        any(b.name == checkpoint and b.recording and not b.inconsistent and b.count == 0
+            for b in tracker.bitmaps())
+        for tracker in trackers.values()
+    )  # fmt: skip
 
 
 def _free_name(tag: str, taken: list[str]) -> str:

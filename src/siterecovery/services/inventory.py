@@ -20,6 +20,8 @@ from siterecovery.services.context import Context
 
 MAX_DISKS = 8
 DEFAULT_DISK = "1G"
+MAX_DISK_SIZE = 64 << 40
+"""Bytes: the largest disk a VM gets (a VHDX's limit; qcow2 and raw go further)."""
 
 
 STORAGE_KINDS = ("block", "managed")
@@ -189,7 +191,10 @@ def _new_vm(
 ) -> Vm:
     check_name("name", name)
     owner = ctx.store.get_host(name=host)
-    sizes = [parse_size("disk", d, minimum=64 << 20) for d in disks or [DEFAULT_DISK]]
+    sizes = [
+        parse_size("disk", d, minimum=64 << 20, maximum=MAX_DISK_SIZE)
+        for d in disks or [DEFAULT_DISK]
+    ]
     if len(sizes) > MAX_DISKS:
         raise InvalidInput(field="disk", reason=f"at most {MAX_DISKS} disks, got {len(sizes)}")
     nic = switch or (owner.switches[0] if owner.switches else None)
