@@ -248,6 +248,8 @@ def test_disk_full_during_a_failback_fails_it_cleanly_then_it_succeeds(
     assert failed["state"] == "failed", failed
     assert failed["error"]["code"] == "DISK_FULL", failed["error"]
     assert "no space left on device" in failed["error"]["message"]
+    assert failed["error"]["details"]["site"] == "onprem", failed["error"]
+    assert failed["error"]["details"]["free"] is not None
     assert daemon.call("GET", "/items/fill01")["state"] == "inconsistent"
     assert daemon.call("GET", "/items/fill01/points") == points
     assert _replica_files(vault, "fill01") == files

@@ -19,6 +19,7 @@ persisted in the item's ``tracking.resume``.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from siterecovery.disk.checkpoints import PointInTimeView, Tracker, freeze_toget
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.wrappers import RateLimitedDevice
-from siterecovery.domain.errors import IntegrityError
+from siterecovery.domain.errors import DiskFull, IntegrityError
 from siterecovery.domain.model import Site, Vm
 from siterecovery.providers.base import DiskAccess, Provider
 from siterecovery.replication.extents import UnionDirtyDevice
@@ -95,7 +96,7 @@ def delta_phase1(
         since = {n: _usable_since(t, checkpoint) for n, t in sources.items()}
         tracked = dirty is not None and all(s is not None for s in since.values())
         frozen = _freeze(move, sources, _since_if(tracked, since), PHASE2_GRANULARITY)
-        with _writable(dst_access) as targets:
+        with _writable(dst_access) as targets, _space(target):
             for disk in source.vm.disks:
                 extra = dirty.get(disk.name, []) if dirty is not None else None
                 view, dst = frozen.views[disk.name], targets[disk.name]
@@ -124,7 +125,7 @@ def delta_phase2(
         since = {n: _newer_than(t, phase1) for n, t in sources.items()}
         tracked = all(s is not None for s in since.values())
         frozen = _freeze(move, sources, _since_if(tracked, since))
-        with _writable(dst_access) as targets:
+        with _writable(dst_access) as targets, _space(target):
             for disk in source.vm.disks:
                 view, dst = frozen.views[disk.name], targets[disk.name]
                 extra: list[Extent] | None = [] if tracked else None
@@ -140,7 +141,7 @@ def full_download(move: Movement, source: Side, target: Side) -> dict[str, Any]:
     with source.access() as src_access, target.access() as dst_access:
         trackers = source.trackers(src_access)
         frozen = _freeze(move, trackers, {name: [] for name in trackers})
-        with _writable(dst_access) as targets:
+        with _writable(dst_access) as targets, _space(target):
             for disk in source.vm.disks:
                 view, dst = frozen.views[disk.name], targets[disk.name]
                 report[disk.name] = _send(
@@ -305,7 +306,11 @@ def _send(
     ``extra_dirty`` is None and not ``full``, or full. ``resumed``: the view
     is an earlier attempt's, so the sync starts at its saved offset."""
     with view.open() as raw:
-        src: BlockDevice = RateLimitedDevice(raw, move.max_rate) if move.max_rate else raw
+        src: BlockDevice = (
+            RateLimitedDevice(raw, move.max_rate, interrupt=move.cancelled)
+            if move.max_rate
+            else raw
+        )
         if full:
             mode = SyncMode.FULL
         elif extra_dirty is not None and view.has_bitmap:
@@ -328,6 +333,20 @@ def _send(
         )
         dst.flush()
     return {**result.to_dict(), "mode": mode.value, "resumed": resumed}
+
+
+@contextmanager
+def _space(target: Side) -> Iterator[None]:
+    """Re-raise DiskFull naming the target's site and the directory of its disks."""
+    try:
+        yield
+    except DiskFull as exc:
+        where = target.provider.disk_path(target.site, target.vm, target.vm.disks[0].name).parent
+        free = shutil.disk_usage(where).free if where.is_dir() else None
+        raise DiskFull(
+            what=f"the failback of {target.vm.name}", where=str(where), site=target.site.name,
+            free=free,
+        ) from exc  # fmt: skip
 
 
 def _proof(view: PointInTimeView, dst: BlockDevice, disk: str) -> dict[str, Any]:

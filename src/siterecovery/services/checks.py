@@ -50,7 +50,9 @@ def check_together(
     ctx: Context, *, vms: list[str], site: str | None = None, points: list[str] | None = None
 ) -> dict[str, Any]:
     """Check several VMs (live, or the given points of some) and their links: no
-    record of one may depend on a record another lacks (replication groups)."""
+    record of one may depend on a record another lacks (replication groups).
+    A VM named twice is checked once (one view of it at a time)."""
+    vms = list(dict.fromkeys(vms))
     chosen = {p.vm: p for p in (find_point_by_id(ctx, point_id=i) for i in points or [])}
     stray = sorted(set(chosen) - set(vms))
     if stray:
