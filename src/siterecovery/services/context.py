@@ -40,4 +40,3 @@ class Context:
                 check_provider(name, provider)
                 self._providers[name] = provider
             return self._providers[name]
-
