@@ -142,3 +142,24 @@ def test_reverse_replication_must_be_healthy_to_fail_back(daemon: Daemon, vault:
     assert item(daemon, "web01")["health"] == "healthy"
     plan = daemon.call("POST", "/items/web01/failover", json={"type": "unplanned", "dry_run": True})
     assert plan["ok"], plan
+
+
+def test_protect_again_after_a_failover_and_disable(daemon: Daemon, vault: Path) -> None:
+    """After failover, commit and disable the VM runs at cloud and a stopped copy
+    lingers at onprem: protecting toward onprem is refused (naming the copy and
+    the command that deletes it), then goes through once the copy is gone."""
+    protect(daemon, "db01")
+    job(daemon, failover(daemon, "db01", type="unplanned", point="latest"))
+    job(daemon, daemon.call("POST", "/items/db01/commit", json={}))
+    assert daemon.call("POST", "/items/db01/disable")["state"] == "disabled"
+    body = {"vm": "db01", "to": "onprem", "interval": "1h"}
+    message = refused(daemon, vault, "/items", body, "VM_COPY_AT_TARGET")
+    assert "vm delete db01 --site onprem" in message
+    daemon.call("DELETE", "/vms/db01", params={"site": "onprem"})
+    job(daemon, daemon.call("POST", "/items", json=body))
+    shown = item(daemon, "db01")
+    assert (shown["state"], shown["active_site"], shown["standby_site"]) == (
+        "protected",
+        "cloud",
+        "onprem",
+    )

@@ -112,10 +112,10 @@ class Model:
 def refusal(m: Model, op: str, *, point: str = "latest", create_vm: bool = False) -> set[str]:
     """The error codes ``op`` may be refused with; empty when it must be accepted."""
     if op == "protect":
-        if len(m.copies) > 1:
-            return {"INVALID_INPUT"}  # the VM's name is ambiguous and protect takes no site
         if m.state not in (None, ItemState.DISABLED):
             return {"ALREADY_PROTECTED"}
+        if len(m.copies) > 1:
+            return {"VM_COPY_AT_TARGET"}  # a failover's copy lingers at the target site
         return set()
     if op in ("complete", "cancel"):
         if m.waiting is not None:
@@ -165,6 +165,7 @@ def _plan_rules(m: Model, op: str, *, point: str, create_vm: bool) -> set[str]:
 
 STATUS = {
     "INVALID_INPUT": 400,
+    "VM_COPY_AT_TARGET": 409,
     "ITEM_NOT_FOUND": 404,
     "JOB_NOT_FOUND": 404,
     "POINT_NOT_FOUND": 404,

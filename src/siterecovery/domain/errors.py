@@ -213,6 +213,15 @@ class SameSite(RuleViolation):
     )
 
 
+class VmCopyAtTarget(RuleViolation):
+    code = "VM_COPY_AT_TARGET"
+    template = (
+        "VM '{vm}' already has a copy at site '{site}' (left there by an earlier failover); "
+        "protecting toward '{site}' would leave two VMs of that name: delete it first with "
+        "`siterecovery vm delete {vm} --site {site}`, or protect toward another site"
+    )
+
+
 class VmInconsistent(RuleViolation):
     code = "VM_INCONSISTENT"
     template = (

@@ -18,6 +18,7 @@ from siterecovery.domain.errors import (
     InvalidInput,
     PointNotFound,
     SameSite,
+    VmCopyAtTarget,
 )
 from siterecovery.domain.lifecycle import ALLOWED, ItemState, Operation, require
 from siterecovery.domain.model import (
@@ -65,7 +66,6 @@ def make_policy(
 
 def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -> dict[str, Any]:
     """Start protecting ``vm`` toward site ``to``; returns the enable job."""
-    source_vm = ctx.store.get_vm(name=vm)
     target = ctx.store.get_site(name=to)
     existing = ctx.store.find_item(vm=vm)
     if existing is not None and existing.state is not ItemState.DISABLED:
@@ -75,8 +75,12 @@ def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -
             source=existing.active_site,
             target=existing.standby_site,
         )
+    # A disabled item's VM runs where it last ran (its other copy may linger).
+    source_vm = ctx.store.get_vm(name=vm, site=existing.active_site if existing else None)
     if target.name == source_vm.site:
         raise SameSite(vm=vm, site=source_vm.site)
+    if ctx.store.find_vms(name=vm, site=target.name):
+        raise VmCopyAtTarget(vm=vm, site=target.name)
     item = Item(
         vm=vm,
         active_site=source_vm.site,
