@@ -12,9 +12,10 @@ from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.domain.errors import SiteRecoveryError, VmNotFound
+from siterecovery.disk.digest import disk_digest
+from siterecovery.domain.errors import IntegrityError, SiteRecoveryError, VmNotFound
 from siterecovery.domain.lifecycle import ItemState
-from siterecovery.domain.model import Item, Vm, failure, utcnow
+from siterecovery.domain.model import Item, RecoveryPoint, Vm, failure, utcnow
 from siterecovery.jobs.common import (
     delete_vm,
     enable,
@@ -35,7 +36,7 @@ from siterecovery.points.chain import ReplicaChain
 from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services.context import Context
 from siterecovery.services.failover import home_of
-from siterecovery.services.protection import find_point
+from siterecovery.services.protection import find_point, open_all, point_devices
 
 
 def _point_bases(ctx: Context, vm: str, point_id: str) -> dict[str, Any]:
@@ -167,10 +168,20 @@ def planned_failover_workflow(job_id: str, vm: str, host: str, frm: str, to: str
 
 def _final_pass(job_id: str, vm: str, stopped: dict[str, Any]) -> dict[str, Any]:
     """The last pass of the stopped source (its tag is the job's: a re-run resumes)."""
-    reporter = ProgressReporter(job_id)
-    options = PassOptions(tag="f" + job_id[1:11], progress=reporter)
-    report = run_pass(context(), vm, options).to_dict()
-    context().store.merge_job_result(
+    ctx = context()
+    tag = "f" + job_id[1:11]
+    last = ctx.store.get_tracking(vm=vm).get("last_checkpoint") or {}
+    if last.get("tag") == tag:
+        # A re-run after the pass sealed its point (the crash came before DBOS
+        # recorded the step): that point is the final one, nothing more to send.
+        point = find_point(ctx, vm=vm, point_id=str(last["point"]))
+        source = vm_required(ctx, vm, load_item(vm).active_site)  # stopped, not yet switched
+        disks = _prove_point(ctx, source, point)
+        report: dict[str, Any] = {"point": point.to_dict(), "disks": disks, "sealed_before": True}
+    else:
+        options = PassOptions(tag=tag, progress=ProgressReporter(job_id))
+        report = run_pass(ctx, vm, options).to_dict()
+    ctx.store.merge_job_result(
         job_id=job_id,
         zero_data_loss={
             "acknowledged_seq_at_stop": stopped.get("acknowledged_seq"),
@@ -178,6 +189,25 @@ def _final_pass(job_id: str, vm: str, stopped: dict[str, Any]) -> dict[str, Any]
         },
     )
     return report
+
+
+def _prove_point(ctx: Context, source: Vm, point: RecoveryPoint) -> dict[str, Any]:
+    """Whole-disk digests of the stopped source and of the sealed point: the
+    integrity proof of a final pass whose report was lost in a crash."""
+    site = ctx.store.get_site(name=source.site)
+    names = sorted(d.name for d in source.disks)  # the order point_devices serves them
+    with (
+        ctx.provider(site).disk_access(site, source) as access,
+        open_all(access.nbd_socket, [access.nodes[n] for n in names]) as sources,
+        point_devices(ctx, point) as targets,
+    ):
+        proofs = {}
+        for name, src, dst in zip(names, sources, targets, strict=True):
+            digests = (disk_digest(src), disk_digest(dst))
+            if digests[0] != digests[1]:
+                raise IntegrityError(what=f"disk {name}", source=digests[0], target=digests[1])
+            proofs[name] = {"source_digest": digests[0], "target_digest": digests[1]}
+        return proofs
 
 
 # Commit and reprotect -------------------------------------------------------------
