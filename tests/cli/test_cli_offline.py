@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -598,3 +599,30 @@ def test_init_creates_the_vault_and_prints_one_document(cli: Cli, vault: Path) -
     assert again.code == 0
     assert "db_url" in again.out
     assert (vault / "token").read_text() == token  # idempotent
+
+
+def test_a_slow_answer_is_a_timeout_not_a_missing_daemon(daemon: DaemonDouble, vault: Path) -> None:
+    """The daemon accepted the request but answers late: DAEMON_TIMEOUT, which
+    says the request may still be carried out — never "start a daemon"."""
+
+    def late(_request: Request) -> Answer:
+        time.sleep(3.0)
+        return 200, {"vm": "web01", "state": "disabled"}
+
+    daemon.route("POST", "/items/web01/disable", late)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "SITERECOVERY_VAULT": str(vault),
+        "SITERECOVERY_CLIENT_TIMEOUT": "1",
+    }
+    code = "from siterecovery.cli.main import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "disable", "web01", "--json"],
+        capture_output=True, text=True, env=env, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "DAEMON_TIMEOUT", error
+    assert "may still be carrying it out" in error["message"]
+    assert "siterecovery serve" not in error["message"]

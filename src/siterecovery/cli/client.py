@@ -15,6 +15,7 @@ translated here once:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,8 +34,10 @@ from siterecovery.domain.errors import (
 
 API_PREFIX = "/api/v1"
 CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 120.0
-"""Seconds a request may wait for its answer unless the call says otherwise."""
+READ_TIMEOUT = float(os.environ.get("SITERECOVERY_CLIENT_TIMEOUT") or 120.0)
+"""Seconds a request may wait for its answer unless the call says otherwise
+(``SITERECOVERY_CLIENT_TIMEOUT``). Past it the CLI says DAEMON_TIMEOUT: the
+daemon is up and may still carry the request out, so it is not "no daemon"."""
 
 NO_TIMEOUT: float | None = None
 """Pass as ``read_timeout=`` for calls that take as long as their work (a replication pass)."""
