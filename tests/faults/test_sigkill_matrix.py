@@ -116,10 +116,20 @@ def test_the_step_list_is_the_workflows_own(name: str, fault_lab: FaultLab) -> N
     assert len(steps["steps"]) >= 1
     if os.environ.get(REGENERATE):
         write_registry({**registry(), name: steps})
-    assert registry().get(name) == steps, (
-        f"{name}: the workflow's steps are {steps}, steps.json says {registry().get(name)};"
+    listed = registry().get(name)
+    assert listed is not None and per_kind(listed) == per_kind(steps), (
+        f"{name}: the workflow's steps are {steps}, steps.json says {listed};"
         f" regenerate with {REGENERATE}=1"
     )
+
+
+def per_kind(steps: dict[str, Any]) -> dict[str, Any]:
+    """Each job kind's steps in order: a plan's parent and children run at the
+    same time, so only the order within one workflow is fixed."""
+    kinds: dict[str, list[str]] = {}
+    for kind, step in steps["steps"]:
+        kinds.setdefault(kind, []).append(step)
+    return {"setup_kinds": steps["setup_kinds"], "kinds": kinds}
 
 
 # The kills ----------------------------------------------------------------------------
