@@ -29,7 +29,7 @@ import numpy.typing as npt
 import xxhash
 
 from siterecovery.disk.base import BlockDevice, Extent
-from siterecovery.domain.errors import InvalidInput, SyncCancelled
+from siterecovery.domain.errors import IntegrityError, InvalidInput, SyncCancelled
 
 DIGEST_SIZE = 16
 """Bytes of one block digest (xxh3_128)."""
@@ -170,6 +170,15 @@ def disk_digest(dev: BlockDevice, *, threads: int = 2, cancelled: Cancelled | No
     hasher.update(digests.data.cast("B"))
     hasher.update(dev.size.to_bytes(8, "little"))
     return f"{DISK_DIGEST_ALGORITHM}:{hasher.hexdigest()}"
+
+
+def integrity_proof(src: BlockDevice, dst: BlockDevice, disk: str) -> dict[str, str]:
+    """Whole-disk digests of a source and its copy: ``{"source_digest",
+    "target_digest"}``, equal, or IntegrityError naming ``disk``."""
+    source, target = disk_digest(src), disk_digest(dst)
+    if source != target:
+        raise IntegrityError(what=f"disk {disk}", source=source, target=target)
+    return {"source_digest": source, "target_digest": target}
 
 
 def _range_end(dev: BlockDevice, block_size: int, offset: int, length: int | None) -> int:

@@ -12,8 +12,8 @@ from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.disk.digest import disk_digest
-from siterecovery.domain.errors import IntegrityError, SiteRecoveryError, VmNotFound
+from siterecovery.disk.digest import integrity_proof
+from siterecovery.domain.errors import SiteRecoveryError, VmNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, RecoveryPoint, Vm, failure, utcnow
 from siterecovery.jobs.common import (
@@ -201,13 +201,10 @@ def _prove_point(ctx: Context, source: Vm, point: RecoveryPoint) -> dict[str, An
         open_all(access.nbd_socket, [access.nodes[n] for n in names]) as sources,
         point_devices(ctx, point) as targets,
     ):
-        proofs = {}
-        for name, src, dst in zip(names, sources, targets, strict=True):
-            digests = (disk_digest(src), disk_digest(dst))
-            if digests[0] != digests[1]:
-                raise IntegrityError(what=f"disk {name}", source=digests[0], target=digests[1])
-            proofs[name] = {"source_digest": digests[0], "target_digest": digests[1]}
-        return proofs
+        return {
+            name: integrity_proof(src, dst, name)
+            for name, src, dst in zip(names, sources, targets, strict=True)
+        }
 
 
 # Commit and reprotect -------------------------------------------------------------

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
-from siterecovery.disk.digest import disk_digest
+from siterecovery.disk.digest import integrity_proof
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
-from siterecovery.domain.errors import BitmapInconsistent, DiskError, DiskFull, IntegrityError
+from siterecovery.domain.errors import BitmapInconsistent, DiskError, DiskFull
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, VmPower, utcnow
 from siterecovery.points.chain import ReplicaChain, merge_into_parent
 from siterecovery.points.retention import points_to_drop
@@ -278,7 +278,7 @@ def _send_disk(
         )
         report = _disk_report(result, mode, src)
         if item.policy.verify_points or options.initial:
-            report.update(_verify(raw_src, dst, disk))
+            report.update(integrity_proof(raw_src, dst, disk))
     return {**report, "tracking": frozen.tracking}
 
 
@@ -315,14 +315,6 @@ def _throttled(
 
 def _disk_report(result: SyncResult, mode: SyncMode, counted: CountingDevice) -> dict[str, Any]:
     return {**result.to_dict(), "mode": mode.value, "source_bytes_read": counted.counts.bytes_read}
-
-
-def _verify(src: NbdDevice, dst: NbdDevice, disk: str) -> dict[str, Any]:
-    """Whole-disk digests of the frozen source and of the new point (integrity proof)."""
-    source, target = disk_digest(src), disk_digest(dst)
-    if source != target:
-        raise IntegrityError(what=f"disk {disk}", source=source, target=target)
-    return {"source_digest": source, "target_digest": target}
 
 
 @contextmanager

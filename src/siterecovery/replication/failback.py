@@ -27,10 +27,10 @@ from typing import Any
 
 from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.checkpoints import PointInTimeView, Tracker, freeze_together
-from siterecovery.disk.digest import disk_digest
+from siterecovery.disk.digest import integrity_proof
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.wrappers import RateLimitedDevice
-from siterecovery.domain.errors import DiskFull, IntegrityError
+from siterecovery.domain.errors import DiskFull
 from siterecovery.domain.model import Site, Vm
 from siterecovery.providers.base import DiskAccess, Provider
 from siterecovery.replication.extents import UnionDirtyDevice
@@ -352,10 +352,7 @@ def _space(target: Side) -> Iterator[None]:
 def _proof(view: PointInTimeView, dst: BlockDevice, disk: str) -> dict[str, Any]:
     """Whole-disk digests of the stopped source and of the target after sync."""
     with view.open() as src:
-        source, target = disk_digest(src), disk_digest(dst)
-    if source != target:
-        raise IntegrityError(what=f"disk {disk}", source=source, target=target)
-    return {"source_digest": source, "target_digest": target}
+        return integrity_proof(src, dst, disk)
 
 
 def estimate(source: Side, target: Side, since_point: dict[str, Any], sync: str) -> tuple[int, str]:
