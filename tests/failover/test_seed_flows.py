@@ -195,6 +195,11 @@ def test_drill_never_pauses_protection(daemon: Daemon, vault: Path) -> None:
     point = daemon.call("POST", "/items/web01/replicate", json={})["point"]
     drill = job(daemon, failover(daemon, "web01", type="test", switch="drill-net"))
     assert drill["result"]["drill"]["vm"] == "web01-test"
+    # The drill's RTO covers making the VM on the point and starting it.
+    created, started = step(drill, "create-test-vm"), step(drill, "start-test-vm")
+    rto = drill["result"]["drill"]["rto_seconds"]
+    assert rto == round(started["at"] - created["at"], 3)
+    assert rto >= started["start_seconds"]
     test_vm = daemon.call("GET", "/vms/web01-test", params={"site": "cloud"})
     assert test_vm["nics"] == ["drill-net"] and test_vm["power"] == "running"
     check(daemon, "web01-test", "cloud")
