@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from siterecovery.domain.errors import PassPreempted, VmBusy
 from siterecovery.services.context import Context
-from siterecovery.store.owner_repo import PASS_PREFIX
+from siterecovery.store.owner_repo import PASS_PREFIX, is_job
 
 PREEMPT_WAIT = 30.0
 """Seconds a user's operation waits for a replication pass to stop (a pass
@@ -33,18 +33,23 @@ def operation_owner(name: str) -> str:
     return f"{name}:{uuid.uuid4().hex[:10]}"
 
 
-def holder_text(holder: str) -> str:
+def holder_name(holder: str) -> str:
+    """``holder`` for a message: "job j…", "the replication pass c…", "the operation …"."""
     if holder.startswith(PASS_PREFIX):
-        return f"held by the replication pass {holder[len(PASS_PREFIX) :]}"
-    if holder.startswith("j"):
-        return f"owned by job {holder}"
-    return f"held by the operation {holder}"
+        return f"the replication pass {holder[len(PASS_PREFIX) :]}"
+    if is_job(holder):
+        return f"job {holder}"
+    return f"the operation {holder}"
+
+
+def holder_text(holder: str) -> str:
+    return f"owned by {holder_name(holder)}" if is_job(holder) else f"held by {holder_name(holder)}"
 
 
 def busy(vm: str, holder: str) -> VmBusy:
     hint = (
         f"wait for it or cancel it (siterecovery job cancel {holder})"
-        if holder.startswith("j")
+        if is_job(holder)
         else "retry in a moment"
     )
     return VmBusy(vm=vm, state=holder_text(holder), hint=hint)
@@ -110,7 +115,7 @@ def preemption(ctx: Context, vm: str, *, every: float = 0.2) -> Callable[[], boo
         last[0] = now
         claim = ctx.store.item_owner(vm=vm)[1]
         if claim is not None:
-            raise PassPreempted(vm=vm, by=holder_text(claim).split(" ", 2)[-1])
+            raise PassPreempted(vm=vm, by=holder_name(claim))
         return False
 
     return cancelled

@@ -33,6 +33,7 @@ from siterecovery.domain.model import (
 from siterecovery.domain.values import check_positive, parse_duration, parse_size
 from siterecovery.services import ownership
 from siterecovery.services.context import Context
+from siterecovery.store.owner_repo import is_job
 
 Submit = Callable[..., Any]
 
@@ -238,7 +239,7 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
 def _job_owner(ctx: Context, vm: str) -> str | None:
     """The job that owns the item, if one does (passes come and go: not shown)."""
     owner, _claim = ctx.store.item_owner(vm=vm)
-    return owner if owner and owner.startswith("j") else None
+    return owner if owner and is_job(owner) else None
 
 
 def _allowed(item: Item) -> set[Operation]:

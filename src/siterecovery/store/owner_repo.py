@@ -24,6 +24,14 @@ from siterecovery.domain.model import utcnow
 from siterecovery.store.schema import ItemRow, JobRow
 
 PASS_PREFIX = "pass:"
+
+
+def is_job(owner: str) -> bool:
+    """Whether ``owner`` is a job id (``j`` + hex, see ``jobs/runtime.new_job_id``);
+    passes and synchronous operations are ``KIND:TAG``."""
+    return owner.startswith("j") and ":" not in owner
+
+
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
@@ -143,7 +151,7 @@ def _take(s: Session, vm: str, owner: str) -> str | None:
 
 
 def _stale(s: Session, owner: str) -> bool:
-    if not owner.startswith("j"):
+    if not is_job(owner):
         return True  # a pass or a synchronous operation of a process that is gone
     state = s.execute(select(JobRow.state).where(JobRow.id == owner)).scalar_one_or_none()
     return state is None or state in TERMINAL_JOB_STATES
