@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import socket
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -19,12 +21,15 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.agent.tls import Identity, make_identity
 from siterecovery.disk.base import BlockDevice
 from siterecovery.disk.file import create_raw
 from siterecovery.disk.open import open_target
 from siterecovery.keys import SecretKey
 from siterecovery.wire import address
-from siterecovery.wire.server import Receiver
+from siterecovery.wire.server import Receiver, WireServer
+
+from .proxy import Proxy
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -72,18 +77,29 @@ StartReceiver = Callable[..., Served]
 
 @pytest.fixture
 def receive(workdir: Path) -> Iterator[StartReceiver]:
-    """``receive(target, *, key=None, transport="tcp", once=False)`` starts a receiver."""
-    started: list[tuple[Receiver, threading.Thread, ExitStack]] = []
+    """``receive(target, *, key=None, transport="tcp", once=False, tls=None, wrap=None)``
+    starts a receiver (``wrap`` wraps its target, for test doubles)."""
+    started: list[tuple[WireServer, threading.Thread, ExitStack]] = []
 
     def start(
-        target: Path, *, key: SecretKey | None = None, transport: str = "tcp", once: bool = False
+        target: Path,
+        *,
+        key: SecretKey | None = None,
+        transport: str = "tcp",
+        once: bool = False,
+        tls: ssl.SSLContext | None = None,
+        wrap: Callable[[BlockDevice], BlockDevice] | None = None,
     ) -> Served:
         stack = ExitStack()
         where = "tcp://127.0.0.1:0" if transport == "tcp" else f"unix:{workdir / 'rx.sock'}"
         sock, bound = address.listen(address.parse(where))
         stack.callback(sock.close)
-        receiver = Receiver(lambda size: open_target(str(target), stack, size=size), key=key,
-                            once=once)  # fmt: skip
+
+        def opened(size: int) -> tuple[BlockDevice, bool]:
+            dev, created = open_target(str(target), stack, size=size)
+            return (dev if wrap is None else wrap(dev)), created
+
+        receiver = Receiver(opened, key=key, once=once, tls=tls)
         thread = threading.Thread(target=receiver.serve, args=(sock,), name="test-receiver")
         thread.start()
         started.append((receiver, thread, stack))
@@ -95,3 +111,49 @@ def receive(workdir: Path) -> Iterator[StartReceiver]:
         thread.join(30)
         receiver.close()
         stack.close()
+
+
+StartServer = Callable[..., tuple[WireServer, str]]
+
+
+@pytest.fixture
+def wire_server() -> Iterator[StartServer]:
+    """``wire_server(tls=None)`` starts a WireServer (no transfer yet) and its address."""
+    started: list[tuple[WireServer, threading.Thread, socket.socket]] = []
+
+    def start(tls: ssl.SSLContext | None = None) -> tuple[WireServer, str]:
+        sock, bound = address.listen(address.parse("tcp://127.0.0.1:0"))
+        server = WireServer(tls=tls)
+        thread = threading.Thread(target=server.serve, args=(sock,), name="test-wire-server")
+        thread.start()
+        started.append((server, thread, sock))
+        return server, str(bound)
+
+    yield start
+    for server, thread, sock in started:
+        server.stop()
+        thread.join(30)
+        server.close()
+        sock.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[..., Proxy]]:
+    """``proxy(upstream, cut_after=None)``: a TCP proxy (see proxy.py), closed at teardown."""
+    started: list[Proxy] = []
+
+    def start(upstream: str, *, cut_after: int | None = None) -> Proxy:
+        started.append(Proxy(upstream, cut_after=cut_after))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.close()
+
+
+@pytest.fixture(scope="session")
+def identities() -> Iterator[tuple[Identity, Identity]]:
+    """Two agent identities (certificate and key): the receiver's, and a stranger's."""
+    path = Path(tempfile.mkdtemp(prefix="srw-tls-", dir="/tmp"))
+    yield make_identity(path / "receiver", "receiver"), make_identity(path / "other", "other")
+    shutil.rmtree(path, ignore_errors=True)

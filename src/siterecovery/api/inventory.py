@@ -9,7 +9,8 @@ from pydantic import Field
 
 from siterecovery.api.deps import Ctx
 from siterecovery.api.models import Body, Size
-from siterecovery.services import inventory, lab, protection
+from siterecovery.domain.errors import InvalidInput
+from siterecovery.services import agents, inventory, lab, protection
 
 router = APIRouter()
 
@@ -17,7 +18,10 @@ router = APIRouter()
 class SiteIn(Body):
     name: str
     provider: str = "local"
-    path: str
+    path: str | None = None
+    agent: str | None = None
+    """``https://HOST:PORT`` of the site's agent (then ``join`` is its one-time token)."""
+    join: str | None = None
     role: str = "on-premises"
     storage: str = "block"
 
@@ -55,12 +59,23 @@ def lab_down(ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/sites")
 def list_sites(ctx: Ctx) -> list[dict[str, Any]]:
-    return [s.to_dict() for s in ctx.store.list_sites()]
+    infos = agents.site_infos(ctx)
+    return [{**s.to_dict(), "agent": infos.get(s.name)} for s in ctx.store.list_sites()]
 
 
 @router.post("/sites", status_code=201)
 def add_site(ctx: Ctx, body: SiteIn) -> dict[str, Any]:
-    return inventory.add_site(ctx, **body.model_dump()).to_dict()
+    if body.agent is not None or body.join is not None:
+        if not (body.agent and body.join):
+            raise InvalidInput(field="join", reason="an agent site needs both agent and join")
+        site = agents.add_agent_site(
+            ctx, name=body.name, url=body.agent, token=body.join, role=body.role
+        )
+        return site.to_dict()
+    if body.path is None:
+        raise InvalidInput(field="path", reason="a site needs a path (or an agent)")
+    fields = body.model_dump(exclude={"agent", "join"})
+    return inventory.add_site(ctx, **fields).to_dict()
 
 
 @router.get("/hosts")

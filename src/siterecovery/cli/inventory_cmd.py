@@ -45,7 +45,19 @@ def lab_down(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = Fal
 def site_add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="NAME", help="Site name.")],
-    path: Annotated[Path, typer.Option("--path", metavar="DIR", help="Replica storage directory.")],
+    path: Annotated[
+        Path | None, typer.Option("--path", metavar="DIR", help="Storage directory (local site).")
+    ] = None,
+    agent: Annotated[
+        str | None,
+        typer.Option("--agent", metavar="https://HOST:PORT", help="The site's agent."),
+    ] = None,
+    join: Annotated[
+        str | None,
+        typer.Option(
+            "--join", metavar="TOKEN", help="The agent's one-time join token (`agent token`)."
+        ),
+    ] = None,
     provider: Annotated[
         str, typer.Option("--provider", metavar="PROVIDER", help="Site provider.")
     ] = "local",
@@ -68,7 +80,9 @@ def site_add(
     body = {
         "name": name,
         "provider": provider,
-        "path": str(path.absolute()),
+        "path": str(path.absolute()) if path else None,
+        "agent": agent,
+        "join": join,
         "role": role,
         "storage": storage,
     }

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from siterecovery.cli import sync_cmd
+from siterecovery.cli import agent_cmd, sync_cmd
 from siterecovery.cli.common import UsageError, print_json
 from siterecovery.domain.errors import Category, InternalError, SiteRecoveryError, category_of
 
@@ -53,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "job": ("jobs_cmd", "app", True),
     "sync": ("sync_cmd", "sync", False),  # argparse commands: see sync_cmd.COMMANDS
     "sync-receive": ("sync_cmd", "receive", False),
+    "agent": ("agent_cmd", "typer_entry", False),  # argparse: cli/agent_cmd.py
     "key": ("keys_cmd", "app", True),
     "group": ("recovery_cmd", "group_app", True),
     "plan": ("recovery_cmd", "plan_app", True),
@@ -109,6 +110,8 @@ def dispatch(args: list[str], *, as_json: bool) -> int:
     names = None if index is None else args[index : index + 1]
     if index is not None and args[index] in sync_cmd.COMMANDS and "--help" not in args[:index]:
         return sync_cmd.run(args[index], args[index + 1 :], before=args[:index])
+    if index is not None and args[index] == agent_cmd.NAME and "--help" not in args[:index]:
+        return agent_cmd.run(args[index + 1 :], before=args[:index])
     from siterecovery.cli.app import run_app
 
     return run_app(args, names, as_json=as_json)

@@ -205,7 +205,19 @@ SITE_COLUMNS: list[Column] = [
     ("PROVIDER", key("provider")),
     ("ROLE", key("role")),
     ("PATH", key("path")),
+    ("AGENT", lambda d: _agent_text(d.get("agent"))),
 ]
+
+
+def _agent_text(agent: Any) -> str:
+    """An agent site's reachability, version and clock offset ("" for a local site)."""
+    if not agent:
+        return ""
+    if not agent.get("reachable"):
+        return f"unreachable ({agent.get('error')})"
+    return f"up {agent.get('version')}, clock {agent.get('clock_offset', 0):+.3f}s"
+
+
 HOST_COLUMNS: list[Column] = [
     ("SITE", key("site")),
     ("NAME", key("name")),

@@ -609,3 +609,71 @@ class ChildJobFailed(SiteRecoveryError):
         "the job of '{vm}' ({job}) {state}: {reason}; the plan stops before its next boot "
         "group: `siterecovery job show {job}` says why"
     )
+
+
+class AgentUnreachable(SiteRecoveryError):
+    """The engine cannot reach a site's agent (down, network cut, TLS refused)."""
+
+    code = "AGENT_UNREACHABLE"
+    category = Category.IO
+    template = (
+        "the agent of site '{site}' at {url} is unreachable ({detail}); check that "
+        "`siterecovery agent serve` runs there and that the path to it is open"
+    )
+
+
+class AgentCertificateMismatch(SiteRecoveryError):
+    """An agent presents a certificate other than the one pinned for it."""
+
+    code = "AGENT_CERT_MISMATCH"
+    category = Category.AUTH
+    template = (
+        "the agent at {url} presents certificate {got}, not the pinned {expected}: another "
+        "machine answers at that address, or the agent was re-initialised (make a new join "
+        "token on it: `siterecovery agent token`, then `siterecovery site join`)"
+    )
+
+
+class AgentUnauthorized(SiteRecoveryError):
+    """A site agent refused a request's credentials (or a peer agent's ticket)."""
+
+    code = "AGENT_UNAUTHORIZED"
+    category = Category.AUTH
+    template = "{reason}"
+
+
+class JoinTokenRefused(SiteRecoveryError):
+    """A join token that is malformed, unknown, expired or already used."""
+
+    code = "JOIN_TOKEN_REFUSED"
+    category = Category.AUTH
+    template = (
+        "join token refused: {reason}; make a new one on the agent's machine "
+        "(`siterecovery agent token --dir DIR`) and use it once"
+    )
+
+
+def error_from_dict(document: Any) -> SiteRecoveryError | None:
+    """The error an error document (``to_dict``: code, message, details) describes,
+    as the class of its code, with the sender's message (its template is not
+    applied again) and details; None when the code is not in the tree or the
+    document is not one. The one by-code rebuild for every client of ours."""
+    if not isinstance(document, dict) or not isinstance(document.get("code"), str):
+        return None
+    details = document.get("details")
+    for cls in all_error_classes():
+        if cls.code == document["code"]:
+            fields = dict(details) if isinstance(details, dict) else {}
+            return _restore(cls, fields, str(document.get("message", cls.code)))
+    return None
+
+
+class AgentSiteUnsupported(RuleViolation):
+    """An operation that does not run through a site agent yet."""
+
+    code = "AGENT_SITE_UNSUPPORTED"
+    template = (
+        "site '{site}' is served by its agent, and {what} does not run through agents in "
+        "this version (replication passes do: protect, replicate, the scheduler); use a "
+        "local site for it until failover and failback run through agents"
+    )

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from siterecovery.disk.qmp import QmpClient
 from siterecovery.domain.model import Site, Vm, VmPower
+from siterecovery.providers.replicas import ReplicaStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,10 @@ class Provider(Protocol):
     """
 
     kind: str
+    @property
+    def replicas(self) -> ReplicaStore:
+        """Where the provider's sites keep recovery-point chains."""
+        ...
 
     def prepare_site(self, site: Site, *, storage: str = "block") -> None:
         """Create the site's storage layout. Idempotent.

@@ -21,31 +21,21 @@ union of every bitmap present: nothing written by the guest is ever skipped.
 from __future__ import annotations
 
 import itertools
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
-from siterecovery.disk.digest import integrity_proof
-from siterecovery.disk.nbd import NbdDevice
-from siterecovery.disk.qsd import DiskSpec, StorageDaemon
-from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
-from siterecovery.domain.errors import BitmapInconsistent, DiskError, DiskFull
-from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, VmPower, utcnow
-from siterecovery.points.chain import ReplicaChain, merge_into_parent
+from siterecovery.domain.errors import BitmapInconsistent, DiskFull
+from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
 from siterecovery.points.retention import points_to_drop
-from siterecovery.providers.base import DiskAccess, GuestAgent, Provider
 from siterecovery.replication.resume import ResumeOffsets
-from siterecovery.replication.sync import SyncMode, SyncOptions, SyncResult, sync
 from siterecovery.services.context import Context
+from siterecovery.sites.base import FrozenDisks, SiteAgent, Transfer
 
-CHECKPOINT_EVERY = 8 << 20  # bytes between persisted offsets of a resumable sync
 Progress = Callable[[int, int], None]
 
 
@@ -76,259 +66,116 @@ def new_tag() -> str:
 
 def run_pass(ctx: Context, vm_name: str, options: PassOptions) -> PassReport:
     """Replicate ``vm_name`` once and seal a recovery point (see module doc)."""
-    with ExitStack() as stack:
-        run = PassRun.open(ctx, vm_name, options, stack)
-        with quiesced([run.guest()]) as seqs:
-            views = run.freeze()
-        report = run.finish(views, seqs[0], utcnow())
+    run = PassRun.open(ctx, vm_name, options)
+    with run.held():
+        frozen = run.source.freeze(
+            [run.vm], options.tag, initial=options.initial, quiesce=options.app_consistent
+        )
+        report = run.finish(frozen, utcnow())
     run.retain()
     return report
-
-
-@contextmanager
-def quiesced(guests: list[GuestAgent | None]) -> Iterator[list[int | None]]:
-    """Quiesce every guest (None: no guest tools), in order; thaw them all on exit.
-
-    Yields each guest's last acknowledged workload seq (None where no guest).
-    A guest that fails to quiesce thaws the ones already paused and raises.
-    """
-    with ExitStack() as stack:
-        seqs: list[int | None] = []
-        for guest in guests:
-            if guest is None:
-                seqs.append(None)
-                continue
-            seqs.append(guest.quiesce(timeout=60.0))
-            stack.callback(guest.thaw)
-        yield seqs
 
 
 @dataclass
 class PassRun:
     """One VM's pass, split so that a replication group can freeze all its
-    members at one instant: :meth:`open` (disk access), :meth:`freeze` (views
-    and the new checkpoint), :meth:`finish` (send, seal, drop older bitmaps),
-    :meth:`retain` (retention, after the disk access is closed)."""
+    members at one instant: :meth:`open` (the two sites), the source's
+    ``freeze`` (views and the new checkpoint, at the source site),
+    :meth:`finish` (each disk sent from the source site to the target site,
+    sealed there, the point recorded, then the older checkpoints dropped),
+    :meth:`retain` (retention). The engine moves no byte: it hands the target's
+    receipt to the source and records what comes back."""
 
     ctx: Context
     item: Item
     vm: Vm
     source_site: Site
     target_site: Site
+    source: SiteAgent
+    target: SiteAgent
     options: PassOptions
     seq: int
-    access: DiskAccess
     started: float
 
     @classmethod
-    def open(cls, ctx: Context, vm_name: str, options: PassOptions, stack: ExitStack) -> PassRun:
+    def open(cls, ctx: Context, vm_name: str, options: PassOptions) -> PassRun:
         item = ctx.store.get_item(vm=vm_name)
         source_site = ctx.store.get_site(name=item.active_site)
         target_site = ctx.store.get_site(name=item.standby_site)
         vm = ctx.store.get_vm(name=vm_name, site=item.active_site)
         _finish_pending_merges(ctx, vm_name)
         seq = int(ctx.store.get_tracking(vm=vm_name).get("next_seq", 1))
-        access = stack.enter_context(ctx.provider(source_site).disk_access(source_site, vm))
-        return cls(ctx, item, vm, source_site, target_site, options, seq, access, time.monotonic())
+        return cls(
+            ctx, item, vm, source_site, target_site, ctx.site(source_site),
+            ctx.site(target_site), options, seq, time.monotonic(),
+        )  # fmt: skip
 
-    def guest(self) -> GuestAgent | None:
-        """The guest to quiesce for an app-consistent point (None: crash-consistent)."""
-        if not self.options.app_consistent:
-            return None
-        return self.ctx.provider(self.source_site).guest(self.source_site, self.vm)
-
-    def freeze(self) -> dict[str, Frozen]:
-        return _freeze_disks(self._trackers(), self.options)
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """On a failure, close the source's disk access but keep its views and
+        checkpoints: the next pass resumes the view (initial sync) or reads
+        the union of every checkpoint present."""
+        try:
+            yield
+        except BaseException:
+            self.source.release(self.vm, self.options.tag, drop_older=False)
+            raise
 
     def finish(
         self,
-        views: dict[str, Frozen],
-        workload_seq: int | None,
+        frozen: FrozenDisks,
         moment: datetime,
         *,
         common: str | None = None,
         app_consistent: bool | None = None,
     ) -> PassReport:
         """Send every disk's changes, seal the point, then drop the older bitmaps."""
-        target = self.ctx.provider(self.target_site)
-        disks = {}
-        for disk in self.vm.disks:
-            chain = ReplicaChain(
-                target.replica_dir(self.target_site, self.vm.name, disk.name), disk.size
-            )
-            what = f"the pass of '{self.vm.name}' (disk {disk.name})"
-            with self._source_alive(), _space(chain, self.target_site, what):
-                disks[disk.name] = _send_disk(
-                    self.ctx, target, self.target_site, self.item, chain, self.seq,
-                    views[disk.name], disk.name, self.options,
-                )  # fmt: skip
+        tracking = frozen.tracking[self.vm.name]
+        workload_seq = frozen.seqs.get(self.vm.name)
+        disks = {d.name: self._send(d.name, d.size, tracking[d.name]) for d in self.vm.disks}
         consistent = workload_seq is not None if app_consistent is None else app_consistent
         sealing = Sealing(moment, disks, workload_seq, consistent, common)
-        point = _seal(
-            self.ctx, self.item, self.vm, self.target_site, self.seq, sealing, self.options
-        )
-        for name, tracker in self._trackers().items():
-            _drop_older_bitmaps(tracker, keep=self.options.tag)
-            views[name].view.release()
+        point = _seal(self.ctx, self.item, self.vm, self.target, self.seq, sealing, self.options)
+        self.source.release(self.vm, self.options.tag, drop_older=True)
         seconds = round(time.monotonic() - self.started, 3)
         return PassReport(point, {name: {**d, "seconds": seconds} for name, d in disks.items()})
 
-    @contextmanager
-    def _source_alive(self) -> Iterator[None]:
-        """Say so when a disk error comes from the VM's daemon having gone away."""
-        try:
-            yield
-        except DiskError as e:
-            power = self.ctx.provider(self.source_site).power(self.source_site, self.vm)
-            if not (self.access.running and power is VmPower.STOPPED):
-                raise
-            raise DiskError(
-                detail=f"the qemu-storage-daemon serving '{self.vm.name}' at site "
-                f"'{self.source_site.name}' exited during the pass ({e}); no point was sealed: "
-                "start the VM again, its next pass compares checksums"
-            ) from e
-
     def retain(self) -> list[str]:
-        target = self.ctx.provider(self.target_site)
-        return apply_retention(self.ctx, self.item, self.target_site, target)
+        return apply_retention(self.ctx, self.item, self.target_site)
 
-    def _trackers(self) -> dict[str, Tracker]:
-        access = self.access
-        return {
-            d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
-            for d in self.vm.disks
-        }
+    def _send(self, disk: str, size: int, tracking: str) -> dict[str, Any]:
+        options = self.options
+        # Offsets only hold for the very view they were taken from.
+        resumed = options.initial and tracking == "resumed"
+        offsets = ResumeOffsets(self.ctx.store, self.item.vm, options.tag)
+        resume = offsets.get(disk) if resumed else 0
+        receipt = self.target.receive_point(self.item.vm, disk, self.seq, size, resume=bool(resume))
+        what = f"the pass of '{self.vm.name}' (disk {disk})"
+        try:
+            report = self.source.send_disk(
+                self.vm, disk, options.tag, receipt, self._transfer(), initial=options.initial,
+                resume=resume, progress=options.progress,
+                checkpoint=lambda offset: offsets.save(disk, offset), cancelled=options.cancelled,
+            )  # fmt: skip
+        except DiskFull as e:
+            # Its space goes back and no point is sealed.
+            self.target.end_receive(receipt, keep=False)
+            where = self.target.location(self.item.vm, disk)
+            free = self.target.space_free()
+            raise DiskFull(what=what, where=where, site=self.target_site.name, free=free) from e
+        except BaseException:
+            self.target.end_receive(receipt, keep=True)
+            raise
+        self.target.end_receive(receipt, keep=True)
+        return {**report, "tracking": tracking}
 
-
-@dataclass(frozen=True, slots=True)
-class Frozen:
-    """A disk's point-in-time view and the state of its change tracking."""
-
-    view: PointInTimeView
-    tracking: str
-
-
-def _freeze_disks(trackers: dict[str, Tracker], options: PassOptions) -> dict[str, Frozen]:
-    """Views of every disk at one instant (one QMP transaction for all of them)."""
-    found = {name: tracker.find_view(options.tag) for name, tracker in trackers.items()}
-    if all(view is not None for view in found.values()):
-        return {name: Frozen(view, "resumed") for name, view in found.items() if view}
-    reasons = {}
-    requests = []
-    for name, tracker in trackers.items():
-        tracker.cleanup_views(keep_tags=(options.tag,))
-        if options.initial:
-            # A lost view of an initial sync (the VM restarted): start over; its
-            # bitmap, kept by a clean stop, would clash with the new one.
-            tracker.drop([options.tag])
-        bitmaps = tracker.bitmaps()
-        reasons[name] = tracking_state(options, bitmaps)
-        since = [b.name for b in bitmaps] if reasons[name] == "bitmap" else []
-        requests.append((tracker, since))
-    views = freeze_together(requests, options.tag, new_checkpoint=options.tag)
-    return {name: Frozen(view, reasons[name]) for name, view in zip(trackers, views, strict=True)}
-
-
-def tracking_state(options: PassOptions, bitmaps: list[BitmapState]) -> str:
-    """Why a pass can (``bitmap``) or cannot trust change tracking."""
-    if options.initial:
-        return "initial"
-    if any(b.inconsistent for b in bitmaps):
-        # The VM stopped uncleanly: its bitmaps may miss writes.
-        return "inconsistent-bitmap"
-    return "bitmap" if bitmaps else "no-bitmap"
-
-
-def _send_disk(
-    ctx: Context,
-    target: Provider,
-    target_site: Site,
-    item: Item,
-    chain: ReplicaChain,
-    seq: int,
-    frozen: Frozen,
-    disk: str,
-    options: PassOptions,
-) -> dict[str, Any]:
-    view = frozen.view
-    mode = _mode(options, view, chain)
-    # Offsets only hold for the very view they were taken from.
-    resumed = options.initial and frozen.tracking == "resumed"
-    offsets = ResumeOffsets(ctx.store, item.vm, options.tag)
-    resume = offsets.get(disk) if resumed else 0
-    if not resume:
-        chain.discard_partials()
-    partial = chain.begin(seq, backing=chain.head())
-    run_dir = target.run_dir(target_site, f"writer-{item.vm}-{disk}")
-    with _writer(run_dir, partial) as dst, view.open() as raw_src:
-        src = CountingDevice(_throttled(raw_src, item.policy.max_rate, options.cancelled))
-        result = sync(
-            src,
-            dst,
-            SyncOptions(
-                mode=mode,
-                threads=item.policy.threads,
-                resume_offset=resume,
-                target_is_blank=chain.head() is None,
-                checkpoint_every=CHECKPOINT_EVERY,
-            ),
-            progress=options.progress,
-            checkpoint=lambda offset: offsets.save(disk, offset),
-            cancelled=options.cancelled,
+    def _transfer(self) -> Transfer:
+        policy = self.item.policy
+        return Transfer(
+            threads=policy.threads,
+            max_rate=policy.max_rate,
+            verify=policy.verify_points or self.options.initial,
         )
-        report = _disk_report(result, mode, src)
-        if item.policy.verify_points or options.initial:
-            report.update(integrity_proof(raw_src, dst, disk))
-    return {**report, "tracking": frozen.tracking}
-
-
-@contextmanager
-def _space(chain: ReplicaChain, site: Site, what: str) -> Iterator[None]:
-    """Re-raise DiskFull naming the site and the directory that is full, after
-    removing the partial file: its space goes back and no point is sealed."""
-    try:
-        yield
-    except DiskFull as e:
-        chain.discard_partials()
-        free = shutil.disk_usage(chain.directory).free if chain.directory.is_dir() else None
-        raise DiskFull(what=what, where=str(chain.directory), site=site.name, free=free) from e
-
-
-def _mode(options: PassOptions, view: PointInTimeView, chain: ReplicaChain) -> SyncMode:
-    if chain.head() is None:
-        return SyncMode.FULL
-    if options.initial:
-        # A chain exists but this is a new protection: only differing blocks move.
-        return SyncMode.CHECKSUM
-    # Slow path: no trustworthy bitmap (VM crash, lost tracking) -> checksums.
-    return SyncMode.TRACKED if view.has_bitmap else SyncMode.CHECKSUM
-
-
-def _throttled(
-    device: NbdDevice, max_rate: int, cancelled: Callable[[], bool] | None = None
-) -> Any:
-    """The bandwidth cap; its waits end early when the pass is cancelled."""
-    if max_rate <= 0:
-        return device
-    return RateLimitedDevice(device, max_rate, interrupt=cancelled)
-
-
-def _disk_report(result: SyncResult, mode: SyncMode, counted: CountingDevice) -> dict[str, Any]:
-    return {**result.to_dict(), "mode": mode.value, "source_bytes_read": counted.counts.bytes_read}
-
-
-@contextmanager
-def _writer(run_dir: Path, partial: Path) -> Iterator[NbdDevice]:
-    stale = StorageDaemon.attach(run_dir)
-    if stale is not None:
-        stale.kill()
-    daemon = StorageDaemon.start(run_dir, [DiskSpec(node="w0", path=partial)], detached=False)
-    try:
-        with NbdDevice.connect(daemon.nbd_socket, "w0", writable=True) as device:
-            yield device
-            device.flush()
-    finally:
-        daemon.stop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,21 +193,17 @@ def _seal(
     ctx: Context,
     item: Item,
     vm: Vm,
-    site: Site,
+    target: SiteAgent,
     seq: int,
     sealing: Sealing,
     options: PassOptions,
 ) -> RecoveryPoint:
-    target = ctx.provider(site)
-    files = {}
-    for disk in vm.disks:
-        chain = ReplicaChain(target.replica_dir(site, item.vm, disk.name), disk.size)
-        files[disk.name] = chain.seal(seq).name
+    files = target.seal(item.vm, seq, [d.name for d in vm.disks])
     disks = sealing.disks
     point = RecoveryPoint(
         id=f"{item.vm}-{seq:06d}",
         vm=item.vm,
-        site=site.name,
+        site=target.name,
         seq=seq,
         time=sealing.moment,
         type=PointType.APP_CONSISTENT if sealing.app_consistent else PointType.CRASH_CONSISTENT,
@@ -381,11 +224,7 @@ def _seal(
     return point
 
 
-def _drop_older_bitmaps(tracker: Tracker, *, keep: str) -> None:
-    tracker.drop([b.name for b in tracker.bitmaps() if b.name != keep])
-
-
-def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) -> list[str]:
+def apply_retention(ctx: Context, item: Item, site: Site) -> list[str]:
     """Thin the item's points by its policy; returns the ids removed."""
     points = ctx.store.list_points(vm=item.vm, site=site.name)
     pinned = set(ctx.store.get_tracking(vm=item.vm).get("pinned") or [])
@@ -399,11 +238,11 @@ def apply_retention(ctx: Context, item: Item, site: Site, provider: Provider) ->
         if p.id not in pinned and following.get(p.id) not in pinned
     ]
     for point_id in doomed:
-        _drop_point(ctx, item.vm, site, provider, point_id)
+        _drop_point(ctx, item.vm, site, point_id)
     return doomed
 
 
-def _drop_point(ctx: Context, vm: str, site: Site, provider: Provider, point_id: str) -> None:
+def _drop_point(ctx: Context, vm: str, site: Site, point_id: str) -> None:
     """Delete one point (never the newest) by folding its child's file into its own."""
     current = ctx.store.list_points(vm=vm, site=site.name)
     index = next(i for i, p in enumerate(current) if p.id == point_id)
@@ -411,7 +250,8 @@ def _drop_point(ctx: Context, vm: str, site: Site, provider: Provider, point_id:
     grandchild = current[index + 2] if index + 2 < len(current) else None
     merges = [
         {
-            "dir": str(provider.replica_dir(site, vm, disk)),
+            "site": site.name,
+            "disk": disk,
             "child": child.files[disk],
             "parent": point.files[disk],
             "grandchild": grandchild.files[disk] if grandchild else None,
@@ -427,12 +267,17 @@ def _drop_point(ctx: Context, vm: str, site: Site, provider: Provider, point_id:
 
 def _finish_pending_merges(ctx: Context, vm: str) -> None:
     for merge in ctx.store.get_tracking(vm=vm).get("pending_merges") or []:
-        directory = Path(merge["dir"])
-        grandchild = directory / merge["grandchild"] if merge["grandchild"] else None
-        merge_into_parent(directory / merge["child"], directory / merge["parent"], grandchild)
+        if "site" not in merge:  # recorded before sites were agents: a chain directory
+            merge = {**merge, "site": _site_of(ctx, vm), "disk": merge["dir"].rsplit("/", 1)[-1]}
+        ctx.site(merge["site"]).merge(
+            vm, merge["disk"], child=merge["child"], parent=merge["parent"],
+            grandchild=merge["grandchild"],
+        )  # fmt: skip
     ctx.store.merge_tracking(vm=vm, pending_merges=[])
 
 
-__all__ = [
-    "BitmapInconsistent", "PassOptions", "PassReport", "PassRun", "new_tag", "quiesced", "run_pass",
-]  # fmt: skip
+def _site_of(ctx: Context, vm: str) -> str:
+    return ctx.store.get_item(vm=vm).standby_site
+
+
+__all__ = ["BitmapInconsistent", "PassOptions", "PassReport", "PassRun", "new_tag", "run_pass"]

@@ -17,16 +17,15 @@ held by some members only: plans never select such an id (see
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from siterecovery.domain.errors import GroupIncomplete
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import PointType, RecoveryPoint, utcnow
 from siterecovery.domain.recovery import ReplicationGroup
-from siterecovery.replication.cycle import PassOptions, PassRun, new_tag, quiesced
+from siterecovery.replication.cycle import PassOptions, PassRun, new_tag
 from siterecovery.services import ownership
 from siterecovery.services.context import Context
 
@@ -38,18 +37,22 @@ def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
     with _owned(ctx, group, members, ownership.pass_owner(tag)):
         _require_ready(ctx, group)
         common = group.common_id(ctx.store.take_common_seq(name=group.name))
-        with ExitStack() as stack:
-            runs = [PassRun.open(ctx, vm, _options(ctx, vm, tag), stack) for vm in members]
-            paused = time.monotonic()
-            with quiesced([run.guest() for run in runs]) as seqs:
-                views = [run.freeze() for run in runs]
-            paused = time.monotonic() - paused
+        runs = [PassRun.open(ctx, vm, _options(ctx, vm, tag)) for vm in members]
+        source = runs[0].source  # members replicate between the same two sites
+        vms = [run.vm for run in runs]
+        try:
+            frozen = source.freeze(vms, tag, initial=False, quiesce=True)
             moment = utcnow()
+            seqs = [frozen.seqs.get(vm) for vm in members]
             app = all(seq is not None for seq in seqs)
             reports = [
-                run.finish(v, seq, moment, common=common, app_consistent=app)
-                for run, v, seq in zip(runs, views, seqs, strict=True)
+                run.finish(frozen, moment, common=common, app_consistent=app) for run in runs
             ]
+        except BaseException:
+            for vm in vms:
+                source.release(vm, tag, drop_older=False)
+            raise
+        paused = frozen.paused_seconds
         for run in runs:
             run.retain()
     ctx.store.update_group(name=group.name, last_common=moment)

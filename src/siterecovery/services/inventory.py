@@ -43,7 +43,7 @@ def add_site(
 ) -> Site:
     """A site whose storage is the directory ``path`` (see :func:`site_path`)."""
     check_name("name", name)
-    role_value = _role(role)
+    role_value = parse_role(role)
     impl = ctx.provider(provider)
     if storage not in STORAGE_KINDS:
         raise InvalidInput(field="storage", reason=f"'{storage}' is not one of {STORAGE_KINDS}")
@@ -98,7 +98,7 @@ def _ours_or_empty(root: Path, name: str) -> bool:
     return isinstance(marker, dict) and marker.get("name") == name
 
 
-def _role(role: str) -> SiteRole:
+def parse_role(role: str) -> SiteRole:
     try:
         return SiteRole(role)
     except ValueError:

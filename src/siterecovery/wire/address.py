@@ -2,11 +2,17 @@
 
 :func:`parse` validates a spec once; :func:`dial` and :func:`listen` make
 the sockets (TCP without Nagle's delay, so small replies leave at once).
+:func:`tune` makes a TCP connection notice a dead or stuck peer within about
+:data:`STALL_SECONDS` instead of blocking for good: keepalive probes when
+idle, ``TCP_USER_TIMEOUT`` for data left unacknowledged, ``SO_SNDTIMEO``
+for a peer that stops reading (a send blocked that long fails).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +20,8 @@ from urllib.parse import urlsplit
 from siterecovery.domain.errors import InvalidInput, WireError
 
 SCHEMES = ("tcp://", "unix:")
+STALL_SECONDS = 60
+"""How long a TCP peer may stay silent with data owed, or unreachable, before we hang up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +70,23 @@ def dial(address: Address, timeout: float = 10.0) -> socket.socket:
             sock.connect(str(address.path))
         else:
             sock = socket.create_connection((address.host, address.port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune(sock)
     except OSError as e:
         raise WireError(peer=str(address), detail=f"cannot connect: {e.strerror or e}") from e
     sock.settimeout(None)
     return sock
+
+
+def tune(sock: socket.socket) -> None:
+    """A connected TCP socket: no Nagle delay, and a stalled peer detected (module doc)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", STALL_SECONDS, 0))
+    with contextlib.suppress(AttributeError, OSError):  # Linux only.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, STALL_SECONDS // 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, STALL_SECONDS // 6)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_SECONDS * 1000)
 
 
 def listen(address: Address) -> tuple[socket.socket, Address]:

@@ -7,23 +7,42 @@ lives (:meth:`RemoteDevice.block_digests`: only digests travel), and
 remembers checkpoints at the receiver (:meth:`RemoteDevice.mark`), so a
 later sender resumes from :attr:`Welcome.resume_offset`.
 
-Each request waits for its reply before the next one (the engine runs one
-connection per writer, so replies overlap across writers). A NAK or a
-corrupt reply resends the same frame; a lost connection (or a corrupt
-header, after which the receiver hangs up) reconnects and sends the request
-again: every request is idempotent. After :data:`ATTEMPTS` tries the
-request fails with WireError.
+Writes (DATA, ZERO) do not wait for their ACK: up to ``window`` frames and
+:data:`WINDOW_BYTES` of payload are in flight per connection (a
+:class:`~siterecovery.wire.window.Window`, which owns a copy of their data).
+There is no reader thread: replies are read by the thread that uses the
+device, in order, whenever some are already waiting before a frame is sent
+(:meth:`Connection.poll`), and blocking for one when the window is full. Any
+other request first drains the window of every clone of the device, then
+waits for its own reply, so its answer reflects every write that returned
+before it, through any clone: FLUSH makes them durable, MARK never
+checkpoints past an unapplied write.
+
+A NAK for ``seq`` N (the receiver applied everything before N, and will
+discard what follows until N comes again) resends N and every later frame,
+under the same numbers (go-back-N); so does a damaged reply, from the oldest
+unanswered frame (stale answers are ignored). A lost connection (or a
+corrupt header, after which the receiver hangs up) reconnects, with backoff
+(:data:`BACKOFF`), and sends every unanswered frame again: DATA and ZERO
+carry absolute offsets, every request is idempotent, and the receiver ends
+the old connection's session before welcoming the new one (HELLO's
+``stream``), so nothing of the old one lands after the new one. Bytes sent
+again are at most one window per connection (``WireCounts.resent_bytes``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
+import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
@@ -48,19 +67,29 @@ from siterecovery.wire.frames import (
     check_proof,
     derive_keys,
 )
+from siterecovery.wire.window import Pending, Window
 
-VERSION = 1
+VERSION = 2
+"""2: windows and go-back-N, HELLO's ``ticket`` and ``stream``."""
 ATTEMPTS = 4
-"""Tries of one request (resends and reconnects) before giving up."""
+"""Sends of one frame on one connection (after NAKs or damaged replies) before giving up."""
+BACKOFF = (0.0, 0.25, 1.0, 3.0, 8.0)
+"""Seconds before each of the consecutive reconnections tried (then WireError)."""
+WINDOW = 32
+"""Default frames in flight per connection."""
+WINDOW_BYTES = 32 * 1024 * 1024
+"""Most payload bytes in flight per connection (a larger frame goes alone)."""
 MAX_REQUEST = 16 * 1024 * 1024
 """Largest READ or single DATA frame made from one ``write``/``readinto`` (bytes)."""
 SEGMENT = struct.Struct("<IIB")
 COUNT = struct.Struct("<I")
 
 Dial = Callable[[], Stream]
-"""Opens a new stream to the receiver (tests wrap the real socket)."""
+"""Opens a new stream to the receiver (tests wrap the real socket). With TLS it
+must return a :class:`socket.socket`, which is then wrapped."""
 
 Segments = Sequence[tuple[int, int, bool]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,32 +108,67 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class WireCounts:
-    """Traffic of a RemoteDevice and its clones, in bytes (headers included) and events."""
+    """Traffic of a RemoteDevice and its clones, in bytes (headers included) and events.
+
+    ``frames_resent``/``resent_bytes``: frames sent again, after a NAK, a
+    damaged reply or a reconnection (their encoded size).
+    """
 
     bytes_sent: int = 0
     bytes_received: int = 0
     frames_resent: int = 0
     reconnects: int = 0
+    resent_bytes: int = 0
 
 
-class _Counters:
-    """Thread-safe totals over every connection of a device and its clones."""
+class _Family:
+    """What a device and its clones share: traffic totals and the live members.
+
+    Thread-safe. Connection counters are read while their owner may update
+    them (plain integers: a snapshot is a little behind, never torn).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._totals = {"sent": 0, "received": 0, "resent": 0, "reconnects": 0}
+        self._totals = [0, 0, 0, 0, 0]
+        self._live: set[Connection] = set()
+        self._members: list[RemoteDevice] = []
 
-    def add(self, conn: Connection, *, reconnects: int = 0) -> None:
+    def attach(self, conn: Connection) -> None:
         with self._lock:
-            self._totals["sent"] += conn.bytes_sent
-            self._totals["received"] += conn.bytes_received
-            self._totals["resent"] += conn.frames_resent
-            self._totals["reconnects"] += reconnects
+            self._live.add(conn)
+
+    def detach(self, conn: Connection) -> None:
+        with self._lock:
+            self._live.discard(conn)
+            self._totals = [a + b for a, b in zip(self._totals, _traffic(conn), strict=True)]
+
+    def reconnected(self) -> None:
+        with self._lock:
+            self._totals[3] += 1
 
     def snapshot(self) -> WireCounts:
         with self._lock:
-            t = self._totals
-            return WireCounts(t["sent"], t["received"], t["resent"], t["reconnects"])
+            totals = self._totals
+            for conn in self._live:
+                totals = [a + b for a, b in zip(totals, _traffic(conn), strict=True)]
+        return WireCounts(*totals)
+
+    def join(self, device: RemoteDevice) -> None:
+        with self._lock:
+            self._members.append(device)
+
+    def leave(self, device: RemoteDevice) -> None:
+        with self._lock:
+            self._members = [m for m in self._members if m is not device]
+
+    def members(self) -> list[RemoteDevice]:
+        with self._lock:
+            return list(self._members)
+
+
+def _traffic(conn: Connection) -> tuple[int, int, int, int, int]:
+    return conn.bytes_sent, conn.bytes_received, conn.frames_resent, 0, conn.bytes_resent
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,23 +181,31 @@ class _Params:
     job: str
     key: SecretKey | None
     compress: bool
+    ticket: str | None
+    tls: ssl.SSLContext | None
+    window: int
 
 
 class RemoteDevice:
     """The receiver's target disk, over one connection. Not thread-safe: clone per thread.
 
     Every method raises DiskError (WireError, DecryptionFailed, or the
-    receiver's own error, rebuilt from its code).
+    receiver's own error, rebuilt from its code). An error in reply to a
+    write in flight is raised by a later call (the next write, a flush, or
+    :meth:`close`), which then forgets the rest of the window.
     """
 
-    def __init__(self, params: _Params, counters: _Counters) -> None:
+    def __init__(self, params: _Params, family: _Family) -> None:
         self._params = params
-        self._counters = counters
+        self._family = family
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._closed = False
-        self._reconnects = 0
-        self.welcome = self._connect()
+        self._window = Window(params.window, WINDOW_BYTES)
+        self._stream = os.urandom(16).hex()
+        self._failures = 0
+        self.welcome = self._first_connection()
+        family.join(self)
 
     @classmethod
     def connect(
@@ -144,15 +216,25 @@ class RemoteDevice:
         job: str = "",
         key: SecretKey | None = None,
         compress: bool = False,
+        ticket: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        window: int = WINDOW,
         dial: Dial | None = None,
     ) -> RemoteDevice:
         """Connect to the receiver at ``address`` for a source of ``size`` bytes.
 
         ``job`` names the sync for resumption (the same job resumes from its
         last mark). ``key`` seals every frame (the receiver must hold the
-        same key); ``compress`` compresses data frames with zstd.
+        same key); ``compress`` compresses data frames with zstd. ``ticket``
+        selects the transfer at a :class:`~siterecovery.wire.server.WireServer`
+        (None for a single-target Receiver). ``tls``: a client context (see
+        ``agent.tls.client_context``, pinning the receiver's certificate)
+        wrapping every connection. ``window``: frames in flight per
+        connection (1 is stop-and-wait).
         """
         where = addresses.parse(address)
+        if window < 1:
+            raise ValueError(f"window {window} < 1")
         params = _Params(
             peer=str(where),
             dial=dial or (lambda: addresses.dial(where)),
@@ -160,8 +242,11 @@ class RemoteDevice:
             job=job,
             key=key,
             compress=compress,
+            ticket=ticket,
+            tls=tls,
+            window=window,
         )
-        return cls(params, _Counters())
+        return cls(params, _Family())
 
     @property
     def size(self) -> int:
@@ -169,16 +254,13 @@ class RemoteDevice:
 
     @property
     def counts(self) -> WireCounts:
-        """Traffic so far of this device and its clones (live connection: this one only)."""
-        total, conn = self._counters.snapshot(), self._conn
-        if conn is None:
-            return total
-        return WireCounts(
-            total.bytes_sent + conn.bytes_sent,
-            total.bytes_received + conn.bytes_received,
-            total.frames_resent + conn.frames_resent,
-            total.reconnects + self._reconnects,
-        )
+        """Traffic so far of this device and its clones (live connections included)."""
+        return self._family.snapshot()
+
+    @property
+    def in_flight(self) -> tuple[int, int]:
+        """Frames sent and not answered yet, and their payload bytes (this connection)."""
+        return len(self._window), self._window.nbytes
 
     # BlockDevice.
 
@@ -186,43 +268,52 @@ class RemoteDevice:
         self._check_range(offset, len(buf))
         for start in range(0, len(buf), MAX_REQUEST):
             piece = buf[start : start + MAX_REQUEST]
-            reply = self._call(Kind.READ, offset=offset + start, length=len(piece))
-            if len(reply.payload) != len(piece):
-                raise WireError(peer=self._params.peer, detail="short READ reply")
-            piece[:] = reply.payload
+            fill = functools.partial(_fill, piece, self._params.peer)
+            self._call(Kind.READ, fill, offset=offset + start, length=len(piece))
 
     def write(self, offset: int, buf: memoryview) -> None:
+        """Send ``buf`` (copied: reusable at once); its ACK comes later."""
         for start in range(0, len(buf), MAX_REQUEST):
             piece = buf[start : start + MAX_REQUEST]
             self.write_segments(offset + start, piece, [(0, len(piece), False)])
 
     def zero(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
-        self._call(Kind.ZERO, offset=offset, length=length)
+        self._post(Pending(Kind.ZERO, offset, length))
 
     def flush(self) -> None:
-        """The receiver flushes its target (every connection's completed writes)."""
-        self._call(Kind.FLUSH)
+        """The receiver flushes its target: every write that returned, through any clone."""
+        self._call(Kind.FLUSH, _ignore)
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         length = self.size - offset if length is None else length
         self._check_range(offset, length)
-        reply = self._call(Kind.EXTENTS, offset=offset, length=length)
-        found = [Extent(s, n, zero=bool(z)) for s, n, z in json.loads(bytes(reply.payload))]
-        return iter(found)
+        found = self._call(Kind.EXTENTS, _json, offset=offset, length=length)
+        return iter([Extent(s, n, zero=bool(z)) for s, n, z in found])
 
     def dirty_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         raise DiskError(detail=f"the receiver at {self._params.peer} has no change tracking")
 
     def clone(self) -> RemoteDevice:
         """A new connection to the same receiver, counted in the same totals."""
-        return RemoteDevice(self._params, self._counters)
+        return RemoteDevice(self._params, self._family)
 
     def close(self) -> None:
-        """Hang up. Idempotent."""
+        """Wait for the writes in flight, then hang up. Idempotent.
+
+        Raises the error a write in flight got (the connection is closed anyway).
+        """
         with self._lock:
-            self._closed = True
-            self._drop()
+            if self._closed:
+                return
+            try:
+                if self._window:
+                    self._run(self._settle)
+            finally:
+                self._closed = True
+                self._window.clear()
+                self._drop()
+                self._family.leave(self)
 
     def __enter__(self) -> RemoteDevice:
         return self
@@ -233,13 +324,23 @@ class RemoteDevice:
     # Beyond the block device.
 
     def write_segments(self, offset: int, view: memoryview, segments: Segments) -> None:
-        """One DATA frame: the data segments of ``view`` and its zero segments."""
+        """One DATA frame: the data segments of ``view`` and its zero segments.
+
+        Returns once the frame is sent (its data copied: ``view`` may be
+        reused at once), possibly before it is applied.
+        """
         self._check_range(offset, len(view))
         table = COUNT.pack(len(segments)) + b"".join(
             SEGMENT.pack(start, length, zero) for start, length, zero in segments
         )
-        data = [view[s : s + n] for s, n, zero in segments if not zero]
-        self._call(Kind.DATA, offset=offset, length=len(view), parts=[table, *data], compress=True)
+        size = len(table) + sum(n for _, n, zero in segments if not zero)
+
+        def frame() -> Pending:  # Built once there is room: the copy waits too.
+            data, buf = self._window.copy(view, segments)
+            parts = (table,) if data is None else (table, data)
+            return Pending(Kind.DATA, offset, len(view), parts, True, size, buf)
+
+        self._post(frame, size=size)
 
     def block_digests(
         self, block_size: int, *, offset: int, length: int, threads: int
@@ -247,97 +348,212 @@ class RemoteDevice:
         """Digests hashed by the receiver on its own disk, and the bytes it read."""
         self._check_range(offset, length)
         request = json.dumps({"block_size": block_size, "threads": threads}).encode()
-        reply = self._call(Kind.DIGESTS, offset=offset, length=length, parts=[request])
-        (hashed,) = struct.unpack_from("<Q", reply.payload)
-        digests = np.frombuffer(reply.payload[8:], dtype=np.uint8).reshape(-1, DIGEST_SIZE)
-        if len(digests) != -(-length // block_size):
-            raise WireError(peer=self._params.peer, detail="DIGEST_LIST of the wrong length")
-        return digests.copy(), int(hashed)
+        expected = -(-length // block_size)
+
+        def parse(reply: Frame) -> tuple[Digests, int]:
+            (hashed,) = struct.unpack_from("<Q", reply.payload)
+            digests = np.frombuffer(reply.payload[8:], dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+            if len(digests) != expected:
+                raise WireError(peer=self._params.peer, detail="DIGEST_LIST of the wrong length")
+            return digests.copy(), int(hashed)
+
+        return self._call(Kind.DIGESTS, parse, offset=offset, length=length, parts=(request,))
 
     def disk_digest(self) -> str:
         """The receiver's whole-disk digest of its target (see ``disk.digest``)."""
-        reply = self._call(Kind.DISK_DIGEST)
-        return str(json.loads(bytes(reply.payload))["digest"])
+        return str(self._call(Kind.DISK_DIGEST, _json)["digest"])
 
     def mark(self, offset: int) -> None:
-        """Remember ``offset`` as this job's checkpoint at the receiver (a Checkpoint callback)."""
-        self._call(Kind.MARK, offset=offset)
+        """Remember ``offset`` as this job's checkpoint at the receiver (a Checkpoint callback).
+
+        Every write that returned before, through any clone, is applied first.
+        """
+        self._call(Kind.MARK, _ignore, offset=offset)
 
     def done(self) -> None:
         """Tell the receiver the job is complete (it forgets the mark)."""
-        self._call(Kind.DONE)
+        self._call(Kind.DONE, _ignore)
 
     # Requests.
+
+    def _post(self, frame: Pending | Callable[[], Pending], *, size: int = 0) -> None:
+        """Send a windowed frame once there is room (``frame()`` builds it then)."""
+        with self._lock:
+            self._run(lambda conn: self._make_room(conn, size))
+            self._window.add(frame if isinstance(frame, Pending) else frame())
+            self._run(self._send_unsent)
 
     def _call(
         self,
         kind: Kind,
+        parse: Callable[[Frame], T],
         *,
         offset: int = 0,
         length: int = 0,
-        parts: Sequence[bytes | memoryview] = (),
-        compress: bool = False,
-    ) -> Frame:
-        with self._lock:
-            failure: Exception | None = None
-            for _ in range(ATTEMPTS):
-                conn = self._connection()
-                try:
-                    return self._exchange(conn, kind, offset, length, parts, compress)
-                except (Closed, CorruptHeader) as e:
-                    failure = e
-                    self._drop()
-            raise WireError(peer=self._params.peer, detail=f"gave up on {kind.name}: {failure}")
+        parts: tuple[bytes, ...] = (),
+    ) -> T:
+        """A request that waits for its answer, after every write in flight of the family.
 
-    def _exchange(
-        self,
-        conn: Connection,
-        kind: Kind,
-        offset: int,
-        length: int,
-        parts: Sequence[bytes | memoryview],
-        compress: bool,
-    ) -> Frame:
-        sent = conn.send(kind, offset=offset, length=length, parts=parts, compress=compress)
-        for _ in range(ATTEMPTS):
+        ``parse`` reads the answer while the connection's buffer holds it.
+        """
+        for member in self._family.members():
+            if member is not self:
+                member._settle_now()
+        with self._lock:
+            self._run(self._settle)
+            query = Pending(kind, offset, length, parts)
+            self._window.add(query)
+            return self._run(lambda conn: parse(self._await(conn, query)))
+
+    def _settle_now(self) -> None:
+        """Wait for this device's writes in flight (from another member's thread)."""
+        with self._lock:
+            if not self._closed and self._window:
+                self._run(self._settle)
+
+    def _run(self, step: Callable[[Connection], T]) -> T:
+        """``step`` on the live connection; when it breaks, reconnect and run it again."""
+        while True:
+            conn = self._connection()
             try:
-                reply = conn.recv()
-            except CorruptPayload:
-                conn.resend(sent)  # Their reply was damaged: ask again.
-                continue
-            if reply.kind is Kind.NAK:
-                conn.resend(sent)  # Our frame was damaged: send it again.
-                continue
-            if reply.kind is Kind.ERROR:
-                raise remote_error(reply.payload, self._params.peer)
-            return reply
-        raise WireError(peer=self._params.peer, detail=f"frame {sent.seq} kept arriving damaged")
+                return step(conn)
+            except (Closed, CorruptHeader) as e:
+                self._broken(e)
+
+    def _make_room(self, conn: Connection, size: int) -> None:
+        while self._window and conn.poll():
+            self._collect(conn)  # Answers already here: retire them first.
+        while self._window.full(size):
+            self._collect(conn)
+
+    def _settle(self, conn: Connection) -> None:
+        while self._window:
+            self._collect(conn)
+
+    def _await(self, conn: Connection, query: Pending) -> Frame:
+        self._send_unsent(conn)
+        while True:
+            reply = self._collect(conn)
+            if query.answered and reply is not None:
+                return reply
+
+    def _send_unsent(self, conn: Connection, *, resent: bool = False) -> None:
+        for p in self._window.unsent():
+            p.seq = conn.send(p.kind, offset=p.offset, length=p.length, parts=p.parts,
+                              compress=p.compress, resent=resent).seq  # fmt: skip
+
+    def _collect(self, conn: Connection) -> Frame | None:
+        """Read one reply and act on it; the reply when it answered something."""
+        try:
+            reply = conn.recv()
+        except CorruptPayload:
+            self._go_back(conn)  # A damaged reply: ask again from the oldest.
+            return None
+        kind, answered = reply.kind, reply.offset
+        if kind in (Kind.ACK, Kind.NAK, Kind.ERROR) and answered and self._window.stale(answered):
+            return None  # Answers a frame sent again after it was applied.
+        if kind is Kind.ERROR:  # The connection stays usable: later answers are stale.
+            self._fail(remote_error(reply.payload, self._params.peer), hang_up=False)
+        if kind is Kind.NAK:
+            self._window.retire_through(answered - 1)
+            self._go_back(conn)
+            return None
+        oldest = self._window.oldest
+        if kind is Kind.ACK:
+            if not self._window.retire_through(answered):
+                return None
+        elif oldest is not None and not oldest.windowed:
+            self._window.retire_oldest()  # The answer to the one query in flight.
+        else:
+            self._fail(WireError(peer=self._params.peer, detail=f"unexpected {kind.name}"))
+        self._failures = 0
+        return reply
+
+    def _go_back(self, conn: Connection) -> None:
+        """Send again every unanswered frame, oldest first, under the same numbers."""
+        oldest = self._window.oldest
+        if oldest is None:
+            return
+        oldest.tries += 1
+        if oldest.tries >= ATTEMPTS:
+            detail = f"frame {oldest.seq} ({oldest.kind.name}) kept arriving damaged"
+            self._fail(WireError(peer=self._params.peer, detail=detail))
+        for p in self._window:
+            conn.send(p.kind, offset=p.offset, length=p.length, parts=p.parts,
+                      compress=p.compress, seq=p.seq)  # fmt: skip
+
+    def _fail(self, error: SiteRecoveryError, *, hang_up: bool = True) -> NoReturn:
+        """Give up on what is in flight: forget the window, hang up, raise ``error``."""
+        self._window.clear()
+        if hang_up:
+            self._drop()
+        raise error
+
+    # Connections.
 
     def _connection(self) -> Connection:
         if self._closed:
             raise DiskError(detail=f"the connection to {self._params.peer} is closed")
-        if self._conn is None:
-            self.welcome = self._connect(reconnect=True)
-        assert self._conn is not None
+        while self._conn is None:
+            try:
+                self._reconnect()
+            except (Closed, CorruptHeader) as e:
+                self._broken(e)
         return self._conn
 
-    def _connect(self, *, reconnect: bool = False) -> Welcome:
-        conn = Connection(self._params.dial(), self._params.peer)
+    def _broken(self, error: Exception) -> None:
+        """The connection broke: drop it, wait before the next try, or give up."""
+        self._drop()
+        self._failures += 1
+        if self._failures > len(BACKOFF):
+            self._failures = 0
+            detail = f"gave up after {len(BACKOFF)} reconnections: {error}"
+            self._fail(WireError(peer=self._params.peer, detail=detail))
+        time.sleep(BACKOFF[self._failures - 1])
+
+    def _reconnect(self) -> None:
+        """A new connection, and every unanswered frame sent on it again."""
+        conn, welcome = self._open()
+        self._family.reconnected()
+        self._conn, self.welcome = conn, welcome
+        self._window.renumber()
+        self._send_unsent(conn, resent=True)
+
+    def _first_connection(self) -> Welcome:
         try:
-            welcome = _handshake(conn, self._params)
-        except BaseException:
-            self._counters.add(conn)
-            conn.close()
-            raise
-        self._reconnects += int(reconnect)
+            conn, welcome = self._open()
+        except (Closed, CorruptHeader) as e:
+            raise WireError(peer=self._params.peer, detail=f"handshake failed: {e}") from None
         self._conn = conn
         return welcome
+
+    def _open(self) -> tuple[Connection, Welcome]:
+        """Dial, wrap in TLS, say HELLO. Raises Closed when worth trying again."""
+        conn = Connection(self._dial(), self._params.peer)
+        self._family.attach(conn)
+        try:
+            return conn, _handshake(conn, self._params, self._stream)
+        except BaseException:
+            self._family.detach(conn)
+            conn.close()
+            raise
+
+    def _dial(self) -> Stream:
+        params = self._params
+        try:
+            stream = params.dial()
+        except WireError as e:  # Refused or unreachable: maybe not for long.
+            raise Closed(str(e)) from e
+        if params.tls is None:
+            return stream
+        if not isinstance(stream, socket.socket):
+            raise WireError(peer=params.peer, detail="TLS needs the dialled stream to be a socket")
+        return _wrap(params.tls, stream, params.peer)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._counters.add(conn, reconnects=self._reconnects)
-            self._reconnects = 0
+            self._family.detach(conn)
             conn.close()
 
     def _check_range(self, offset: int, length: int) -> None:
@@ -348,8 +564,42 @@ class RemoteDevice:
             )
 
 
-def _handshake(conn: Connection, params: _Params) -> Welcome:
-    """HELLO → WELCOME; then every later frame is sealed (with a key) and maybe compressed."""
+def _fill(piece: memoryview, peer: str, reply: Frame) -> None:
+    if len(reply.payload) != len(piece):
+        raise WireError(peer=peer, detail="short READ reply")
+    piece[:] = reply.payload
+
+
+def _json(reply: Frame) -> Any:
+    return json.loads(bytes(reply.payload))
+
+
+def _ignore(reply: Frame) -> None:
+    return None
+
+
+def _wrap(context: ssl.SSLContext, sock: socket.socket, peer: str) -> ssl.SSLSocket:
+    """The TLS client side of ``sock`` (handshake done); a pin mismatch is a WireError."""
+    try:
+        return context.wrap_socket(sock)
+    except ssl.SSLCertVerificationError as e:
+        sock.close()
+        detail = (
+            f"TLS: the receiver's certificate is not the one pinned for it "
+            f"({e.verify_message}); refusing to send"
+        )
+        raise WireError(peer=peer, detail=detail) from None
+    except OSError as e:  # ssl.SSLError included: a reset, or a receiver without TLS.
+        sock.close()
+        raise Closed(f"TLS handshake with {peer} failed (does it use TLS?): {e}") from e
+
+
+def _handshake(conn: Connection, params: _Params, stream: str) -> Welcome:
+    """HELLO → WELCOME; then every later frame is sealed (with a key) and maybe compressed.
+
+    Raises Closed or CorruptHeader when the connection broke (worth trying
+    again), the receiver's error when it refused.
+    """
     client_random = os.urandom(16)
     hello = {
         "version": VERSION,
@@ -357,12 +607,14 @@ def _handshake(conn: Connection, params: _Params) -> Welcome:
         "job": params.job,
         "key": params.key.fingerprint if params.key else None,
         "random": client_random.hex(),
+        "ticket": params.ticket,
+        "stream": stream,
     }
+    conn.send(Kind.HELLO, parts=[json.dumps(hello).encode()])
     try:
-        conn.send(Kind.HELLO, parts=[json.dumps(hello).encode()])
         reply = conn.recv()
-    except (Closed, CorruptHeader, CorruptPayload) as e:
-        raise WireError(peer=params.peer, detail=f"handshake failed: {e}") from None
+    except CorruptPayload as e:
+        raise CorruptHeader(f"damaged answer to HELLO: {e}") from None
     if reply.kind is Kind.ERROR:
         raise remote_error(reply.payload, params.peer)
     if reply.kind is not Kind.WELCOME:

@@ -1,20 +1,25 @@
 """Frames on a stream: the header, checksums, compression, sealing.
 
 A :class:`Connection` sends and receives whole frames (layout in
-:mod:`siterecovery.wire`) over one stream socket. It is not thread-safe: one
-thread uses it at a time. Payload buffers are sent without copying when no
-stage transforms them (``sendmsg`` with the header and the caller's buffers);
-received payloads land in one reused buffer per connection.
+:mod:`siterecovery.wire`) over one stream socket, plain or TLS. It is not
+thread-safe: one thread uses it at a time. Payload buffers are sent without
+copying when no stage transforms them: ``sendmsg`` with the header and the
+caller's buffers on a plain socket; on a TLS socket (which has no
+``sendmsg``) the header and small parts are joined into one record and large
+parts go out by ``sendall`` of the caller's views. Received payloads land in
+one reused buffer per connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import select
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import xxhash
 
@@ -55,14 +60,28 @@ class Kind(enum.IntEnum):
     REPLY = 16
 
 
-class Stream(Protocol):
-    """What a connection needs of a socket (a real one, or a test double)."""
+_JOIN = 64 * 1024
+"""Without ``sendmsg``, parts up to this size are joined with the header (one TLS record)."""
 
-    def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> int: ...
+
+class Stream(Protocol):
+    """What a connection needs of a socket (a real one, a TLS one, or a test double).
+
+    A stream that also has a working ``sendmsg`` (a plain socket) gets
+    scatter/gather writes; ``fileno`` is polled by :meth:`Connection.poll`.
+    """
+
+    def sendall(self, data: bytes | memoryview, /) -> None: ...
 
     def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
 
+    def fileno(self) -> int: ...
+
     def close(self) -> None: ...
+
+
+class _Gather(Protocol):
+    def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +176,14 @@ class Connection:
     """Frames over one stream. Not thread-safe.
 
     ``peer`` names the other side in errors. Counters: ``bytes_sent`` and
-    ``bytes_received`` (headers included), ``frames_resent``.
+    ``bytes_received`` (headers included), ``frames_resent`` and
+    ``bytes_resent`` (frames sent again, on this connection or carried over
+    from a broken one: see ``send(resent=True)``).
     """
 
     def __init__(self, stream: Stream, peer: str) -> None:
         self._stream = stream
+        self._gather = not isinstance(stream, ssl.SSLSocket) and hasattr(stream, "sendmsg")
         self.peer = peer
         self._seq = 0
         self._send_key: AESGCM | None = None
@@ -172,6 +194,11 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.frames_resent = 0
+        self.bytes_resent = 0
+
+    @property
+    def stream(self) -> Stream:
+        return self._stream
 
     def configure(self, *, send_key: bytes | None, recv_key: bytes | None, compress: bool) -> None:
         """Turn on sealing (with per-direction keys) and compression of later frames."""
@@ -194,25 +221,45 @@ class Connection:
         length: int = 0,
         parts: Sequence[bytes | memoryview] = (),
         compress: bool = False,
+        seq: int | None = None,
+        resent: bool = False,
     ) -> Sent:
-        """Encode and send one frame; returns it for :meth:`resend`."""
-        self._seq += 1
+        """Encode and send one frame with the next ``seq``; returns it for :meth:`resend`.
+
+        With ``seq`` (one already sent on this connection) the frame is
+        encoded again under that number: the same arguments give the same
+        bytes (zstd and AES-GCM are deterministic), so a receiver that saw it
+        damaged gets it intact. ``resent`` counts a frame carried over from a
+        broken connection (a new ``seq``, but bytes sent before).
+        """
+        again = seq is not None
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
+        elif not 0 < seq <= self._seq:
+            raise ValueError(f"frame {seq} was never sent on this connection")
         flags, body = self._encode(parts, compress)
         size = sum(len(part) for part in body)
         if self._send_key is not None:
-            aad = _checked(kind, flags | SEALED, self._seq, offset, length, size + TAG)
-            sealed = self._send_key.encrypt(_nonce(self._seq), _joined(body), aad)
+            aad = _checked(kind, flags | SEALED, seq, offset, length, size + TAG)
+            sealed = self._send_key.encrypt(_nonce(seq), _joined(body), aad)
             flags, body, size = flags | SEALED, [sealed], len(sealed)
-        head = _checked(kind, flags, self._seq, offset, length, size)
+        head = _checked(kind, flags, seq, offset, length, size)
         header = head + struct.pack("<IQ", _hcheck(head), _checksum(*body))
-        frame = Sent(self._seq, (header, *body))
+        frame = Sent(seq, (header, *body))
+        if resent or again:
+            self._count_resent(frame)
         self._write(frame.parts)
         return frame
 
     def resend(self, frame: Sent) -> None:
         """Send ``frame`` again, byte for byte (same seq, same nonce)."""
-        self.frames_resent += 1
+        self._count_resent(frame)
         self._write(frame.parts)
+
+    def _count_resent(self, frame: Sent) -> None:
+        self.frames_resent += 1
+        self.bytes_resent += frame.size
 
     def _encode(
         self, parts: Sequence[bytes | memoryview], compress: bool
@@ -228,14 +275,43 @@ class Connection:
     def _write(self, parts: Sequence[bytes | memoryview]) -> None:
         views = [memoryview(part).cast("B") for part in parts if len(part)]
         try:
-            while views:
-                sent = self._stream.sendmsg(views)
-                self.bytes_sent += sent
-                views = _advance(views, sent)
-        except OSError as e:
+            if self._gather:
+                self._send_gathered(cast(_Gather, self._stream), views)
+            else:
+                self._send_each(views)
+        except OSError as e:  # ssl.SSLError included.
             raise Closed(f"cannot send to {self.peer}: {e}") from e
 
+    def _send_gathered(self, stream: _Gather, views: list[memoryview]) -> None:
+        while views:
+            sent = stream.sendmsg(views)
+            self.bytes_sent += sent
+            views = _advance(views, sent)
+
+    def _send_each(self, views: list[memoryview]) -> None:
+        """Small leading parts joined into one ``sendall`` (one TLS record), then each large one."""
+        small = total = 0
+        for view in views:
+            if total + len(view) > _JOIN:
+                break
+            small, total = small + 1, total + len(view)
+        joined: list[bytes | memoryview] = [b"".join(views[:small])] if small else []
+        for part in [*joined, *views[small:]]:
+            self._stream.sendall(part)
+            self.bytes_sent += len(part)
+
     # Receiving.
+
+    def poll(self) -> bool:
+        """Whether bytes of a frame are waiting (so :meth:`recv` will not wait long)."""
+        stream = self._stream
+        if isinstance(stream, ssl.SSLSocket) and stream.pending():
+            return True  # Decrypted already, invisible to select.
+        try:
+            readable, _, _ = select.select([stream.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True  # Closed: recv will say so.
+        return bool(readable)
 
     def recv(self) -> Frame:
         """The next frame, checked and decoded.

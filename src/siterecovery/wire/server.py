@@ -1,64 +1,59 @@
-"""The receiving side: apply what senders stream to one target disk.
+"""The receiving side: apply what senders stream to target disks.
 
-A :class:`Receiver` serves one target to any number of connections (one
-thread each, each with its own clone of the target). The target is opened
-on the first HELLO, when the source's size is known, so a missing image can
-be created at the right size. Checkpoints marked by a sender are kept per
-job for the receiver's lifetime: a sender that died reconnects and resumes
+A :class:`WireServer` listens once (TLS optional) and serves many transfers
+at a time, each registered under a ticket (:meth:`WireServer.register`) and
+selected by the ticket a sender puts in its HELLO; an unknown or absent
+ticket is answered ERROR ``AGENT_UNAUTHORIZED`` before any disk is touched.
+A :class:`Receiver` is a server of one transfer that needs no ticket
+(``siterecovery sync-receive``).
+
+Every connection has its own thread (a :class:`~siterecovery.wire.session.Session`)
+and its own clone of its transfer's target. A target is opened on the first
+HELLO of its transfer, when the source's size is known, so a missing image
+can be created at the right size. Checkpoints marked by a sender are kept per
+job for the transfer's lifetime: a sender that died reconnects and resumes
 from there.
-
-Damaged frames are answered with NAK (payload) or by hanging up (header);
-a repeated ``seq`` gets the last reply again, without applying anything
-twice. Errors of the target travel back as ERROR frames carrying the error
-document (code, message, details).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
+import hashlib
+import hmac
 import socket
-import struct
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.digest import block_digests, disk_digest
 from siterecovery.domain.errors import (
+    AgentUnauthorized,
     DecryptionFailed,
     DiskError,
-    SiteRecoveryError,
-    WireError,
-    describe,
+    InvalidInput,
 )
 from siterecovery.keys import SecretKey
-from siterecovery.wire.client import COUNT, SEGMENT, VERSION
-from siterecovery.wire.frames import (
-    Closed,
-    Connection,
-    CorruptHeader,
-    CorruptPayload,
-    Frame,
-    Kind,
-    Sent,
-    Stream,
-    derive_keys,
-    key_proof,
-)
+from siterecovery.wire import address as addresses
+from siterecovery.wire.frames import Connection, Stream
+from siterecovery.wire.session import Session
 
 OpenTarget = Callable[[int], tuple[BlockDevice, bool]]
 """``open_target(size)``: the target, writable, of at least ``size`` bytes, and
 whether it was created just now (then it reads as zeroes)."""
 
+ANONYMOUS = ""
+"""The ticket of a Receiver's one transfer: what a HELLO without ticket selects."""
+
 _ACCEPT_POLL = 0.1
+HANDSHAKE_TIMEOUT = 30.0
+"""Seconds a TLS handshake may take before the connection is dropped."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReceiverCounts:
-    """What a receiver did so far (bytes and events)."""
+    """What a transfer's receiver did so far (bytes and events)."""
 
     sessions: int = 0
     frames: int = 0
@@ -79,110 +74,47 @@ class _Totals:
             self.counts[name] = self.counts.get(name, 0) + value
 
 
-class Receiver:
-    """Serves one target disk to senders. Thread-safe.
+def _digest(ticket: str) -> bytes:
+    return hashlib.sha256(ticket.encode()).digest()
 
-    ``once``: :meth:`serve` returns after the first job is done (a sender
-    sent DONE) and its connections closed. DIGESTS requests hash the target
-    with as many threads as the sender asks for.
+
+class _Transfer:
+    """One registered target: opened at its first HELLO, its marks, counters and sessions.
+
+    Thread-safe.
     """
 
     def __init__(
-        self, open_target: OpenTarget, *, key: SecretKey | None = None, once: bool = False
+        self, ticket: str, open_target: OpenTarget, key: SecretKey | None, compress: bool
     ) -> None:
+        self.digest = _digest(ticket)
+        self.key = key
+        self.compress = compress
         self._open_target = open_target
-        self._key = key
-        self._once = once
         self._lock = threading.Lock()
-        self._target: BlockDevice | None = None
+        self.target: BlockDevice | None = None
         self._created = False
         self._marks: dict[str, int] = {}
         self._totals = _Totals()
-        self._active = 0
-        self._finished = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: set[Any] = set()
+        self.finished = threading.Event()
+        self._sessions: set[Session] = set()
+        self._retired = False
 
     @property
     def counts(self) -> ReceiverCounts:
         with self._lock:
             return ReceiverCounts(**self._totals.counts)
 
-    @property
-    def target(self) -> BlockDevice | None:
-        """The target, once a sender said hello."""
-        return self._target
-
-    def serve(self, listener: socket.socket) -> None:
-        """Accept connections until :meth:`stop` (or, with ``once``, a finished job).
-
-        Joins every session before returning; does not close ``listener``.
-        """
-        listener.settimeout(_ACCEPT_POLL)
-        while not self._stop.is_set() and not self._done():
-            try:
-                sock, peer = listener.accept()
-            except TimeoutError:
-                continue
-            sock.settimeout(None)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._sockets.add(sock)
-            self._start(sock, _peer_name(peer))
-        for thread in self._threads:
-            thread.join()
-
-    def _done(self) -> bool:
-        with self._lock:
-            return self._once and self._finished.is_set() and self._active == 0
-
-    def _start(self, stream: Stream, peer: str) -> None:
-        with self._lock:
-            self._active += 1
-        thread = threading.Thread(target=self.handle, args=(stream, peer), name=f"recv-{peer}")
-        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
-
-    def handle(self, stream: Stream, peer: str) -> None:
-        """Serve one connection until it closes (from the calling thread)."""
-        conn = Connection(stream, peer)
-        try:
-            _Session(self, conn).run()
-        finally:
-            conn.close()
-            with self._lock:
-                self._sockets.discard(stream)
-                self._active -= 1
-                self._totals.add(bytes_received=conn.bytes_received, bytes_sent=conn.bytes_sent)
-
-    def stop(self) -> None:
-        """Make :meth:`serve` return soon: hang up on every sender. Signal-safe."""
-        self._stop.set()
-        for sock in list(self._sockets):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """Close the target. Call after :meth:`serve` returned."""
-        target, self._target = self._target, None
-        if target is not None:
-            target.close()
-
-    # For sessions.
-
     def welcome(self, hello: dict[str, Any], peer: str) -> tuple[BlockDevice, dict[str, Any]]:
-        """Check a HELLO; the session's clone of the target and the WELCOME document."""
-        if hello.get("version") != VERSION:
-            version = hello.get("version")
-            raise WireError(peer=peer, detail=f"protocol version {version} != {VERSION}")
+        """Check a HELLO's key; the session's clone of the target and the WELCOME document."""
         self._check_key(hello.get("key"), peer)
         size = int(hello["size"])
         with self._lock:
-            if self._target is None:
-                self._target, self._created = self._open_target(size)
-            target, created = self._target, self._created
+            if self._retired:
+                raise AgentUnauthorized(reason="this transfer was withdrawn")
+            if self.target is None:
+                self.target, self._created = self._open_target(size)
+            target, created = self.target, self._created
             resume = self._marks.get(str(hello.get("job", "")), 0)
             self._totals.add(sessions=1)
         if target.size < size:
@@ -193,20 +125,16 @@ class Receiver:
         return target.clone(), doc
 
     def _check_key(self, fingerprint: str | None, peer: str) -> None:
-        ours = self._key.fingerprint if self._key else None
+        ours = self.key.fingerprint if self.key else None
         if fingerprint == ours:
             return
-        if ours is None:
+        if self.key is None:
             reason = "the sender encrypts but the receiver has no key (start it with --key)"
         elif fingerprint is None:
-            reason = f"the receiver requires encryption with key '{self._key.name}'"  # type: ignore[union-attr]
+            reason = f"the receiver requires encryption with key '{self.key.name}'"
         else:
             reason = f"key fingerprints differ: sender {fingerprint}, receiver {ours}"
         raise DecryptionFailed(peer=peer, reason=reason)
-
-    @property
-    def key(self) -> SecretKey | None:
-        return self._key
 
     def mark(self, job: str, offset: int) -> None:
         with self._lock:
@@ -216,186 +144,263 @@ class Receiver:
         with self._lock:
             self._marks.pop(job, None)
             self._totals.add(jobs_done=1)
-        self._finished.set()
+        self.finished.set()
 
     def count(self, **values: int) -> None:
         with self._lock:
             self._totals.add(**values)
 
+    def joined(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.add(session)
 
-class _Session:
-    """One connection: handshake, then requests until the sender hangs up."""
+    def left(self, session: Session, conn: Connection) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+            self._totals.add(bytes_received=conn.bytes_received, bytes_sent=conn.bytes_sent)
+            last = self._retired and not self._sessions
+        if last:
+            self.close()
 
-    def __init__(self, receiver: Receiver, conn: Connection) -> None:
-        self._receiver = receiver
-        self._conn = conn
-        self._dev: BlockDevice | None = None
-        self._job = ""
-        self._last_seq = 0
-        self._last_reply: Sent | None = None
+    def retire(self) -> None:
+        """No new session; hang up on the current ones; close the target after the last."""
+        with self._lock:
+            self._retired = True
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.hang_up()
+        if not sessions:
+            self.close()
 
-    def run(self) -> None:
-        try:
-            if self._hello():
-                self._serve()
-        finally:
-            if self._dev is not None:
-                self._dev.close()
+    def close(self) -> None:
+        with self._lock:
+            target, self.target = self.target, None
+        if target is not None:
+            target.close()
 
-    def _hello(self) -> bool:
-        try:
-            frame = self._conn.recv()
-            if frame.kind is not Kind.HELLO:
-                raise WireError(peer=self._conn.peer, detail="expected HELLO")
-            hello = json.loads(bytes(frame.payload))
-            self._dev, doc = self._receiver.welcome(hello, self._conn.peer)
-        except (Closed, CorruptHeader, CorruptPayload, ValueError):
-            return False
-        except SiteRecoveryError as e:
-            self._reply_error(e)
-            return False
-        self._job = str(hello.get("job", ""))
-        self._last_seq = frame.seq
-        self._send_welcome(doc, bytes.fromhex(hello["random"]))
-        return True
 
-    def _send_welcome(self, doc: dict[str, Any], client_random: bytes) -> None:
-        key = self._receiver.key
-        server_random = os.urandom(16)
-        doc["random"] = server_random.hex()
-        if key is not None:
-            keys = derive_keys(key.material, client_random, server_random)
-            doc["proof"] = key_proof(keys.to_client, server_random).hex()
-        self._conn.send(Kind.WELCOME, parts=[json.dumps(doc).encode()])
-        if key is not None:
-            self._conn.configure(send_key=keys.to_client, recv_key=keys.to_server, compress=False)
+class WireServer:
+    """Serves registered transfers to senders, each selected by its ticket. Thread-safe.
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                frame = self._conn.recv()
-            except CorruptPayload as e:
-                self._receiver.count(corrupt_frames=1)
-                self._conn.send(Kind.NAK, offset=e.seq)
-                continue
-            except (Closed, CorruptHeader):
-                return  # A damaged header loses the framing: hang up, the sender retries.
-            except DecryptionFailed as e:
-                self._reply_error(e)
-                return
-            if not self._answer(frame):
-                return
+    ``tls``: a server context (``agent.tls.server_context``) wrapping every
+    accepted connection; the handshake runs in the connection's thread.
+    """
 
-    def _answer(self, frame: Frame) -> bool:
-        """Apply ``frame`` once and reply; False ends the session."""
-        if frame.seq == self._last_seq and self._last_reply is not None:
-            self._conn.resend(self._last_reply)  # Our reply was lost or damaged.
-            return True
-        if frame.seq != self._last_seq + 1:
-            detail = f"frame {frame.seq} out of order"
-            self._reply_error(WireError(peer=self._conn.peer, detail=detail))
-            return False
-        self._receiver.count(frames=1)
-        try:
-            self._last_reply = self._apply(frame)
-        except SiteRecoveryError as e:
-            self._last_reply = self._reply_error(e)
-        except Exception as e:
-            self._reply_error(e)
-            return False
-        self._last_seq = frame.seq
-        return True
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._transfers: dict[bytes, _Transfer] = {}
+        self._streams: dict[tuple[bytes, str], Session] = {}
+        self._active = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: set[Any] = set()
 
-    def _apply(self, frame: Frame) -> Sent:
-        dev = self._dev
-        assert dev is not None
-        kind, offset, length = frame.kind, frame.offset, frame.length
-        if kind is Kind.DATA:
-            self._write(dev, frame)
-        elif kind is Kind.ZERO:
-            dev.zero(offset, length)
-            self._receiver.count(bytes_zeroed=length)
-        elif kind is Kind.FLUSH:
-            dev.flush()
-        elif kind is Kind.MARK:
-            self._receiver.mark(self._job, offset)
-        elif kind is Kind.DONE:
-            self._receiver.finish(self._job)
-        else:
-            return self._query(dev, frame)
-        return self._conn.send(Kind.ACK, offset=frame.seq)
+    # Transfers.
 
-    def _query(self, dev: BlockDevice, frame: Frame) -> Sent:
-        kind, offset, length = frame.kind, frame.offset, frame.length
-        if kind is Kind.DIGESTS:
-            return self._digests(dev, frame)
-        if kind is Kind.DISK_DIGEST:
-            doc = {"digest": disk_digest(dev)}
-            return self._conn.send(Kind.REPLY, parts=[json.dumps(doc).encode()])
-        if kind is Kind.EXTENTS:
-            found = [[e.start, e.length, e.zero] for e in dev.extents(offset, length)]
-            return self._conn.send(Kind.REPLY, parts=[json.dumps(found).encode()])
-        if kind is Kind.READ:
-            buf = memoryview(bytearray(length))
-            dev.readinto(offset, buf)
-            return self._conn.send(Kind.DATA, offset=offset, length=length, parts=[buf])
-        raise WireError(peer=self._conn.peer, detail=f"unexpected {kind.name} frame")
+    def register(
+        self,
+        ticket: str,
+        open_target: OpenTarget,
+        *,
+        key: SecretKey | None = None,
+        compress: bool = False,
+    ) -> None:
+        """Serve ``open_target`` to senders presenting ``ticket`` (a secret, not empty).
 
-    def _write(self, dev: BlockDevice, frame: Frame) -> None:
-        """Apply a verified DATA frame: its data segments, then its zero segments.
-
-        The ACK goes out after the writes returned (a write error is this
-        frame's ERROR), so an acknowledged chunk is on the target.
+        ``key``: senders must seal frames with it. ``compress``: READ replies
+        are compressed (kept when smaller). Raises InvalidInput when the
+        ticket is empty or registered already.
         """
-        table = _table(frame, self._conn.peer)
-        payload, pos = frame.payload, COUNT.size + len(table) * SEGMENT.size
-        written = zeroed = 0
-        for start, length, zero in table:
-            if zero:
-                dev.zero(frame.offset + start, length)
-                zeroed += length
-            else:
-                dev.write(frame.offset + start, payload[pos : pos + length])
-                pos, written = pos + length, written + length
-        self._receiver.count(bytes_written=written, bytes_zeroed=zeroed)
+        if not ticket:
+            raise InvalidInput(field="ticket", reason="a ticket cannot be empty")
+        self._add(_Transfer(ticket, open_target, key, compress))
 
-    def _digests(self, dev: BlockDevice, frame: Frame) -> Sent:
-        request = json.loads(bytes(frame.payload))
-        hashed = [0]
-        lock = threading.Lock()
+    def _add(self, transfer: _Transfer) -> _Transfer:
+        with self._lock:
+            if transfer.digest in self._transfers:
+                raise InvalidInput(field="ticket", reason="that ticket is registered already")
+            self._transfers[transfer.digest] = transfer
+        return transfer
 
-        def on_read(nbytes: int) -> None:
-            with lock:
-                hashed[0] += nbytes
+    def unregister(self, ticket: str) -> ReceiverCounts:
+        """Withdraw a ticket: refuse it from now on, hang up on its senders, close its
+        target once they are gone. Its counts; zero counts for an unknown ticket."""
+        with self._lock:
+            transfer = self._transfers.pop(_digest(ticket), None)
+        if transfer is None:
+            return ReceiverCounts()
+        transfer.retire()
+        return transfer.counts
 
-        digests = block_digests(
-            dev,
-            int(request["block_size"]),
-            offset=frame.offset,
-            length=frame.length,
-            threads=max(1, int(request.get("threads", 2))),
-            on_read=on_read,
-        )
-        parts = [struct.pack("<Q", hashed[0]), digests.tobytes()]
-        return self._conn.send(Kind.DIGEST_LIST, offset=frame.offset, parts=parts)
+    def counts_of(self, ticket: str) -> ReceiverCounts:
+        """What the transfer of ``ticket`` received so far (zero counts when unknown)."""
+        with self._lock:
+            transfer = self._transfers.get(_digest(ticket))
+        return ReceiverCounts() if transfer is None else transfer.counts
 
-    def _reply_error(self, error: BaseException) -> Sent | None:
+    def wait(self, ticket: str, timeout: float | None = None) -> bool:
+        """Wait until a sender of ``ticket`` said DONE; False on timeout or unknown ticket."""
+        with self._lock:
+            transfer = self._transfers.get(_digest(ticket))
+        return transfer is not None and transfer.finished.wait(timeout)
+
+    # Serving.
+
+    def serve(self, listener: socket.socket) -> None:
+        """Accept connections until :meth:`stop`. Joins every session before returning;
+        does not close ``listener``."""
+        listener.settimeout(_ACCEPT_POLL)
+        while not self._stop.is_set() and not self._done():
+            try:
+                sock, peer = listener.accept()
+            except TimeoutError:
+                continue
+            sock.settimeout(None)
+            if sock.family != socket.AF_UNIX:
+                addresses.tune(sock)
+            stream: socket.socket = sock
+            if self._tls is not None:
+                stream = self._tls.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)  # fmt: skip
+            self._start(stream, _peer_name(peer))
+        for thread in self._threads:
+            thread.join()
+
+    def _done(self) -> bool:
+        return False
+
+    def _start(self, stream: socket.socket, peer: str) -> None:
+        with self._lock:
+            self._active += 1
+            self._sockets.add(stream)
+        thread = threading.Thread(target=self._handle, args=(stream, peer), name=f"recv-{peer}")
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _handle(self, stream: socket.socket, peer: str) -> None:
         try:
-            return self._conn.send(Kind.ERROR, parts=[json.dumps(describe(error)).encode()])
-        except Closed:
-            return None
+            if isinstance(stream, ssl.SSLSocket) and not _tls_handshake(stream):
+                with contextlib.suppress(OSError):
+                    stream.close()
+                return
+            self.handle(stream, peer)
+        finally:
+            with self._lock:
+                self._sockets.discard(stream)
+                self._active -= 1
+
+    def handle(self, stream: Stream, peer: str) -> None:
+        """Serve one connection until it closes (from the calling thread)."""
+        conn = Connection(stream, peer)
+        session = Session(self, conn)
+        try:
+            session.run()
+        finally:
+            conn.close()
+            if session.transfer is not None:
+                session.transfer.left(session, conn)
+
+    def stop(self) -> None:
+        """Make :meth:`serve` return soon: hang up on every sender. Signal-safe."""
+        self._stop.set()
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close every transfer's target. Call after :meth:`serve` returned."""
+        with self._lock:
+            transfers = list(self._transfers.values())
+        for transfer in transfers:
+            transfer.close()
+
+    # For sessions.
+
+    def find(self, ticket: object, peer: str) -> _Transfer:
+        """The transfer a HELLO's ticket selects; AgentUnauthorized when none.
+
+        Looked up by the ticket's SHA-256 and compared in constant time: the
+        time taken says nothing of the registered tickets.
+        """
+        digest = _digest(ticket if isinstance(ticket, str) else ANONYMOUS)
+        with self._lock:
+            transfer = self._transfers.get(digest)
+        if transfer is None or not hmac.compare_digest(transfer.digest, digest):
+            what = "no ticket" if not ticket else "an unknown ticket"
+            raise AgentUnauthorized(reason=f"the sender at {peer} presented {what}")
+        return transfer
+
+    def fence(self, session: Session) -> None:
+        """Make ``session`` the only one of its stream: end the earlier one, wait for it."""
+        assert session.transfer is not None
+        with self._lock:
+            key = (session.transfer.digest, session.stream)
+            earlier = self._streams.get(key) if session.stream else None
+            if session.stream:
+                self._streams[key] = session
+        session.transfer.joined(session)
+        if earlier is not None:
+            earlier.hang_up()
+            earlier.ended.wait()
+
+    def left(self, session: Session) -> None:
+        if session.transfer is None:
+            return
+        with self._lock:
+            key = (session.transfer.digest, session.stream)
+            if self._streams.get(key) is session:
+                del self._streams[key]
 
 
-def _table(frame: Frame, peer: str) -> list[tuple[int, int, bool]]:
-    """The segment table of a DATA frame, checked against its chunk and payload."""
-    payload = frame.payload
-    (count,) = COUNT.unpack_from(payload)
-    pos = COUNT.size + count * SEGMENT.size
-    table = [(s, n, bool(z)) for s, n, z in SEGMENT.iter_unpack(payload[COUNT.size : pos])]
-    data = sum(n for _, n, zero in table if not zero)
-    if any(s + n > frame.length for s, n, _ in table) or pos + data != len(payload):
-        raise WireError(peer=peer, detail=f"DATA frame {frame.seq} does not match its table")
-    return table
+class Receiver(WireServer):
+    """Serves one target disk to senders, no ticket needed. Thread-safe.
+
+    ``once``: :meth:`serve` returns after the first job is done (a sender
+    sent DONE) and its connections closed. DIGESTS requests hash the target
+    with as many threads as the sender asks for.
+    """
+
+    def __init__(
+        self,
+        open_target: OpenTarget,
+        *,
+        key: SecretKey | None = None,
+        once: bool = False,
+        tls: ssl.SSLContext | None = None,
+        compress: bool = False,
+    ) -> None:
+        super().__init__(tls=tls)
+        self._once = once
+        self._only = self._add(_Transfer(ANONYMOUS, open_target, key, compress))
+
+    @property
+    def counts(self) -> ReceiverCounts:
+        return self._only.counts
+
+    @property
+    def target(self) -> BlockDevice | None:
+        """The target, once a sender said hello."""
+        return self._only.target
+
+    @property
+    def key(self) -> SecretKey | None:
+        return self._only.key
+
+    def _done(self) -> bool:
+        with self._lock:
+            return self._once and self._only.finished.is_set() and self._active == 0
+
+
+def _tls_handshake(stream: ssl.SSLSocket) -> bool:
+    """The server side of the TLS handshake; False when it failed (the peer is dropped)."""
+    try:
+        stream.settimeout(HANDSHAKE_TIMEOUT)
+        stream.do_handshake()
+        stream.settimeout(None)
+    except (OSError, ValueError):  # ssl.SSLError included.
+        return False
+    return True
 
 
 def _peer_name(peer: Any) -> str:

@@ -41,18 +41,17 @@ from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.providers.base import DiskAccess, GuestAgent, register
 from siterecovery.providers.local import guest
-
-RUN_ROOT_ENV = "SITERECOVERY_RUN_DIR"
-
-
-def run_root() -> Path:
-    return Path(os.environ.get(RUN_ROOT_ENV, "/tmp/siterecovery-run"))
+from siterecovery.providers.local.paths import run_root
+from siterecovery.providers.local.replicas import LocalReplicaStore
 
 
 class LocalProvider:
     """VMs as qemu-storage-daemon + guest workload processes on this machine."""
 
     kind = "local"
+
+    def __init__(self) -> None:
+        self.replicas = LocalReplicaStore()
 
     def prepare_site(self, site: Site, *, storage: str = "block") -> None:
         root = Path(site.path)

@@ -1,0 +1,71 @@
+"""The site operations of an agent: ``site.METHOD`` for every method of
+:class:`~siterecovery.sites.base.SiteAgent`, run by this agent's
+:class:`~siterecovery.sites.local.InProcessAgent` next to the site's disks.
+
+Arguments and results are the JSON forms of the interface's values (a VM is
+its ``to_dict``, a receipt, a transfer, frozen disks); ``sites/remote.py``
+is the other end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from siterecovery.agent.registry import Args, Emit, Operations
+from siterecovery.sites.base import Receipt, Transfer, vm_from_dict
+from siterecovery.sites.local import InProcessAgent
+
+TRANSFERS = ("receive_point", "end_receive", "freeze", "release")
+"""Not served yet: a transfer between two agents needs the agent's wire port
+(``wire/server.py: WireServer``), which the agent does not serve in this
+version; the engine's pass through agents fails on ``site.receive_point``
+(NOT_FOUND, naming the operation) and changes nothing."""
+
+
+def register(ops: Operations, site: InProcessAgent) -> None:
+    """Register the site operations of ``site`` in ``ops``."""
+
+    def vm(args: Args) -> Any:
+        return vm_from_dict(args["vm"])
+
+    unary = {
+        "prepare": lambda a: site.prepare(storage=a.get("storage", "block")),
+        "storage": lambda a: site.storage(),
+        "power": lambda a: site.power(vm(a)).value,
+        "start_vm": lambda a: site.start_vm(vm(a)),
+        "stop_vm": lambda a: site.stop_vm(vm(a), timeout=float(a.get("timeout", 30.0))),
+        "guest_state": lambda a: site.guest_state(vm(a)),
+        "chain": lambda a: site.chain(a["item"], a["disk"]),
+        "receive_point": lambda a: site.receive_point(
+            a["item"], a["disk"], int(a["seq"]), int(a["size"]), resume=bool(a["resume"])
+        ).to_dict(),
+        "end_receive": lambda a: site.end_receive(
+            Receipt.from_dict(a["receipt"]), keep=bool(a["keep"])
+        ),
+        "seal": lambda a: site.seal(a["item"], int(a["seq"]), list(a["disks"])),
+        "discard": lambda a: site.discard(a["item"], a["disk"]),
+        "merge": lambda a: site.merge(
+            a["item"], a["disk"], child=a["child"], parent=a["parent"],
+            grandchild=a.get("grandchild"),
+        ),
+        "space_free": lambda a: site.space_free(),
+        "location": lambda a: site.location(a["item"], a["disk"]),
+        "freeze": lambda a: site.freeze(
+            [vm_from_dict(v) for v in a["vms"]], a["tag"], initial=bool(a["initial"]),
+            quiesce=bool(a["quiesce"]),
+        ).to_dict(),
+        "release": lambda a: site.release(vm(a), a["tag"], drop_older=bool(a["drop_older"])),
+    }
+    for name, function in unary.items():
+        if name not in TRANSFERS:
+            ops.unary("site." + name)(function)
+
+    @ops.streaming("site.send_disk")
+    def send_disk(args: Args, emit: Emit) -> Any:
+        return site.send_disk(
+            vm(args), args["disk"], args["tag"], Receipt.from_dict(args["receipt"]),
+            Transfer.from_dict(args["transfer"]), initial=bool(args["initial"]),
+            resume=int(args.get("resume", 0)),
+            progress=lambda done, total: emit({"progress": [done, total]}),
+            checkpoint=lambda offset: emit({"checkpoint": offset}),
+        )  # fmt: skip

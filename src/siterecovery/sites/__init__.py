@@ -1,0 +1,1 @@
+"""Sites as the engine sees them: the SiteAgent interface and its implementations."""

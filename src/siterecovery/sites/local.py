@@ -1,0 +1,417 @@
+"""A site whose data plane runs in this process: its provider and replica store.
+
+The embedded default's sites are of this kind, and the agent process
+(``siterecovery agent serve``) runs one of these for its site: what the
+engine does through :class:`~siterecovery.sites.remote.RemoteAgent` over
+HTTPS, the agent does here, next to the disks.
+
+Sessions: :meth:`InProcessAgent.freeze` opens the VM's disk access (the VM's
+own qemu-storage-daemon, or a transient one for a stopped VM, detached so it
+outlives a crash of this process) and keeps it, with the point-in-time
+views, until :meth:`release`. A new freeze of the same VM under another tag
+closes the older session first.
+
+Receipts: :meth:`receive_point` opens the new point for writing and registers
+it under a random ticket, both with this process (a sender in the same
+process writes to it directly) and, when this site serves a wire port, with
+its :class:`~siterecovery.wire.server.WireServer` (a sender at another site
+connects with the ticket over TLS).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from siterecovery import __version__
+from siterecovery.agent.tls import client_context
+from siterecovery.disk.base import BlockDevice
+from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
+from siterecovery.disk.digest import integrity_proof
+from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
+from siterecovery.domain.errors import DiskError, InternalError
+from siterecovery.domain.model import Site, Vm, VmPower
+from siterecovery.keys import SecretKey
+from siterecovery.providers.base import DiskAccess, GuestAgent, Provider
+from siterecovery.providers.replicas import ReplicaStore
+from siterecovery.replication.sync import SyncMode, SyncOptions, sync
+from siterecovery.sites.base import (
+    Checkpoint,
+    FrozenDisks,
+    Progress,
+    Receipt,
+    SiteInfo,
+    Transfer,
+)
+from siterecovery.wire.client import RemoteDevice
+
+CHECKPOINT_EVERY = 8 << 20  # bytes between persisted offsets of a resumable sync
+LOCAL = "local:"
+
+
+@dataclass
+class _Receiving:
+    """One open receipt: the new point's writable device, open until ended."""
+
+    device: BlockDevice
+    stack: ExitStack
+    item: str
+    disk: str
+
+
+_RECEIVING: dict[str, _Receiving] = {}
+_RECEIVING_GUARD = threading.Lock()
+
+
+@dataclass
+class _Session:
+    """A VM's disk access held between a freeze and its release."""
+
+    tag: str
+    access: DiskAccess
+    stack: ExitStack
+    views: dict[str, PointInTimeView] = field(default_factory=dict)
+
+    def trackers(self, vm: Vm) -> dict[str, Tracker]:
+        access = self.access
+        return {
+            d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
+            for d in vm.disks
+        }
+
+
+class WireEndpoint(Protocol):
+    """What a site serving a wire port offers receipts: its address, its
+    certificate and the registration of a ticket with its wire server."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def cert_pem(self) -> str | None: ...
+
+    def register(self, ticket: str, device: BlockDevice) -> None:
+        """Let the sender holding ``ticket`` write ``device`` (clones per connection)."""
+        ...
+
+    def unregister(self, ticket: str) -> None: ...
+
+
+class InProcessAgent:
+    """:class:`~siterecovery.sites.base.SiteAgent` over this process's provider."""
+
+    def __init__(self, site: Site, provider: Provider, *, wire: WireEndpoint | None = None):
+        self.name = site.name
+        self.site = site
+        self.provider = provider
+        self.replicas: ReplicaStore = provider.replicas
+        self.wire = wire
+        self._sessions: dict[str, _Session] = {}
+        self._guard = threading.Lock()
+
+    # The site --------------------------------------------------------------------
+
+    def info(self) -> SiteInfo:
+        return SiteInfo(site=self.name, version=__version__, reachable=True, clock_offset=0.0)
+
+    def prepare(self, *, storage: str = "block") -> None:
+        self.provider.prepare_site(self.site, storage=storage)
+
+    def storage(self) -> str:
+        return self.provider.storage(self.site)
+
+    # VMs -------------------------------------------------------------------------
+
+    def power(self, vm: Vm) -> VmPower:
+        return self.provider.power(self.site, vm)
+
+    def start_vm(self, vm: Vm) -> None:
+        self.provider.start_vm(self.site, vm)
+
+    def stop_vm(self, vm: Vm, *, timeout: float = 30.0) -> None:
+        self.provider.stop_vm(self.site, vm, timeout=timeout)
+
+    def guest_state(self, vm: Vm) -> dict[str, object]:
+        return self.provider.guest_state(self.site, vm)
+
+    # Replica chains ----------------------------------------------------------------
+
+    def chain(self, item: str, disk: str) -> list[str]:
+        return self.replicas.chain(self.site, item, disk)
+
+    def receive_point(
+        self, item: str, disk: str, seq: int, size: int, *, resume: bool = False
+    ) -> Receipt:
+        if not resume:
+            self.replicas.discard(self.site, item, disk)
+        has_parent = bool(self.replicas.chain(self.site, item, disk))
+        stack = ExitStack()
+        try:
+            device = stack.enter_context(self.replicas.begin(self.site, item, disk, seq, size))
+        except BaseException:
+            stack.close()
+            raise
+        ticket = secrets.token_urlsafe(24)
+        with _RECEIVING_GUARD:
+            _RECEIVING[ticket] = _Receiving(device, stack, item, disk)
+        address = LOCAL + self.name
+        cert = None
+        if self.wire is not None:
+            self.wire.register(ticket, device)
+            address, cert = self.wire.address, self.wire.cert_pem
+        return Receipt(ticket, address, cert, has_parent, size)
+
+    def end_receive(self, receipt: Receipt, *, keep: bool) -> None:
+        with _RECEIVING_GUARD:
+            receiving = _RECEIVING.pop(receipt.ticket, None)
+        if self.wire is not None:
+            self.wire.unregister(receipt.ticket)
+        if receiving is None:
+            return
+        if keep:
+            receiving.stack.close()  # flushes the partial point
+            return
+        with suppress(DiskError):  # a full disk cannot flush what is discarded anyway
+            receiving.stack.close()
+        self.replicas.discard(self.site, receiving.item, receiving.disk)
+
+    def seal(self, item: str, seq: int, disks: list[str]) -> dict[str, str]:
+        return {disk: self.replicas.seal(self.site, item, disk, seq) for disk in disks}
+
+    def discard(self, item: str, disk: str) -> None:
+        self.replicas.discard(self.site, item, disk)
+
+    def merge(self, item: str, disk: str, *, child: str, parent: str,
+              grandchild: str | None) -> None:  # fmt: skip
+        self.replicas.merge(self.site, item, disk, child=child, parent=parent,
+                            grandchild=grandchild)  # fmt: skip
+
+    def space_free(self) -> int | None:
+        return self.replicas.space_free(self.site)
+
+    def location(self, item: str, disk: str) -> str:
+        return self.replicas.location(self.site, item, disk)
+
+    # Passes ------------------------------------------------------------------------
+
+    def freeze(self, vms: list[Vm], tag: str, *, initial: bool, quiesce: bool) -> FrozenDisks:
+        sessions = [self._session(vm, tag) for vm in vms]
+        guests = [self.provider.guest(self.site, vm) if quiesce else None for vm in vms]
+        paused = time.monotonic()
+        tracking: dict[str, dict[str, str]] = {}
+        with quiesced(guests) as seqs:
+            for vm, session in zip(vms, sessions, strict=True):
+                tracking[vm.name] = _freeze_disks(session, vm, tag, initial)
+        paused = time.monotonic() - paused
+        return FrozenDisks(
+            tracking=tracking,
+            seqs={vm.name: seq for vm, seq in zip(vms, seqs, strict=True)},
+            paused_seconds=round(paused, 4),
+        )
+
+    def send_disk(
+        self,
+        vm: Vm,
+        disk: str,
+        tag: str,
+        receipt: Receipt,
+        transfer: Transfer,
+        *,
+        initial: bool,
+        resume: int = 0,
+        progress: Progress | None = None,
+        checkpoint: Checkpoint | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        session = self._open(vm, tag)
+        view = session.views.get(disk)
+        if view is None:
+            raise InternalError(detail=f"no frozen view '{tag}' of {vm.name}/{disk}: freeze first")
+        mode = choose_mode(initial=initial, has_parent=receipt.has_parent, view=view)
+        with self._source_alive(vm, session), view.open() as raw, _target(receipt, transfer) as dst:
+            src = CountingDevice(_throttled(raw, transfer.max_rate, cancelled))
+            result = sync(
+                src,
+                dst,
+                SyncOptions(
+                    mode=mode,
+                    threads=transfer.threads,
+                    resume_offset=resume,
+                    target_is_blank=not receipt.has_parent,
+                    checkpoint_every=CHECKPOINT_EVERY,
+                ),
+                progress=progress,
+                checkpoint=checkpoint,
+                cancelled=cancelled,
+            )
+            report = {
+                **result.to_dict(),
+                "mode": mode.value,
+                "source_bytes_read": src.counts.bytes_read,
+            }
+            if transfer.verify:
+                report.update(integrity_proof(raw, dst, disk))
+        return report
+
+    def release(self, vm: Vm, tag: str, *, drop_older: bool) -> None:
+        with self._guard:
+            session = self._sessions.get(vm.name)
+            if session is None or session.tag != tag:
+                return
+            del self._sessions[vm.name]
+        try:
+            if drop_older:
+                for name, tracker in session.trackers(vm).items():
+                    tracker.drop([b.name for b in tracker.bitmaps() if b.name != tag])
+                    if name in session.views:
+                        session.views[name].release()
+        finally:
+            session.stack.close()
+
+    # Sessions ----------------------------------------------------------------------
+
+    def _session(self, vm: Vm, tag: str) -> _Session:
+        """The VM's disk access for ``tag``, opened now unless it is open."""
+        with self._guard:
+            old = self._sessions.get(vm.name)
+            if old is not None and old.tag == tag:
+                return old
+            if old is not None:
+                del self._sessions[vm.name]
+        if old is not None:
+            old.stack.close()
+        stack = ExitStack()
+        try:
+            access = stack.enter_context(self.provider.disk_access(self.site, vm))
+        except BaseException:
+            stack.close()
+            raise
+        session = _Session(tag, access, stack)
+        with self._guard:
+            self._sessions[vm.name] = session
+        return session
+
+    def _open(self, vm: Vm, tag: str) -> _Session:
+        with self._guard:
+            session = self._sessions.get(vm.name)
+        if session is None or session.tag != tag:
+            raise InternalError(detail=f"no open pass '{tag}' of '{vm.name}': freeze first")
+        return session
+
+    @contextmanager
+    def _source_alive(self, vm: Vm, session: _Session) -> Iterator[None]:
+        """Say so when a disk error comes from the VM's daemon having gone away."""
+        try:
+            yield
+        except DiskError as e:
+            if not (session.access.running and self.power(vm) is VmPower.STOPPED):
+                raise
+            raise DiskError(
+                detail=f"the qemu-storage-daemon serving '{vm.name}' at site "
+                f"'{self.name}' exited during the pass ({e}); no point was sealed: "
+                "start the VM again, its next pass compares checksums"
+            ) from e
+
+
+def choose_mode(*, initial: bool, has_parent: bool, view: PointInTimeView) -> SyncMode:
+    if not has_parent:
+        return SyncMode.FULL
+    if initial:
+        # A chain exists but this is a new protection: only differing blocks move.
+        return SyncMode.CHECKSUM
+    # Slow path: no trustworthy bitmap (VM crash, lost tracking) -> checksums.
+    return SyncMode.TRACKED if view.has_bitmap else SyncMode.CHECKSUM
+
+
+@contextmanager
+def quiesced(guests: list[GuestAgent | None]) -> Iterator[list[int | None]]:
+    """Quiesce every guest (None: no guest tools), in order; thaw them all on exit.
+
+    Yields each guest's last acknowledged workload seq (None where no guest).
+    A guest that fails to quiesce thaws the ones already paused and raises.
+    """
+    with ExitStack() as stack:
+        seqs: list[int | None] = []
+        for guest in guests:
+            if guest is None:
+                seqs.append(None)
+                continue
+            seqs.append(guest.quiesce(timeout=60.0))
+            stack.callback(guest.thaw)
+        yield seqs
+
+
+def _freeze_disks(session: _Session, vm: Vm, tag: str, initial: bool) -> dict[str, str]:
+    """Views of every disk at one instant (one QMP transaction for all of them)."""
+    trackers = session.trackers(vm)
+    found = {name: tracker.find_view(tag) for name, tracker in trackers.items()}
+    if all(view is not None for view in found.values()):
+        session.views = {name: view for name, view in found.items() if view}
+        return dict.fromkeys(trackers, "resumed")
+    reasons = {}
+    requests = []
+    for name, tracker in trackers.items():
+        tracker.cleanup_views(keep_tags=(tag,))
+        if initial:
+            # A lost view of an initial sync (the VM restarted): start over; its
+            # bitmap, kept by a clean stop, would clash with the new one.
+            tracker.drop([tag])
+        bitmaps = tracker.bitmaps()
+        reasons[name] = tracking_state(initial, bitmaps)
+        since = [b.name for b in bitmaps] if reasons[name] == "bitmap" else []
+        requests.append((tracker, since))
+    views = freeze_together(requests, tag, new_checkpoint=tag)
+    session.views = dict(zip(trackers, views, strict=True))
+    return reasons
+
+
+def tracking_state(initial: bool, bitmaps: list[BitmapState]) -> str:
+    """Why a pass can (``bitmap``) or cannot trust change tracking."""
+    if initial:
+        return "initial"
+    if any(b.inconsistent for b in bitmaps):
+        # The VM stopped uncleanly: its bitmaps may miss writes.
+        return "inconsistent-bitmap"
+    return "bitmap" if bitmaps else "no-bitmap"
+
+
+def _throttled(device: BlockDevice, max_rate: int, cancelled: Callable[[], bool] | None) -> Any:
+    """The bandwidth cap; its waits end early when the pass is cancelled."""
+    if max_rate <= 0:
+        return device
+    return RateLimitedDevice(device, max_rate, interrupt=cancelled)
+
+
+@contextmanager
+def _target(receipt: Receipt, transfer: Transfer) -> Iterator[BlockDevice]:
+    """The device a receipt opens: in this process, or a wire connection."""
+    if receipt.address.startswith(LOCAL):
+        with _RECEIVING_GUARD:
+            receiving = _RECEIVING.get(receipt.ticket)
+        if receiving is None:
+            raise InternalError(detail=f"receipt for {receipt.address} is closed")
+        yield receiving.device
+        return
+    key = None
+    if transfer.key and transfer.key_material:
+        key = SecretKey(transfer.key, datetime.now(UTC), bytes.fromhex(transfer.key_material))
+    device = RemoteDevice.connect(
+        receipt.address,
+        size=receipt.size,
+        job=receipt.ticket[:16],
+        key=key,
+        compress=transfer.compress,
+        tls=client_context(receipt.cert_pem) if receipt.cert_pem else None,
+        ticket=receipt.ticket,
+    )
+    try:
+        yield device
+        device.flush()
+    finally:
+        device.close()
