@@ -40,10 +40,10 @@ def test_join_and_info(east: Agent, east_joined: Joined, east_client: AgentClien
     info = east_client.info()
     assert (info.site, info.version, info.fingerprint) == ("east", __version__, east.fingerprint)
     assert {"echo": "unary", "count": "streaming"}.items() <= info.operations.items()
-    # The site's own operations; transfers wait for the agent's wire port.
+    # The site's own operations, transfers included.
     assert info.operations["site.chain"] == "unary"
     assert info.operations["site.send_disk"] == "streaming"
-    assert "site.receive_point" not in info.operations
+    assert info.operations["site.receive_point"] == "unary"  # it serves a wire port
     assert 0 < info.round_trip < 5
     assert abs(info.clock_offset) < 0.5  # same machine, same clock
 

@@ -16,7 +16,7 @@ from siterecovery.agent.tls import Identity, client_context, server_context
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.file import FileDevice, create_raw
 from siterecovery.replication.sync import SyncMode, SyncOptions, sync
-from siterecovery.wire.client import WINDOW, WINDOW_BYTES, RemoteDevice
+from siterecovery.wire.client import FRAME_BYTES, WINDOW, RemoteDevice
 
 from .conftest import SIZE, KiB, MiB, StartReceiver
 from .proxy import Proxy
@@ -53,7 +53,7 @@ def test_a_dropped_connection_resumes_and_resends_at_most_one_window(
         assert dst.disk_digest() == disk_digest(src)
         counts = dst.counts
     assert link.cuts == 1 and counts.reconnects == 1
-    one_window = min(window * (MiB + HEADERS), WINDOW_BYTES + MiB + HEADERS)
+    one_window = window * (FRAME_BYTES + HEADERS)  # Chunks of 1 MiB: one per frame.
     assert 0 < counts.resent_bytes <= one_window
     written = served.receiver.counts.bytes_written
     assert SIZE <= written <= SIZE + counts.resent_bytes  # The pass did not restart.

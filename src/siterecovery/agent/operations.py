@@ -13,28 +13,32 @@ from typing import Any
 
 from siterecovery.agent import site_ops, state
 from siterecovery.agent.registry import Args, Emit, Operations
+from siterecovery.agent.wire import AgentWire
 from siterecovery.domain.errors import DiskError, InvalidInput
 from siterecovery.domain.model import Site, SiteRole
 from siterecovery.providers.local.provider import LocalProvider
 from siterecovery.sites.local import InProcessAgent
 
 
-def registry(directory: Path) -> Operations:
-    """The operations of the agent whose directory is ``directory``."""
+def registry(directory: Path, *, wire_host: str | None = None) -> Operations:
+    """The operations of the agent whose directory is ``directory``; with
+    ``wire_host``, it serves its wire port there (any free port) and the
+    transfers (receive a point, freeze, send a disk) besides."""
     ops = Operations()
     ops.unary("echo")(echo)
     ops.streaming("count")(count)
     if (directory / state.AGENT_FILE).exists():
-        site_ops.register(ops, site_of(directory))
+        wire = None if wire_host is None else AgentWire(state.load(directory).identity, wire_host)
+        site_ops.register(ops, site_of(directory, wire), transfers=wire is not None)
     return ops
 
 
-def site_of(directory: Path) -> InProcessAgent:
+def site_of(directory: Path, wire: AgentWire | None = None) -> InProcessAgent:
     """This agent's site: the local provider over ``DIR/site`` (its VMs and chains)."""
     found = state.load(directory)
     root = directory / state.SITE_DIR
     site = Site(name=found.site, provider="local", path=str(root), role=SiteRole.ON_PREMISES)
-    return InProcessAgent(site, LocalProvider())
+    return InProcessAgent(site, LocalProvider(), wire=wire)
 
 
 def echo(args: Args) -> Any:

@@ -15,15 +15,15 @@ from siterecovery.agent.registry import Args, Emit, Operations
 from siterecovery.sites.base import Receipt, Transfer, vm_from_dict
 from siterecovery.sites.local import InProcessAgent
 
-TRANSFERS = ("receive_point", "end_receive", "freeze", "release")
-"""Not served yet: a transfer between two agents needs the agent's wire port
-(``wire/server.py: WireServer``), which the agent does not serve in this
-version; the engine's pass through agents fails on ``site.receive_point``
-(NOT_FOUND, naming the operation) and changes nothing."""
+TRANSFERS = ("receive_point", "end_receive", "freeze", "release", "send_disk")
+"""Served only by an agent with a wire port (``agent/wire.py``): without one, a
+pass through it fails on ``site.receive_point`` (NOT_FOUND, naming the
+operation) and changes nothing."""
 
 
-def register(ops: Operations, site: InProcessAgent) -> None:
-    """Register the site operations of ``site`` in ``ops``."""
+def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -> None:
+    """Register the site operations of ``site`` in ``ops`` (the transfers too
+    with ``transfers``)."""
 
     def vm(args: Args) -> Any:
         return vm_from_dict(args["vm"])
@@ -31,6 +31,8 @@ def register(ops: Operations, site: InProcessAgent) -> None:
     unary = {
         "prepare": lambda a: site.prepare(storage=a.get("storage", "block")),
         "storage": lambda a: site.storage(),
+        "create_vm": lambda a: site.create_vm(vm(a)),
+        "delete_vm": lambda a: site.delete_vm(vm(a)),
         "power": lambda a: site.power(vm(a)).value,
         "start_vm": lambda a: site.start_vm(vm(a)),
         "stop_vm": lambda a: site.stop_vm(vm(a), timeout=float(a.get("timeout", 30.0))),
@@ -57,15 +59,17 @@ def register(ops: Operations, site: InProcessAgent) -> None:
         "release": lambda a: site.release(vm(a), a["tag"], drop_older=bool(a["drop_older"])),
     }
     for name, function in unary.items():
-        if name not in TRANSFERS:
+        if transfers or name not in TRANSFERS:
             ops.unary("site." + name)(function)
+    if transfers:
+        ops.streaming("site.send_disk")(lambda args, emit: _send_disk(site, args, emit))
 
-    @ops.streaming("site.send_disk")
-    def send_disk(args: Args, emit: Emit) -> Any:
-        return site.send_disk(
-            vm(args), args["disk"], args["tag"], Receipt.from_dict(args["receipt"]),
-            Transfer.from_dict(args["transfer"]), initial=bool(args["initial"]),
-            resume=int(args.get("resume", 0)),
-            progress=lambda done, total: emit({"progress": [done, total]}),
-            checkpoint=lambda offset: emit({"checkpoint": offset}),
-        )  # fmt: skip
+
+def _send_disk(site: InProcessAgent, args: Args, emit: Emit) -> Any:
+    return site.send_disk(
+        vm_from_dict(args["vm"]), args["disk"], args["tag"], Receipt.from_dict(args["receipt"]),
+        Transfer.from_dict(args["transfer"]), initial=bool(args["initial"]),
+        resume=int(args.get("resume", 0)),
+        progress=lambda done, total: emit({"progress": [done, total]}),
+        checkpoint=lambda offset: emit({"checkpoint": offset}),
+    )  # fmt: skip

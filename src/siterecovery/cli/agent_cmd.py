@@ -94,10 +94,10 @@ def serve(options: argparse.Namespace) -> None:
 
     host, port = _listen(options.listen)
     agent = state.load(options.dir)
-    server.serve(agent.dir, host, port, _operations(agent.dir))
+    server.serve(agent.dir, host, port, _operations(agent.dir, host))
 
 
-def _operations(directory: Path) -> Mapping[str, Operation]:
+def _operations(directory: Path, wire_host: str) -> Mapping[str, Operation]:
     """``siterecovery.agent.operations:registry(directory)``, or none without that module."""
     try:
         module = importlib.import_module(OPERATIONS_MODULE)
@@ -105,7 +105,7 @@ def _operations(directory: Path) -> Mapping[str, Operation]:
         if missing.name != OPERATIONS_MODULE:
             raise
         return {}
-    operations: Mapping[str, Operation] = module.registry(directory)
+    operations: Mapping[str, Operation] = module.registry(directory, wire_host=wire_host)
     return operations
 
 

@@ -36,5 +36,5 @@ def _prepare(vm: str) -> dict[str, Any]:
     ctx = context()
     item = ctx.store.get_item(vm=vm)
     site = ctx.store.get_site(name=item.standby_site)
-    ctx.provider(site).prepare_site(site)
+    ctx.site(site).prepare()
     return {"source": item.active_site, "target": item.standby_site}

@@ -16,7 +16,7 @@ from siterecovery.domain.errors import AlreadyExists, InvalidInput, SitePathRefu
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, OsType, Site, SiteRole, Vm, VmPower
 from siterecovery.domain.values import check_name, parse_size
-from siterecovery.services.context import Context
+from siterecovery.services.context import AGENT_PROVIDER, Context
 
 MAX_DISKS = 8
 DEFAULT_DISK = "1G"
@@ -121,7 +121,7 @@ def add_host(
     for switch in switches:
         check_name("switch", switch)
     owner = ctx.store.get_site(name=site)
-    kind = kind or ctx.provider(owner).kind
+    kind = kind or ("local" if owner.provider == AGENT_PROVIDER else ctx.provider(owner).kind)
     if kind not in HYPERVISOR_KINDS:
         raise InvalidInput(field="kind", reason=f"'{kind}' is not one of {HYPERVISOR_KINDS}")
     host = Host(owner.name, name, tuple(switches), connected=connected, kind=kind)
@@ -145,7 +145,7 @@ def delete_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, 
             hint=f"disable protection first (`siterecovery disable {name}`)",
         )
     owner = ctx.store.get_site(name=vm.site)
-    ctx.provider(owner).delete_vm(owner, vm)
+    ctx.site(owner).delete_vm(vm)
     ctx.store.delete_vm(name=name, site=vm.site)
     return {"deleted": f"{name}@{vm.site}"}
 
@@ -170,12 +170,11 @@ def create_vm(
     if workload_link is not None:
         check_name("workload_link", workload_link)
         vm = replace(vm, workload_link=workload_link)
-    site = ctx.store.get_site(name=vm.site)
-    provider = ctx.provider(site)
-    provider.create_vm(site, vm)
+    agent = ctx.site(vm.site)
+    agent.create_vm(vm)
     ctx.store.add_vm(vm=vm)
     if start:
-        provider.start_vm(site, vm)
+        agent.start_vm(vm)
     return vm
 
 
@@ -226,9 +225,9 @@ def _os(value: str) -> OsType:
 def vm_view(ctx: Context, vm: Vm) -> dict[str, Any]:
     """The JSON of a VM: its definition, power state and guest state."""
     site = ctx.store.get_site(name=vm.site)
-    provider = ctx.provider(site)
-    view = {**vm.to_dict(), "power": provider.power(site, vm).value}
-    view["guest"] = provider.guest_state(site, vm)
+    agent = ctx.site(site)
+    view = {**vm.to_dict(), "power": agent.power(vm).value}
+    view["guest"] = agent.guest_state(vm)
     return view
 
 
@@ -245,17 +244,17 @@ def show_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, An
 def start_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:
     vm = ctx.store.get_vm(name=name, site=site)
     owner = ctx.store.get_site(name=vm.site)
-    ctx.provider(owner).start_vm(owner, vm)
+    ctx.site(owner).start_vm(vm)
     return vm_view(ctx, vm)
 
 
 def stop_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:
     vm = ctx.store.get_vm(name=name, site=site)
     owner = ctx.store.get_site(name=vm.site)
-    ctx.provider(owner).stop_vm(owner, vm)
+    ctx.site(owner).stop_vm(vm)
     return vm_view(ctx, vm)
 
 
 def power(ctx: Context, vm: Vm) -> VmPower:
     site = ctx.store.get_site(name=vm.site)
-    return ctx.provider(site).power(site, vm)
+    return ctx.site(site).power(vm)

@@ -155,6 +155,14 @@ class SiteAgent(Protocol):
 
     # VMs (the hypervisor) ------------------------------------------------------------
 
+    def create_vm(self, vm: Vm) -> None:
+        """Define the VM with blank disks. Idempotent."""
+        ...
+
+    def delete_vm(self, vm: Vm) -> None:
+        """Stop the VM if running; delete its definition and disks. Idempotent."""
+        ...
+
     def power(self, vm: Vm) -> VmPower: ...
 
     def start_vm(self, vm: Vm) -> None: ...

@@ -128,6 +128,12 @@ class InProcessAgent:
 
     # VMs -------------------------------------------------------------------------
 
+    def create_vm(self, vm: Vm) -> None:
+        self.provider.create_vm(self.site, vm)
+
+    def delete_vm(self, vm: Vm) -> None:
+        self.provider.delete_vm(self.site, vm)
+
     def power(self, vm: Vm) -> VmPower:
         return self.provider.power(self.site, vm)
 

@@ -65,6 +65,12 @@ class RemoteAgent:
 
     # VMs -------------------------------------------------------------------------
 
+    def create_vm(self, vm: Vm) -> None:
+        self._call("create_vm", vm=vm_to_dict(vm))
+
+    def delete_vm(self, vm: Vm) -> None:
+        self._call("delete_vm", vm=vm_to_dict(vm))
+
     def power(self, vm: Vm) -> VmPower:
         return VmPower(self._call("power", vm=vm_to_dict(vm)))
 

@@ -45,17 +45,18 @@ Requests and their answers (protocol version 2):
   carrying the error document; the session goes on.
 
 The window. DATA and ZERO are *windowed*: the sender does not wait for their
-ACK, up to ``window`` frames (default 32) and 32 MiB of payload in flight
-per connection. Every other request is sent only when no frame is in flight
-(on any connection of the same sending device), and is the only frame in
-flight until answered: so FLUSH and MARK mean "everything before is
-applied" (and, for FLUSH, durable). The receiver handles frames strictly in
-order; with ``expected`` the seq after the last one applied:
+ACK, up to ``window`` frames (default 32) and ``window`` MiB of data in
+flight per connection (one frame larger than that goes alone). Every other
+request is sent only when no frame is in flight (on any connection of the
+same sending device), and is the only frame in flight until answered: so
+FLUSH and MARK mean "everything before is applied" (and, for FLUSH,
+durable). The receiver handles frames strictly in order; with ``expected``
+the seq after the last one applied:
 
 1. seq = expected, intact: apply it, answer it (ACK N means: every frame up
    to N is applied), expected + 1.
-2. seq < expected (sent again): answer again without applying: the last
-   answer byte for byte if seq = expected − 1, else ACK seq.
+2. seq < expected (sent again, damaged or not): answer again without
+   applying: the last answer byte for byte if seq = expected − 1, else ACK seq.
 3. seq = expected, payload damaged (``pcheck``): NAK seq, and *discard*:
 4. seq > expected while discarding (damaged or not): drop it, no answer;
    the sender sends it again. Discarding ends when ``expected`` arrives

@@ -195,6 +195,8 @@ class Connection:
         self.bytes_received = 0
         self.frames_resent = 0
         self.bytes_resent = 0
+        self._ahead: bytes | None = None
+        """Bytes :meth:`poll` read ahead on TLS (b"": the peer closed)."""
 
     @property
     def stream(self) -> Stream:
@@ -303,15 +305,35 @@ class Connection:
     # Receiving.
 
     def poll(self) -> bool:
-        """Whether bytes of a frame are waiting (so :meth:`recv` will not wait long)."""
+        """Whether bytes of a frame are waiting (so :meth:`recv` will not wait long).
+
+        On TLS, readable bytes may be a record that carries no data (a session
+        ticket after the handshake): they are read without blocking, and any
+        data is kept for :meth:`recv`.
+        """
+        if self._ahead is not None:
+            return True
         stream = self._stream
         if isinstance(stream, ssl.SSLSocket) and stream.pending():
-            return True  # Decrypted already, invisible to select.
+            return True  # Decrypted already, invisible to poll(2).
+        if not _readable(stream):
+            return False
+        if isinstance(stream, ssl.SSLSocket):
+            return self._read_ahead(stream)
+        return True
+
+    def _read_ahead(self, stream: ssl.SSLSocket) -> bool:
         try:
-            readable, _, _ = select.select([stream.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True  # Closed: recv will say so.
-        return bool(readable)
+            stream.setblocking(False)
+            try:
+                self._ahead = stream.recv(HEADER.size)
+            finally:
+                stream.setblocking(True)
+        except ssl.SSLWantReadError:
+            return False  # Only TLS housekeeping, or half a record.
+        except OSError:
+            return True  # Broken: recv will say so.
+        return True  # Data, or b"" at the end: recv will say so.
 
     def recv(self) -> Frame:
         """The next frame, checked and decoded.
@@ -362,6 +384,12 @@ class Connection:
 
     def _read_exactly(self, view: memoryview) -> None:
         done = 0
+        if self._ahead is not None:  # What poll() read: at most a header, read first.
+            ahead, self._ahead = self._ahead, None
+            if not ahead:
+                raise Closed(f"{self.peer} closed the connection")
+            done = len(ahead)
+            view[:done] = ahead
         try:
             while done < len(view):
                 n = self._stream.recv_into(view[done:])
@@ -412,6 +440,16 @@ def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
     if views and sent:
         views[0] = views[0][sent:]
     return views
+
+
+def _readable(stream: Stream) -> bool:
+    """Bytes (or the end) are waiting on ``stream``'s socket."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True  # Closed: recv will say so.
 
 
 def _kind(value: int, peer: str) -> Kind:

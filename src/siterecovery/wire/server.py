@@ -323,12 +323,15 @@ class WireServer:
         Looked up by the ticket's SHA-256 and compared in constant time: the
         time taken says nothing of the registered tickets.
         """
-        digest = _digest(ticket if isinstance(ticket, str) else ANONYMOUS)
+        what = "no ticket" if not ticket else "an unknown ticket"
+        refused = AgentUnauthorized(reason=f"the sender at {peer} presented {what}")
+        if ticket is not None and not isinstance(ticket, str):
+            raise refused
+        digest = _digest(ticket or ANONYMOUS)
         with self._lock:
             transfer = self._transfers.get(digest)
         if transfer is None or not hmac.compare_digest(transfer.digest, digest):
-            what = "no ticket" if not ticket else "an unknown ticket"
-            raise AgentUnauthorized(reason=f"the sender at {peer} presented {what}")
+            raise refused
         return transfer
 
     def fence(self, session: Session) -> None:

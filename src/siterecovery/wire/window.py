@@ -37,7 +37,7 @@ class Pending:
     parts: tuple[bytes | memoryview, ...] = ()
     compress: bool = False
     size: int = 0
-    """Payload bytes it holds (counted against ``max_bytes``)."""
+    """Data bytes it holds (counted against ``max_bytes``)."""
     buf: bytearray | None = None
     seq: int = 0
     tries: int = 0
@@ -49,7 +49,8 @@ class Pending:
 
 
 class Window:
-    """Unanswered frames in ``seq`` order, at most ``frames`` of them and about ``max_bytes``."""
+    """Unanswered frames in ``seq`` order, at most ``frames`` of them and ``max_bytes`` of data
+    (or one frame of any size)."""
 
     def __init__(self, frames: int, max_bytes: int) -> None:
         if frames < 1:
@@ -68,7 +69,7 @@ class Window:
 
     @property
     def nbytes(self) -> int:
-        """Payload bytes held by unanswered frames."""
+        """Data bytes held by unanswered frames."""
         return self._bytes
 
     @property
