@@ -90,7 +90,13 @@ def test_a_sender_without_the_ticket_is_refused_before_any_disk(
         assert targets.opened == [] and not (workdir / "dst.raw").exists()
         with RemoteDevice.connect(where, size=SIZE, ticket="the-ticket") as dst:
             assert dst.welcome.created
-        server.unregister("the-ticket")
+            dst.write(0, memoryview(b"x" * 4096))
+            dst.flush()
+            counts = server.unregister("the-ticket")  # Hangs up on dst, waits for its session.
+            assert counts.bytes_written == 4096 and counts.sessions == 1
+            with pytest.raises(AgentUnauthorized):  # dst reconnects: refused now.
+                dst.write(4096, memoryview(b"y" * 4096))
+                dst.flush()
         with pytest.raises(AgentUnauthorized):
             RemoteDevice.connect(where, size=SIZE, ticket="the-ticket")
         with pytest.raises(InvalidInput):

@@ -29,6 +29,8 @@ carry absolute offsets, every request is idempotent, and the receiver ends
 the old connection's session before welcoming the new one (HELLO's
 ``stream``), so nothing of the old one lands after the new one. Bytes sent
 again are at most one window per connection (``WireCounts.resent_bytes``).
+A peer that goes silent is noticed by the socket (``address.tune``: about
+:data:`~siterecovery.wire.address.STALL_SECONDS`), then handled as a break.
 """
 
 from __future__ import annotations
@@ -49,12 +51,7 @@ import numpy as np
 
 from siterecovery.disk.base import Extent
 from siterecovery.disk.digest import DIGEST_SIZE, Digests
-from siterecovery.domain.errors import (
-    DiskError,
-    SiteRecoveryError,
-    WireError,
-    all_error_classes,
-)
+from siterecovery.domain.errors import DiskError, SiteRecoveryError, WireError
 from siterecovery.keys import SecretKey
 from siterecovery.wire import address as addresses
 from siterecovery.wire.frames import (
@@ -65,13 +62,12 @@ from siterecovery.wire.frames import (
     Frame,
     Kind,
     Stream,
-    check_proof,
-    derive_keys,
 )
+from siterecovery.wire.handshake import VERSION, Hello, Welcome, handshake, remote_error, wrap
 from siterecovery.wire.window import Pending, Window
 
-VERSION = 2
-"""2: windows and go-back-N, HELLO's ``ticket`` and ``stream``."""
+__all__ = ["VERSION", "WINDOW", "RemoteDevice", "Welcome", "WireCounts", "remote_error"]
+
 ATTEMPTS = 4
 """Sends of one frame on one connection (after NAKs or damaged replies) before giving up."""
 BACKOFF = (0.0, 0.25, 1.0, 3.0, 8.0)
@@ -92,20 +88,6 @@ must return a :class:`socket.socket`, which is then wrapped."""
 
 Segments = Sequence[tuple[int, int, bool]]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Welcome:
-    """What the receiver said when we connected.
-
-    ``created``: it created the target for this sync (the target reads as
-    zeroes wherever nothing was written since). ``resume_offset``: the last
-    checkpoint marked for our ``job`` (0 when none).
-    """
-
-    size: int
-    created: bool
-    resume_offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +157,16 @@ def _traffic(conn: Connection) -> tuple[int, int, int, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class _Params:
-    """What every connection of a device (and its clones) says in its HELLO."""
+    """How every connection of a device (and its clones) is made."""
 
-    peer: str
+    hello: Hello
     dial: Dial
-    size: int
-    job: str
-    key: SecretKey | None
-    compress: bool
-    ticket: str | None
     tls: ssl.SSLContext | None
     window: int
+
+    @property
+    def peer(self) -> str:
+        return self.hello.peer
 
 
 class RemoteDevice:
@@ -237,17 +218,8 @@ class RemoteDevice:
         where = addresses.parse(address)
         if window < 1:
             raise ValueError(f"window {window} < 1")
-        params = _Params(
-            peer=str(where),
-            dial=dial or (lambda: addresses.dial(where)),
-            size=size,
-            job=job,
-            key=key,
-            compress=compress,
-            ticket=ticket,
-            tls=tls,
-            window=window,
-        )
+        hello = Hello(str(where), size, job, key, compress, ticket)
+        params = _Params(hello, dial or (lambda: addresses.dial(where)), tls, window)
         return cls(params, _Family())
 
     @property
@@ -501,6 +473,8 @@ class RemoteDevice:
                 self._reconnect()
             except (Closed, CorruptHeader) as e:
                 self._broken(e)
+            except SiteRecoveryError as e:  # Refused (ticket withdrawn, key changed...).
+                self._fail(e)
         return self._conn
 
     def _broken(self, error: Exception) -> None:
@@ -536,7 +510,7 @@ class RemoteDevice:
         conn = Connection(self._dial(), self._params.peer)
         self._family.attach(conn)
         try:
-            return conn, _handshake(conn, self._params, self._stream)
+            return conn, handshake(conn, self._params.hello, self._stream)
         except BaseException:
             self._family.detach(conn)
             conn.close()
@@ -552,7 +526,7 @@ class RemoteDevice:
             return stream
         if not isinstance(stream, socket.socket):
             raise WireError(peer=params.peer, detail="TLS needs the dialled stream to be a socket")
-        return _wrap(params.tls, stream, params.peer)
+        return wrap(params.tls, stream, params.peer)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -580,73 +554,3 @@ def _json(reply: Frame) -> Any:
 
 def _ignore(reply: Frame) -> None:
     return None
-
-
-def _wrap(context: ssl.SSLContext, sock: socket.socket, peer: str) -> ssl.SSLSocket:
-    """The TLS client side of ``sock`` (handshake done); a pin mismatch is a WireError."""
-    try:
-        return context.wrap_socket(sock)
-    except ssl.SSLCertVerificationError as e:
-        sock.close()
-        detail = (
-            f"TLS: the receiver's certificate is not the one pinned for it "
-            f"({e.verify_message}); refusing to send"
-        )
-        raise WireError(peer=peer, detail=detail) from None
-    except OSError as e:  # ssl.SSLError included: a reset, or a receiver without TLS.
-        sock.close()
-        raise Closed(f"TLS handshake with {peer} failed (does it use TLS?): {e}") from e
-
-
-def _handshake(conn: Connection, params: _Params, stream: str) -> Welcome:
-    """HELLO → WELCOME; then every later frame is sealed (with a key) and maybe compressed.
-
-    Raises Closed or CorruptHeader when the connection broke (worth trying
-    again), the receiver's error when it refused.
-    """
-    client_random = os.urandom(16)
-    hello = {
-        "version": VERSION,
-        "size": params.size,
-        "job": params.job,
-        "key": params.key.fingerprint if params.key else None,
-        "random": client_random.hex(),
-        "ticket": params.ticket,
-        "stream": stream,
-    }
-    conn.send(Kind.HELLO, parts=[json.dumps(hello).encode()])
-    try:
-        reply = conn.recv()
-    except CorruptPayload as e:
-        raise CorruptHeader(f"damaged answer to HELLO: {e}") from None
-    if reply.kind is Kind.ERROR:
-        raise remote_error(reply.payload, params.peer)
-    if reply.kind is not Kind.WELCOME:
-        raise WireError(peer=params.peer, detail=f"expected WELCOME, got {reply.kind.name}")
-    doc = json.loads(bytes(reply.payload))
-    send_key = recv_key = None
-    if params.key is not None:
-        server_random = bytes.fromhex(doc["random"])
-        keys = derive_keys(params.key.material, client_random, server_random)
-        check_proof(keys.to_client, server_random, bytes.fromhex(doc["proof"]), params.peer)
-        send_key, recv_key = keys.to_server, keys.to_client
-    conn.configure(send_key=send_key, recv_key=recv_key, compress=params.compress)
-    return Welcome(
-        size=int(doc["size"]), created=bool(doc["created"]), resume_offset=int(doc["resume"])
-    )
-
-
-def remote_error(payload: memoryview, peer: str) -> SiteRecoveryError:
-    """The receiver's error document rebuilt as our error class of the same code."""
-    try:
-        doc: dict[str, Any] = json.loads(bytes(payload))
-        code, message = str(doc["code"]), str(doc["message"])
-    except (ValueError, KeyError, TypeError):
-        return WireError(peer=peer, detail="unreadable ERROR frame")
-    for cls in all_error_classes():
-        if cls.code == code:
-            error = Exception.__new__(cls)
-            Exception.__init__(error, message)
-            error.fields = dict(doc.get("details") or {})
-            return error
-    return WireError(peer=peer, detail=f"{code}: {message}")

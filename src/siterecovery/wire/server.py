@@ -163,14 +163,15 @@ class _Transfer:
             self.close()
 
     def retire(self) -> None:
-        """No new session; hang up on the current ones; close the target after the last."""
+        """No new session; hang up on the current ones, wait for them, close the target."""
         with self._lock:
             self._retired = True
             sessions = list(self._sessions)
         for session in sessions:
             session.hang_up()
-        if not sessions:
-            self.close()
+        for session in sessions:
+            session.ended.wait()
+        self.close()
 
     def close(self) -> None:
         with self._lock:
@@ -224,8 +225,9 @@ class WireServer:
         return transfer
 
     def unregister(self, ticket: str) -> ReceiverCounts:
-        """Withdraw a ticket: refuse it from now on, hang up on its senders, close its
-        target once they are gone. Its counts; zero counts for an unknown ticket."""
+        """Withdraw a ticket: refuse it from now on, hang up on its senders and return
+        once their sessions ended and its target is closed (do not call it from a
+        session). Its counts; zero counts for an unknown ticket."""
         with self._lock:
             transfer = self._transfers.pop(_digest(ticket), None)
         if transfer is None:
@@ -298,8 +300,6 @@ class WireServer:
             session.run()
         finally:
             conn.close()
-            if session.transfer is not None:
-                session.transfer.left(session, conn)
 
     def stop(self) -> None:
         """Make :meth:`serve` return soon: hang up on every sender. Signal-safe."""
@@ -385,10 +385,6 @@ class Receiver(WireServer):
     def target(self) -> BlockDevice | None:
         """The target, once a sender said hello."""
         return self._only.target
-
-    @property
-    def key(self) -> SecretKey | None:
-        return self._only.key
 
     def _done(self) -> bool:
         with self._lock:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from siterecovery.disk.base import BlockDevice
 from siterecovery.disk.digest import block_digests, disk_digest
 from siterecovery.domain.errors import DecryptionFailed, SiteRecoveryError, WireError, describe
-from siterecovery.wire.client import COUNT, SEGMENT, VERSION
+from siterecovery.wire.client import COUNT, SEGMENT
 from siterecovery.wire.frames import (
     Closed,
     Connection,
@@ -34,6 +34,7 @@ from siterecovery.wire.frames import (
     derive_keys,
     key_proof,
 )
+from siterecovery.wire.handshake import VERSION
 
 if TYPE_CHECKING:
     from siterecovery.wire.server import WireServer, _Transfer
@@ -64,6 +65,8 @@ class Session:
         finally:
             if self._dev is not None:
                 self._dev.close()
+            if self.transfer is not None:
+                self.transfer.left(self, self._conn)
             self.ended.set()
             self._server.left(self)
 
