@@ -49,9 +49,9 @@ from starlette.exceptions import HTTPException
 from siterecovery import __version__
 from siterecovery.agent import state
 from siterecovery.agent.registry import Args, Kind, Operation
+from siterecovery.api.status import STATUS
 from siterecovery.domain.errors import (
     AgentUnauthorized,
-    Category,
     InternalError,
     InvalidInput,
     MethodNotAllowed,
@@ -63,17 +63,6 @@ from siterecovery.domain.errors import (
 
 log = logging.getLogger("siterecovery.agent")
 
-STATUS = {
-    Category.USAGE: 400,
-    Category.NOT_FOUND: 404,
-    Category.RULE: 409,
-    Category.CONFLICT: 409,
-    Category.CANCELLED: 409,
-    Category.IO: 502,
-    Category.INTERNAL: 500,
-    Category.AUTH: 401,
-}
-"""As api/app.py's (copied, not imported: the agent does not load the engine)."""
 NDJSON = "application/x-ndjson"
 QUEUED_EVENTS = 256
 """Events an operation may emit ahead of a slow reader before ``emit`` blocks."""

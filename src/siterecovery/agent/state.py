@@ -51,6 +51,7 @@ from siterecovery import __version__
 from siterecovery.agent import tls, tokens
 from siterecovery.domain.errors import InvalidInput, JoinTokenRefused
 from siterecovery.domain.values import check_name
+from siterecovery.keys.master import sync_dir
 
 AGENT_FILE = "agent.json"
 SECRETS_FILE = "secrets.json"
@@ -157,7 +158,7 @@ def consume_token(directory: Path, token: str) -> None:
         os.rename(pending, used)
     except FileNotFoundError:
         raise _refused(used) from None
-    _sync_dir(used.parent)
+    sync_dir(used.parent)
 
 
 def _refused(used: Path) -> JoinTokenRefused:
@@ -244,15 +245,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     finally:
         os.close(fd)
     os.replace(partial, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_dir(path.parent)
 
 
 @contextmanager

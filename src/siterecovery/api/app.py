@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException
 from siterecovery import __version__, portal
 from siterecovery.api import failover, inventory, keys, protection, recovery
 from siterecovery.api.deps import require_token
+from siterecovery.api.status import STATUS
 from siterecovery.domain.errors import (
-    Category,
     InternalError,
     InvalidInput,
     MethodNotAllowed,
@@ -27,17 +27,6 @@ from siterecovery.domain.errors import (
 )
 from siterecovery.jobs.runtime import JobRuntime
 from siterecovery.services.context import Context
-
-STATUS = {
-    Category.USAGE: 400,
-    Category.NOT_FOUND: 404,
-    Category.RULE: 409,
-    Category.CONFLICT: 409,
-    Category.CANCELLED: 409,
-    Category.IO: 502,
-    Category.INTERNAL: 500,
-    Category.AUTH: 401,
-}
 
 
 class _ErrorResponse(JSONResponse):

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from siterecovery import __version__
+from siterecovery.api.status import STATUS
 from siterecovery.domain.errors import SiteRecoveryError
 from siterecovery.portal import views
 from siterecovery.portal.session import CSRF_FIELD, CSRF_HEADER, Session
@@ -110,7 +111,6 @@ def refused(request: Request, session: Session, error: SiteRecoveryError) -> HTM
 
 
 def http_status(error: SiteRecoveryError) -> int:
-    """The API's status for ``error``: one mapping, api/app.py's ``STATUS``."""
-    from siterecovery.api.app import STATUS  # api.app installs the portal: import late
+    """The API's status for ``error``: one mapping, api/status.py's ``STATUS``."""
 
     return STATUS[error.category]

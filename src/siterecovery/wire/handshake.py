@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from siterecovery.domain.errors import SiteRecoveryError, WireError, all_error_classes
+from siterecovery.domain.errors import SiteRecoveryError, WireError, error_from_dict
 from siterecovery.wire.frames import (
     Closed,
     Connection,
@@ -117,10 +117,5 @@ def remote_error(payload: memoryview, peer: str) -> SiteRecoveryError:
         code, message = str(doc["code"]), str(doc["message"])
     except (ValueError, KeyError, TypeError):
         return WireError(peer=peer, detail="unreadable ERROR frame")
-    for cls in all_error_classes():
-        if cls.code == code:
-            error = Exception.__new__(cls)
-            Exception.__init__(error, message)
-            error.fields = dict(doc.get("details") or {})
-            return error
-    return WireError(peer=peer, detail=f"{code}: {message}")
+    error = error_from_dict(doc)
+    return error if error is not None else WireError(peer=peer, detail=f"{code}: {message}")
