@@ -2,8 +2,10 @@
 
 ``serve`` opens the vault, launches DBOS (which resumes interrupted jobs),
 starts the scheduler (which resumes replication of every protected item) and
-serves the API. It writes ``daemon.json`` (URL, pid) next to the vault's
-``token``; the CLI finds it there.
+the monitor of agent sites (``sites/health.py``: their health, probed every
+10 s, is what ``GET /sites`` and the items show), and serves the API. It
+writes ``daemon.json`` (URL, pid) next to the vault's ``token``; the CLI finds
+it there.
 
 Vault directory::
 
@@ -169,6 +171,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     from siterecovery.api.app import create_app
     from siterecovery.jobs.runtime import JobRuntime
     from siterecovery.replication.scheduler import Scheduler
+    from siterecovery.services import agents
     from siterecovery.services.lab import lab_up
 
     os.umask(0o077)  # everything the daemon and its children create is private
@@ -187,6 +190,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
         if lab:
             lab_up(ctx)
         scheduler.start()
+        agents.start_monitor(ctx)
         _write_atomically(info, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         print(
             f"siterecovery daemon on {url} (API docs {url}/docs, token in {vault / 'token'})",
@@ -198,6 +202,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
         server.run(sockets=[sock])
     finally:
         info.unlink(missing_ok=True)
+        agents.stop_monitor(ctx)
         scheduler.stop()
         runtime.stop()
         ctx.store.close()

@@ -22,6 +22,7 @@ import pytest
 
 from siterecovery.agent import state
 from siterecovery.agent.client import AgentClient, Joined, join
+from tests.conftest import Daemon
 
 START_TIMEOUT = 30.0
 
@@ -168,3 +169,30 @@ def fresh(tmp_path: Path) -> Iterator[Agent]:
     agent = Agent(tmp_path, "south").init()
     yield agent
     agent.stop()
+
+
+def io_counters(pid: int) -> dict[str, int]:
+    """``/proc/PID/io``: what a process read and wrote (``rchar``, ``wchar``…)."""
+    fields = (line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return {k: int(v) for k, v in fields}
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[Daemon, Agent, Agent]]:
+    """An engine and two joined agents, ``onprem`` and ``cloud``, a host at each."""
+    onprem = Agent(tmp_path / "onprem", "onprem").init().start()
+    cloud = Agent(tmp_path / "cloud", "cloud").init().start()
+    engine = Daemon(tmp_path / "vault").start()
+    try:
+        for agent, role in ((onprem, "on-premises"), (cloud, "cloud")):
+            body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
+            engine.call("POST", "/sites", json=body)
+            host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
+            engine.call("POST", "/hosts", json=host)
+        yield engine, onprem, cloud
+    finally:
+        for vm in engine.call("GET", "/vms"):
+            engine.call("POST", f"/vms/{vm['name']}/stop", params={"site": vm["site"]})
+        engine.stop()
+        onprem.stop()
+        cloud.stop()

@@ -10,6 +10,7 @@ leaves the vault's sites as they were.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +57,12 @@ def test_join_pins_the_agent_and_lists_it(engine: Daemon, north: Agent, tmp_path
     assert (north.dir / "site" / "replicas").is_dir() and (north.dir / "site" / "vms").is_dir()
 
     north.stop()
+    # The daemon's health monitor notices at its next probe (bounded poll).
+    deadline = time.monotonic() + 30
     down = _sites(engine)["north"]["agent"]
+    while down["reachable"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        down = _sites(engine)["north"]["agent"]
     assert down["reachable"] is False and down["error"] == "AGENT_UNREACHABLE"
 
 

@@ -13,40 +13,11 @@ read a small fraction of what crossed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from tests.agent.conftest import Agent
+from tests.agent.conftest import io_counters as _io
 from tests.conftest import Daemon
 
 MiB = 1 << 20
-
-
-def _io(pid: int) -> dict[str, int]:
-    fields = (line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return {k: int(v) for k, v in fields}
-
-
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[tuple[Daemon, Agent, Agent]]:
-    onprem = Agent(tmp_path / "onprem", "onprem").init().start()
-    cloud = Agent(tmp_path / "cloud", "cloud").init().start()
-    engine = Daemon(tmp_path / "vault").start()
-    try:
-        for agent, role in ((onprem, "on-premises"), (cloud, "cloud")):
-            body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
-            engine.call("POST", "/sites", json=body)
-            host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
-            engine.call("POST", "/hosts", json=host)
-        yield engine, onprem, cloud
-    finally:
-        for vm in engine.call("GET", "/vms"):  # (disable does not run through agents yet)
-            engine.call("POST", f"/vms/{vm['name']}/stop", params={"site": vm["site"]})
-        engine.stop()
-        onprem.stop()
-        cloud.stop()
 
 
 def test_a_protected_vm_replicates_agent_to_agent(sites: tuple[Daemon, Agent, Agent]) -> None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from siterecovery.agent.registry import Args, Emit, Operations
-from siterecovery.sites.base import Receipt, Transfer, vm_from_dict
+from siterecovery.sites.base import Image, PointRef, Receipt, Since, Transfer, vm_from_dict
 from siterecovery.sites.local import InProcessAgent
 
-TRANSFERS = ("receive_point", "end_receive", "freeze", "release", "send_disk")
+TRANSFERS = (
+    "receive_point", "receive_disks", "end_receive", "freeze", "freeze_view", "release",
+    "send_disk",
+)  # fmt: skip
 """Served only by an agent with a wire port (``agent/wire.py``): without one, a
 pass through it fails on ``site.receive_point`` (NOT_FOUND, naming the
 operation) and changes nothing."""
@@ -31,7 +34,14 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
     unary = {
         "prepare": lambda a: site.prepare(storage=a.get("storage", "block")),
         "storage": lambda a: site.storage(),
-        "create_vm": lambda a: site.create_vm(vm(a)),
+        "create_vm": lambda a: site.create_vm(
+            vm(a),
+            point=None if a.get("point") is None else PointRef.from_dict(a["point"]),
+            checkpoint=a.get("checkpoint"),
+        ),
+        "replace_disks": lambda a: site.replace_disks(vm(a)),
+        "adopt_vm": lambda a: site.adopt_vm(vm(a), a["item"], int(a["seq"])),
+        "set_inconsistent": lambda a: site.set_inconsistent(vm(a), bool(a["value"])),
         "delete_vm": lambda a: site.delete_vm(vm(a)),
         "power": lambda a: site.power(vm(a)).value,
         "start_vm": lambda a: site.start_vm(vm(a)),
@@ -47,16 +57,37 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
         "seal": lambda a: site.seal(a["item"], int(a["seq"]), list(a["disks"])),
         "discard": lambda a: site.discard(a["item"], a["disk"]),
         "merge": lambda a: site.merge(
-            a["item"], a["disk"], child=a["child"], parent=a["parent"],
+            a["item"],
+            a["disk"],
+            child=a["child"],
+            parent=a["parent"],
             grandchild=a.get("grandchild"),
+        ),
+        "delete_chains": lambda a: site.delete_chains(
+            a["item"], keep_for=[vm_from_dict(v) for v in a["keep_for"]]
         ),
         "space_free": lambda a: site.space_free(),
         "location": lambda a: site.location(a["item"], a["disk"]),
         "freeze": lambda a: site.freeze(
-            [vm_from_dict(v) for v in a["vms"]], a["tag"], initial=bool(a["initial"]),
+            [vm_from_dict(v) for v in a["vms"]],
+            a["tag"],
+            initial=bool(a["initial"]),
             quiesce=bool(a["quiesce"]),
         ).to_dict(),
-        "release": lambda a: site.release(vm(a), a["tag"], drop_older=bool(a["drop_older"])),
+        "release": lambda a: site.release(
+            vm(a), a["tag"], drop_older=bool(a["drop_older"]), views=bool(a.get("views"))
+        ),
+        "receive_disks": lambda a: {
+            disk: r.to_dict()
+            for disk, r in site.receive_disks(vm(a), blank=bool(a["blank"])).items()
+        },
+        "written_since": lambda a: site.written_since(vm(a), a["checkpoint"], a["tag"]),
+        "freeze_view": lambda a: site.freeze_view(
+            vm(a), a["tag"], since=Since.from_dict(a["since"]), granularity=a.get("granularity")
+        ).to_dict(),
+        "measure": lambda a: site.measure(vm(a), since=a.get("since")),
+        "digests": lambda a: site.digests(Image.from_dict(a["image"]), block=a.get("block")),
+        "check": lambda a: site.check(Image.from_dict(a["image"])),
     }
     for name, function in unary.items():
         if transfers or name not in TRANSFERS:
@@ -66,10 +97,12 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
 
 
 def _send_disk(site: InProcessAgent, args: Args, emit: Emit) -> Any:
+    extra = args.get("extra_dirty")
     return site.send_disk(
         vm_from_dict(args["vm"]), args["disk"], args["tag"], Receipt.from_dict(args["receipt"]),
         Transfer.from_dict(args["transfer"]), initial=bool(args["initial"]),
-        resume=int(args.get("resume", 0)),
+        resume=int(args.get("resume", 0)), mode=args.get("mode"),
+        extra_dirty=None if extra is None else [(int(a), int(n)) for a, n in extra],
         progress=lambda done, total: emit({"progress": [done, total]}),
         checkpoint=lambda offset: emit({"checkpoint": offset}),
     )  # fmt: skip

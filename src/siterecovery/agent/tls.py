@@ -70,9 +70,7 @@ def make_identity(directory: Path, common_name: str) -> Identity:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALIDITY_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
@@ -89,9 +87,7 @@ def make_identity(directory: Path, common_name: str) -> Identity:
 
 def fingerprint(cert_pem: str) -> str:
     """``sha256:HEX`` of the certificate's DER bytes."""
-    der = x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(
-        serialization.Encoding.DER
-    )
+    der = x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(serialization.Encoding.DER)
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 

@@ -210,12 +210,26 @@ SITE_COLUMNS: list[Column] = [
 
 
 def _agent_text(agent: Any) -> str:
-    """An agent site's reachability, version and clock offset ("" for a local site)."""
+    """An agent site's reachability (since when), version, clock offset and when the
+    daemon last checked ("" for a local site)."""
     if not agent:
         return ""
+    checked = f"checked {clock_text(agent.get('checked_at'))}"
     if not agent.get("reachable"):
-        return f"unreachable ({agent.get('error')})"
-    return f"up {agent.get('version')}, clock {agent.get('clock_offset', 0):+.3f}s"
+        since = time_text(agent.get("since"))
+        return f"unreachable since {since} UTC ({agent.get('error')}), {checked}"
+    offset = agent.get("clock_offset") or 0.0
+    return f"up {agent.get('version')}, clock {offset:+.3f}s, {checked}"
+
+
+def health_text(doc: Doc) -> str:
+    """An item's health, with the site whose agent does not answer, on one line."""
+    down = doc.get("site_unreachable")
+    health = value_text(doc.get("health"))
+    if not isinstance(down, dict):
+        return health
+    since = time_text(down.get("since"))
+    return f"{health}: site '{down.get('site')}' unreachable since {since} UTC ({down.get('code')})"
 
 
 HOST_COLUMNS: list[Column] = [
@@ -250,7 +264,9 @@ ITEM_COLUMNS: list[Column] = [
     ("LAST ERROR", key("last_error", error_text)),
 ]
 ITEM_FIELDS: list[Column] = [
-    *ITEM_COLUMNS[1:-1],
+    ITEM_COLUMNS[1],
+    ("HEALTH", health_text),
+    *ITEM_COLUMNS[3:-1],
     ("latest point", key("latest_point", point_text)),
     ("latest app-consistent", key("latest_app_consistent_point", point_text)),
     ("last error", key("last_error", error_text)),

@@ -308,6 +308,10 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+EXIT_WAIT = 5.0
+"""Seconds a dying daemon is waited for (see :func:`_is_our_daemon`)."""
+
+
 def _is_alive(pid: int) -> bool:
     """Whether ``pid`` runs and is not a zombie (reaping it if it is our child)."""
     with contextlib.suppress(ChildProcessError):
@@ -321,12 +325,23 @@ def _is_alive(pid: int) -> bool:
 
 
 def _is_our_daemon(pid: int, run_dir: Path) -> bool:
-    """Whether ``pid`` is a live qemu-storage-daemon of ``run_dir`` (not a reused pid)."""
-    if not _is_alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    """Whether ``pid`` is a live qemu-storage-daemon of ``run_dir`` (not a reused pid).
+
+    A killed daemon drops its memory (an empty cmdline) before it closes its
+    files: until it is gone its image locks still hold, and a new daemon on
+    the same images would fail to lock them. Such a dying process is waited
+    for (briefly), then reported gone."""
+    deadline = time.monotonic() + EXIT_WAIT
+    while True:
+        if not _is_alive(pid):
+            return False
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        if raw or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    cmdline = raw.split(b"\0")
     qmp_path = str(run_dir / "qmp.sock").replace(",", ",,").encode()
     return Path(cmdline[0].decode()).name == QSD_BINARY and any(qmp_path in arg for arg in cmdline)

@@ -61,17 +61,16 @@ def vm_fields(vm: Vm) -> dict[str, Any]:
 
 
 def side_of(ctx: Context, vm: Vm) -> data.Side:
-    site = ctx.store.get_site(name=vm.site)
-    return data.Side(site, vm, ctx.provider(site))
+    return data.Side(vm, ctx.site(vm.site))
 
 
 def stop_vm(ctx: Context, vm: Vm) -> dict[str, Any]:
     """Stop ``vm``; ``at`` is when it was stopped (the start of a downtime)."""
-    side = side_of(ctx, vm)
+    site = ctx.site(vm.site)
     began = time.time()
-    side.provider.stop_vm(side.site, vm)
+    site.stop_vm(vm)
     stopped = time.time()
-    state = side.provider.guest_state(side.site, vm)
+    state = site.guest_state(vm)
     return {
         "stopped": f"{vm.name}@{vm.site}",
         "acknowledged_seq": state.get("seq"),
@@ -82,9 +81,8 @@ def stop_vm(ctx: Context, vm: Vm) -> dict[str, Any]:
 
 def start_vm(ctx: Context, vm: Vm) -> dict[str, Any]:
     """Start ``vm``; ``at`` is when it was started (the end of a downtime)."""
-    side = side_of(ctx, vm)
     began = time.time()
-    side.provider.start_vm(side.site, vm)
+    ctx.site(vm.site).start_vm(vm)
     started = time.time()
     return {
         "started": f"{vm.name}@{vm.site}",
@@ -98,8 +96,7 @@ def delete_vm(ctx: Context, name: str, site_name: str) -> None:
     vm = vm_at(ctx, name, site_name)
     if vm is None:
         return
-    site = ctx.store.get_site(name=site_name)
-    ctx.provider(site).delete_vm(site, vm)
+    ctx.site(site_name).delete_vm(vm)
     ctx.store.delete_vm(name=name, site=site_name)
 
 

@@ -72,27 +72,26 @@ def _prepare_target(
     of a failed failback, whose new job then resumes the old one's views.
     """
     ctx = context()
-    site = ctx.store.get_site(name=to)
-    provider = ctx.provider(site)
+    site = ctx.site(to)
     target = vm_at(ctx, vm, to)
     created = False
     if target is None:
         source = vm_required(ctx, vm, frm)
         if not create_vm:
             raise TargetVmMissing(vm=vm, host=host, site=to)
-        target = Vm(**{**vm_fields(source), "site": site.name, "host": host})
-        provider.create_vm(site, target)
+        target = Vm(**{**vm_fields(source), "site": to, "host": host})
+        site.create_vm(target)
         ctx.store.add_vm(vm=target)
         created = True
-    provider.stop_vm(site, target)
-    provider.set_inconsistent(site, target, True)
+    site.stop_vm(target)
+    site.set_inconsistent(target, True)
     ctx.store.update_item(vm=vm, state=ItemState.SYNCING)
     tracking = ctx.store.get_tracking(vm=vm)
     failover = tracking.get("failover") or {}
     tags = {p: p + job_id[1:9] for p in PHASES} | (tracking.get("failback_tags") or {})
     ctx.store.merge_tracking(vm=vm, failback_tags=tags)
     return {
-        "target": f"{vm}@{site.name}",
+        "target": f"{vm}@{to}",
         "host": host,
         "created": created,
         "source_checkpoint": failover.get("source_checkpoint"),
@@ -184,7 +183,7 @@ def _replace_target(vm: str, prepared: dict[str, Any]) -> dict[str, Any]:
     target = _sides(vm, prepared)[1]
     if context().store.get_tracking(vm=vm).get("resume"):
         return {"skipped": "a download of these disks is under way"}
-    target.provider.replace_disks(target.site, target.vm)
+    target.site.replace_disks(target.vm)
     return {"replaced": [d.name for d in target.vm.disks]}
 
 
@@ -231,7 +230,7 @@ def _start_target(
     """Clear the target's marker (the proof is in), start it, record the downtime."""
     ctx = context()
     target = _sides(vm, prepared)[1]
-    target.provider.set_inconsistent(target.site, target.vm, False)
+    target.site.set_inconsistent(target.vm, False)
     started = start_vm(ctx, target.vm)
     _record_downtime(job_id, prediction, sync_report, stopped, started)
     return started

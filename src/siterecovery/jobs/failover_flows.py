@@ -12,8 +12,7 @@ from typing import Any
 
 from dbos import DBOS
 
-from siterecovery.disk.digest import integrity_proof
-from siterecovery.domain.errors import SiteRecoveryError, VmNotFound
+from siterecovery.domain.errors import IntegrityError, SiteRecoveryError, VmNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, RecoveryPoint, Vm, failure, utcnow
 from siterecovery.jobs.common import (
@@ -32,18 +31,11 @@ from siterecovery.jobs.common import (
     vm_required,
 )
 from siterecovery.jobs.runtime import ProgressReporter, context, job_scope
-from siterecovery.points.chain import ReplicaChain
 from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services.context import Context
 from siterecovery.services.failover import home_of
-from siterecovery.services.protection import find_point, open_all, point_devices
-
-
-def _point_bases(ctx: Context, vm: str, point_id: str) -> dict[str, Any]:
-    point = find_point(ctx, vm=vm, point_id=point_id)
-    site = ctx.store.get_site(name=point.site)
-    provider = ctx.provider(site)
-    return {d: provider.replica_dir(site, vm, d) / f for d, f in point.files.items()}
+from siterecovery.services.protection import find_point
+from siterecovery.sites.base import Image, PointRef
 
 
 def _create_on_point(
@@ -57,9 +49,8 @@ def _create_on_point(
     if source is None:
         raise VmNotFound(name=vm, site=None)
     created = Vm(**{**vm_fields(source), "name": name, "site": at, "host": host})
-    site = ctx.store.get_site(name=at)
-    provider = ctx.provider(site)
-    provider.create_vm(site, created, bases=_point_bases(ctx, vm, point_id), checkpoint=checkpoint)
+    point = find_point(ctx, vm=vm, point_id=point_id)
+    ctx.site(at).create_vm(created, point=PointRef(vm, point.files), checkpoint=checkpoint)
     ctx.store.add_vm(vm=created)
     return created
 
@@ -192,19 +183,18 @@ def _final_pass(job_id: str, vm: str, stopped: dict[str, Any]) -> dict[str, Any]
 
 
 def _prove_point(ctx: Context, source: Vm, point: RecoveryPoint) -> dict[str, Any]:
-    """Whole-disk digests of the stopped source and of the sealed point: the
-    integrity proof of a final pass whose report was lost in a crash."""
-    site = ctx.store.get_site(name=source.site)
-    names = sorted(d.name for d in source.disks)  # the order point_devices serves them
-    with (
-        ctx.provider(site).disk_access(site, source) as access,
-        open_all(access.nbd_socket, [access.nodes[n] for n in names]) as sources,
-        point_devices(ctx, point) as targets,
-    ):
-        return {
-            name: integrity_proof(src, dst, name)
-            for name, src, dst in zip(names, sources, targets, strict=True)
-        }
+    """Whole-disk digests of the stopped source and of the sealed point, each
+    computed at its own site: the integrity proof of a final pass whose report
+    was lost in a crash."""
+    mine = ctx.site(source.site).digests(Image(vm=source))
+    theirs = ctx.site(point.site).digests(Image(point=PointRef(point.vm, point.files)))
+    proof = {}
+    for disk in sorted(mine):
+        src, dst = mine[disk]["digest"], theirs[disk]["digest"]
+        if src != dst:
+            raise IntegrityError(what=f"disk {disk}", source=src, target=dst)
+        proof[disk] = {"source_digest": src, "target_digest": dst}
+    return proof
 
 
 # Commit and reprotect -------------------------------------------------------------
@@ -250,25 +240,17 @@ def _adopt_base(vm: str) -> dict[str, Any]:
     old = vm_at(ctx, vm, item.standby_site)
     if old is None:
         return {"base": "the existing replica chain" if _has_chain(ctx, item) else None}
-    site = ctx.store.get_site(name=item.standby_site)
-    provider = ctx.provider(site)
     seq = int(ctx.store.get_tracking(vm=vm).get("next_seq", 1))
-    chains = {d.name: provider.replica_dir(site, vm, d.name) for d in old.disks}
-    for chain in chains.values():
-        ReplicaChain(chain, 0).discard_partials()
-    provider.adopt_disks(site, old, chains, seq)
-    ctx.store.delete_vm(name=vm, site=site.name)
+    ctx.site(item.standby_site).adopt_vm(old, vm, seq)
+    ctx.store.delete_vm(name=vm, site=item.standby_site)
     ctx.store.merge_tracking(vm=vm, next_seq=seq + 1)
-    return {"base": f"VM {vm} at {site.name}", "file": f"p{seq:06d}.qcow2"}
+    return {"base": f"VM {vm} at {item.standby_site}", "file": f"p{seq:06d}.qcow2"}
 
 
 def _has_chain(ctx: Context, item: Item) -> bool:
-    site = ctx.store.get_site(name=item.standby_site)
+    site = ctx.site(item.standby_site)
     vm = vm_at(ctx, item.vm, item.active_site)
-    provider = ctx.provider(site)
-    return vm is not None and any(
-        ReplicaChain(provider.replica_dir(site, item.vm, d.name), d.size).head() for d in vm.disks
-    )
+    return vm is not None and any(site.chain(item.vm, d.name) for d in vm.disks)
 
 
 # Drills ---------------------------------------------------------------------------

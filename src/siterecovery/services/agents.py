@@ -4,24 +4,49 @@
 certificate against the token's pin, spends the token (it works once) and
 keeps what the agent answers: its certificate (pinned from then on) and the
 engine's secret, as the vault key ``agent-NAME`` (wrapped under the master key).
+
+How each agent site answers comes from its vault's :class:`HealthMonitor`
+(``sites/health.py``): the daemon starts one (:func:`start_monitor`) whose
+thread probes every agent site; ``site list`` and the items read its cache.
+Without a daemon's monitor, :func:`site_infos` probes once, with the short
+timeout. :func:`require_reachable` probes afresh before an operation starts.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from siterecovery.agent.client import join
-from siterecovery.domain.errors import AlreadyExists, InternalError, InvalidInput
+from siterecovery.agent.client import AgentClient, join
+from siterecovery.domain.errors import (
+    AgentUnreachable,
+    AlreadyExists,
+    InternalError,
+    InvalidInput,
+    SiteNotFound,
+)
 from siterecovery.domain.model import Site
 from siterecovery.domain.values import check_name
 from siterecovery.keys import SecretKey
 from siterecovery.keys.master import MasterKey
 from siterecovery.services.context import AGENT_PROVIDER, Context
 from siterecovery.services.inventory import parse_role
+from siterecovery.sites.health import PROBE_INTERVAL, HealthMonitor, SiteHealth, Target
 from siterecovery.store import keys as key_store
-from siterecovery.store.agents import AgentRecord, add_agent, list_agents
+from siterecovery.store.agents import AgentRecord, add_agent, find_agent, list_agents
+
+INTERVAL_ENV = "SITERECOVERY_AGENT_PROBE_INTERVAL"
+"""Seconds between the daemon's probes of the agent sites (default 10)."""
+
+_MONITORS: dict[Path, HealthMonitor] = {}
+"""The started monitor of each vault in this process (the daemon's)."""
+_MONITORS_GUARD = threading.Lock()
 
 
 def add_agent_site(ctx: Context, *, name: str, url: str, token: str, role: str) -> Site:
@@ -55,11 +80,98 @@ def add_agent_site(ctx: Context, *, name: str, url: str, token: str, role: str) 
 
 
 def site_infos(ctx: Context) -> dict[str, dict[str, Any]]:
-    """Per agent site: address, pin, version, reachability, clock offset (one call each)."""
-    return {
-        record.site: {**ctx.site(record.site).info().to_dict(), "fingerprint": record.fingerprint}
-        for record in list_agents(ctx.store)
-    }
+    """Per agent site: address, pin, version, reachability, clock offset, ``since`` and
+    ``checked_at`` — from the daemon's cache (see the module); never a 30 s wait."""
+    with _probing(ctx) as monitor:
+        return {site: health.to_dict() for site, health in monitor.current().items()}
+
+
+def site_health(ctx: Context, site: str) -> SiteHealth | None:
+    """The cached health of agent site ``site`` (None: not an agent site, not probed,
+    or no daemon's monitor in this process). Never probes."""
+    monitor = _monitor(ctx)
+    return None if monitor is None else monitor.cached(site)
+
+
+def require_reachable(ctx: Context, sites: list[str], *, what: str) -> None:
+    """Probe each agent site of ``sites`` now (short timeout, not the cache):
+    AgentUnreachable naming the first that does not answer, its URL and that
+    ``what`` needs it (an agent refusing us: its own error). A site served by
+    this process always answers. What the probes see goes into the cache."""
+    records = [r for r in (find_agent(ctx.store, site=s) for s in dict.fromkeys(sites)) if r]
+    if not records:
+        return
+    with _probing(ctx) as monitor:
+        for record in records:
+            try:
+                monitor.require(_target(record))
+            except AgentUnreachable as e:
+                detail = f"{e.fields.get('detail', e)}; {what} needs it"
+                raise AgentUnreachable(
+                    site=record.site, url=record.url, detail=detail, what=what
+                ) from e
+
+
+def start_monitor(ctx: Context, *, interval: float | None = None) -> HealthMonitor:
+    """Start the vault's monitor of agent sites (the daemon, at start-up);
+    ``interval`` defaults to ``SITERECOVERY_AGENT_PROBE_INTERVAL`` or 10 s."""
+    every = float(os.environ.get(INTERVAL_ENV) or PROBE_INTERVAL) if interval is None else interval
+    monitor = _new_monitor(ctx, interval=every)
+    with _MONITORS_GUARD:
+        _MONITORS[ctx.vault_dir] = monitor
+    monitor.start()
+    return monitor
+
+
+def stop_monitor(ctx: Context) -> None:
+    """Stop the vault's monitor (the daemon, at shutdown). Idempotent."""
+    with _MONITORS_GUARD:
+        monitor = _MONITORS.pop(ctx.vault_dir, None)
+    if monitor is not None:
+        monitor.stop()
+
+
+def _monitor(ctx: Context) -> HealthMonitor | None:
+    with _MONITORS_GUARD:
+        return _MONITORS.get(ctx.vault_dir)
+
+
+@contextmanager
+def _probing(ctx: Context) -> Iterator[HealthMonitor]:
+    """The daemon's monitor, or (no daemon in this process) one for this call only."""
+    monitor = _monitor(ctx)
+    if monitor is not None:
+        yield monitor
+        return
+    once = _new_monitor(ctx, interval=PROBE_INTERVAL)
+    try:
+        yield once
+    finally:
+        once.stop()
+
+
+def _new_monitor(ctx: Context, *, interval: float) -> HealthMonitor:
+    def targets() -> list[Target]:
+        return [_target(r) for r in list_agents(ctx.store)]
+
+    def connect(target: Target, timeout: float) -> AgentClient:
+        return _client(ctx, target, timeout)
+
+    return HealthMonitor(targets, connect, interval=interval)
+
+
+def _target(record: AgentRecord) -> Target:
+    return Target(site=record.site, url=record.url, fingerprint=record.fingerprint)
+
+
+def _client(ctx: Context, target: Target, timeout: float) -> AgentClient:
+    """A client of the agent of ``target`` with ``timeout`` (the secret from the vault)."""
+    record = find_agent(ctx.store, site=target.site)
+    if record is None:
+        raise SiteNotFound(name=target.site)
+    key = key_store.get_key(ctx.store, master=MasterKey(ctx.vault_dir), name=record.secret_key)
+    secret = base64.urlsafe_b64encode(key.material).decode().rstrip("=")
+    return AgentClient(record.url, record.cert_pem, secret, site=record.site, timeout=timeout)
 
 
 def _secret_bytes(secret: str) -> bytes:

@@ -35,9 +35,9 @@ from siterecovery.domain.errors import (
 )
 from siterecovery.domain.lifecycle import ItemState, Operation, require, require_group_together
 from siterecovery.domain.model import Host, Item, JobState, PointType, RecoveryPoint, Vm
-from siterecovery.domain.plan import Plan
+from siterecovery.domain.plan import Plan, check
 from siterecovery.domain.values import check_name, check_positive
-from siterecovery.services import ownership
+from siterecovery.services import agents, ownership
 from siterecovery.services.context import Context
 from siterecovery.services.protection import health, item_view
 from siterecovery.store.owner_repo import PASS_PREFIX
@@ -141,9 +141,28 @@ def failover(
 
 
 def plan_failover(ctx: Context, item: Item, request: FailoverRequest) -> tuple[str, Plan]:
-    """The job kind a failover of ``item`` is, and its plan (checks run, nothing done)."""
+    """The job kind a failover of ``item`` is, and its plan (checks run, nothing done).
+
+    The first check probes the agents of the sites it needs (fresh, a short
+    timeout); when one does not answer it is the plan's only check: nothing
+    else can be checked without it, and nothing waits on a dead agent."""
     kind = failover_kind(item, request)
-    return kind, _PLANNERS[kind](ctx, item, request)
+    what = f"the {kind.replace('-', ' ')} of {item.vm}"
+    sites = _sites_needed(item, kind)
+    answer = check("sites reachable", lambda: agents.require_reachable(ctx, sites, what=what))
+    if not answer.ok:
+        return kind, Plan(kind, item.vm, checks=[answer])
+    plan = _PLANNERS[kind](ctx, item, request)
+    plan.checks.insert(0, answer)
+    return kind, plan
+
+
+def _sites_needed(item: Item, kind: str) -> list[str]:
+    """The sites whose agents a failover needs: an unplanned one only its target
+    (the source may be the disaster), every other kind both."""
+    if kind == "unplanned-failover":
+        return [recovery_site(item)]
+    return [item.active_site, item.standby_site]
 
 
 def failover_kind(item: Item, request: FailoverRequest) -> str:
@@ -303,10 +322,9 @@ def _same_kind(ctx: Context, item: Item, host: Host) -> None:
 
 
 def _block_access(ctx: Context, item: Item) -> None:
-    site = ctx.store.get_site(name=item.active_site)
-    storage = ctx.provider(site).storage(site)
+    storage = ctx.site(item.active_site).storage()
     if storage != "block":
-        raise NoBlockAccess(vm=item.vm, site=site.name, storage=storage)
+        raise NoBlockAccess(vm=item.vm, site=item.active_site, storage=storage)
 
 
 def _healthy_reverse(ctx: Context, item: Item) -> None:
@@ -402,8 +420,7 @@ def _failback_bytes(
     from siterecovery.replication import failback
 
     def side(vm: Vm) -> failback.Side:
-        site = ctx.store.get_site(name=vm.site)
-        return failback.Side(site, vm, ctx.provider(site))
+        return failback.Side(vm, ctx.site(vm.site))
 
     since = tracking(ctx, item.vm).get("failover") or {}
     return failback.estimate(side(source), side(target), since, request.sync)

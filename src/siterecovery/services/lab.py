@@ -55,7 +55,6 @@ def lab_down(ctx: Context) -> dict[str, Any]:
     """Stop every VM of every site cleanly (disks and vault are kept)."""
     stopped = []
     for vm in ctx.store.find_vms():
-        site = ctx.store.get_site(name=vm.site)
-        ctx.provider(site).stop_vm(site, vm)
+        ctx.site(vm.site).stop_vm(vm)
         stopped.append(f"{vm.name}@{vm.site}")
     return {"stopped": stopped}

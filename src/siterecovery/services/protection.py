@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from siterecovery.disk import qemu_img
-from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.nbd import NbdDevice
-from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import (
     AlreadyProtected,
     DrillActive,
@@ -22,6 +15,7 @@ from siterecovery.domain.errors import (
 )
 from siterecovery.domain.lifecycle import ALLOWED, ItemState, Operation, require
 from siterecovery.domain.model import (
+    COMPRESSIONS,
     Health,
     Item,
     Policy,
@@ -30,8 +24,8 @@ from siterecovery.domain.model import (
     Vm,
     utcnow,
 )
-from siterecovery.domain.values import check_positive, parse_duration, parse_size
-from siterecovery.services import ownership
+from siterecovery.domain.values import check_name, check_positive, parse_duration, parse_size
+from siterecovery.services import agents, keys, ownership
 from siterecovery.services.context import Context
 from siterecovery.store.owner_repo import is_job
 
@@ -48,13 +42,21 @@ def make_policy(
     threads: int = 4,
     max_rate: str | int = 0,
     verify_points: bool = False,
+    compress: str = "none",
+    key: str | None = None,
 ) -> Policy:
-    """A validated policy (every field checked, InvalidInput names the bad one)."""
+    """A validated policy (every field checked, InvalidInput names the bad one).
+
+    ``key`` is checked as a name only: that the vault holds it is for
+    :func:`protect` and :func:`update_policy` to check (:func:`require_key`)."""
     seconds = parse_duration("interval", interval, minimum=MIN_INTERVAL)
     keep = parse_duration("retention", retention, minimum=seconds)
     if app_consistent_every < 0:
         raise InvalidInput(field="app-consistent-every", reason="must be 0 (never) or more")
     rate = parse_size("max-rate", max_rate, minimum=0) if max_rate not in (0, "0") else 0
+    if compress not in COMPRESSIONS:
+        allowed = " or ".join(COMPRESSIONS)
+        raise InvalidInput(field="compress", reason=f"'{compress}' is not one of {allowed}")
     return Policy(
         interval=seconds,
         app_consistent_every=app_consistent_every,
@@ -62,12 +64,21 @@ def make_policy(
         threads=check_positive("threads", threads, maximum=64),
         max_rate=rate,
         verify_points=verify_points,
+        compress=compress,
+        key=None if key is None else check_name("key", key),
     )
+
+
+def require_key(ctx: Context, policy: Policy) -> None:
+    """The policy's key, if any, is a transfer key of the vault (KeyNotFound otherwise)."""
+    if policy.key is not None:
+        keys.transfer_key(ctx, name=policy.key)
 
 
 def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -> dict[str, Any]:
     """Start protecting ``vm`` toward site ``to``; returns the enable job."""
     target = ctx.store.get_site(name=to)
+    require_key(ctx, policy)
     existing = ctx.store.find_item(vm=vm)
     if existing is not None and existing.state is not ItemState.DISABLED:
         raise AlreadyProtected(
@@ -161,49 +172,29 @@ def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
 
 def _delete_replicas(ctx: Context, item: Item) -> list[str]:
     """Delete the item's replica chains at its standby site, except every file a
-    VM disk at that site is backed by. Returns the files kept."""
-    site = ctx.store.get_site(name=item.standby_site)
-    provider = ctx.provider(site)
-    needed = _backing_files(ctx, site, item.vm)
-    kept: list[str] = []
-    disks = {d.name for v in ctx.store.find_vms(name=item.vm) for d in v.disks}
-    for disk in sorted(disks):
-        chain = provider.replica_dir(site, item.vm, disk)
-        if not chain.is_dir():
-            continue
-        keep = [str(p) for p in sorted(chain.iterdir()) if p.resolve() in needed]
-        if not keep:
-            shutil.rmtree(chain, ignore_errors=True)
-            continue
-        for path in chain.iterdir():
-            if str(path) not in keep:
-                path.unlink(missing_ok=True)
-        kept.extend(keep)
-    return kept
+    VM disk at that site (the VM, its drill copy) reads through. Returns the
+    files kept."""
+    site = item.standby_site
+    users = [
+        v for name in (item.vm, f"{item.vm}-test") for v in ctx.store.find_vms(name=name, site=site)
+    ]
+    return ctx.site(site).delete_chains(item.vm, keep_for=users)
 
 
-def _backing_files(ctx: Context, site: Site, vm: str) -> set[Path]:
-    """Every image the disks of ``vm`` (and its drill copy) at ``site`` read through."""
-    provider = ctx.provider(site)
-    needed: set[Path] = set()
-    for name in (vm, f"{vm}-test"):
-        for found in ctx.store.find_vms(name=name, site=site.name):
-            for disk in found.disks:
-                path = provider.disk_path(site, found, disk.name)
-                if path.exists():
-                    needed.update(p.resolve() for p in qemu_img.backing_chain(path)[1:])
-    return needed
-
-
-def health(item: Item, latest: RecoveryPoint | None) -> tuple[Health, float | None]:
+def health(
+    item: Item, latest: RecoveryPoint | None, *, site_down: bool = False
+) -> tuple[Health, float | None]:
     """Health and RPO (seconds since the latest point) of an item.
 
     Protected items are healthy while the RPO stays within two intervals (plus
     30 s of slack), in warning up to six, critical beyond or with no point. A
     failed last pass makes a healthy item a warning. Items in other states
-    have no health unless their last operation failed (critical).
+    have no health unless their last operation failed (critical). An item one
+    of whose sites does not answer (``site_down``) is critical unless disabled.
     """
     rpo = (utcnow() - latest.time).total_seconds() if latest else None
+    if site_down and item.state is not ItemState.DISABLED:
+        return Health.CRITICAL, rpo
     if item.state is not ItemState.PROTECTED:
         failed = item.last_error and item.state is not ItemState.DISABLED
         return (Health.CRITICAL if failed else Health.NONE), rpo
@@ -218,11 +209,13 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
     points = ctx.store.list_points(vm=item.vm, site=item.standby_site)
     latest = points[-1] if points else None
     app = [p for p in points if p.type.value == "app-consistent"]
-    state, rpo = health(item, latest)
+    down = _unreachable_site(ctx, item)
+    state, rpo = health(item, latest, site_down=down is not None)
     tracking = ctx.store.get_tracking(vm=item.vm)
     return {
         **item.to_dict(),
         "health": state.value,
+        "site_unreachable": down,
         "rpo_seconds": round(rpo, 3) if rpo is not None else None,
         "points": len(points),
         "latest_point": latest.to_dict() if latest else None,
@@ -234,6 +227,17 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
         "drill": tracking.get("drill"),
         "allowed_operations": sorted(op.value for op in _allowed(item)),
     }
+
+
+def _unreachable_site(ctx: Context, item: Item) -> dict[str, Any] | None:
+    """The first of the item's sites (active, then standby) whose agent the
+    health monitor last saw unreachable: site, code, since, message (None: both answer)."""
+    for site in (item.active_site, item.standby_site):
+        seen = agents.site_health(ctx, site)
+        if seen is not None and not seen.reachable:
+            return {"site": site, "url": seen.url, "code": seen.error, "since": seen.since,
+                    "message": seen.message}  # fmt: skip
+    return None
 
 
 def _job_owner(ctx: Context, vm: str) -> str | None:
@@ -267,8 +271,11 @@ def find_point(ctx: Context, *, vm: str, point_id: str) -> RecoveryPoint:
 
 
 def update_policy(ctx: Context, *, vm: str, **changes: Any) -> dict[str, Any]:
+    """Change the item's policy: ``changes`` are :func:`make_policy`'s fields
+    (``key=None`` removes the key); nothing changes when one is refused."""
     item = ctx.store.get_item(vm=vm)
     policy = make_policy(**{**item.policy.to_dict(), **changes})
+    require_key(ctx, policy)
     ctx.store.update_item(vm=vm, policy=policy)
     return item_view(ctx, ctx.store.get_item(vm=vm))
 
@@ -290,35 +297,6 @@ def check_together(ctx: Context, **arguments: Any) -> dict[str, Any]:
 def find_point_by_id(ctx: Context, *, point_id: str) -> RecoveryPoint:
     vm = point_id.rsplit("-", 1)[0]
     return find_point(ctx, vm=vm, point_id=point_id)
-
-
-@contextmanager
-def point_devices(ctx: Context, point: RecoveryPoint) -> Iterator[list[BlockDevice]]:
-    """The disks of ``point`` served read-only by a private daemon."""
-    site = ctx.store.get_site(name=point.site)
-    provider = ctx.provider(site)
-    specs = [
-        DiskSpec(node=disk, path=provider.replica_dir(site, point.vm, disk) / file, writable=False)
-        for disk, file in sorted(point.files.items())
-    ]
-    daemon = StorageDaemon.start(provider.run_dir(site, f"point-{point.id}"), specs, detached=False)
-    try:
-        with open_all(daemon.nbd_socket, [s.node for s in specs]) as devices:
-            yield devices
-    finally:
-        daemon.stop()
-
-
-@contextmanager
-def open_all(socket: Any, exports: list[str]) -> Iterator[list[BlockDevice]]:
-    devices: list[BlockDevice] = []
-    try:
-        for export in exports:
-            devices.append(NbdDevice.connect(socket, export))
-        yield devices
-    finally:
-        for device in devices:
-            device.close()
 
 
 def source_vm(ctx: Context, item: Item) -> tuple[Site, Vm]:

@@ -8,18 +8,15 @@ other side is the VM left there, or else the latest recovery point.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+import base64
 from typing import Any
 
 import numpy as np
 
-from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.digest import block_digests
+from siterecovery.disk.digest import DIGEST_SIZE
 from siterecovery.domain.errors import NoRecoveryPoint
-from siterecovery.domain.model import Vm
 from siterecovery.services.context import Context
-from siterecovery.services.protection import open_all, point_devices
+from siterecovery.sites.base import Image, PointRef
 
 BLOCK = 64 * 1024
 MAX_RANGES = 100
@@ -28,10 +25,10 @@ MAX_RANGES = 100
 def verify(ctx: Context, *, vm: str) -> dict[str, Any]:
     item = ctx.store.get_item(vm=vm)
     active = ctx.store.get_vm(name=vm, site=item.active_site)
-    with ExitStack() as stack:
-        mine = stack.enter_context(_vm_devices(ctx, active, quiesce=True))
-        other, label = _other_side(ctx, stack, vm, item.standby_site)
-        disks = {disk.name: compare(mine[i], other[i]) for i, disk in enumerate(active.disks)}
+    image, label = _other_side(ctx, vm, item.standby_site)
+    mine = ctx.site(item.active_site).digests(Image(vm=active, quiesce=True), block=BLOCK)
+    other = ctx.site(item.standby_site).digests(image, block=BLOCK)
+    disks = {disk.name: compare(mine[disk.name], other.get(disk.name)) for disk in active.disks}
     return {
         "vm": vm,
         "active": f"{vm}@{item.active_site}",
@@ -42,37 +39,26 @@ def verify(ctx: Context, *, vm: str) -> dict[str, Any]:
     }
 
 
-def _other_side(
-    ctx: Context, stack: ExitStack, vm: str, site: str
-) -> tuple[list[BlockDevice], str]:
+def _other_side(ctx: Context, vm: str, site: str) -> tuple[Image, str]:
+    """The VM left at ``site``, or else its latest recovery point there."""
     found = ctx.store.find_vms(name=vm, site=site)
     if found:
-        return stack.enter_context(_vm_devices(ctx, found[0], quiesce=False)), f"{vm}@{site}"
+        return Image(vm=found[0]), f"{vm}@{site}"
     points = ctx.store.list_points(vm=vm, site=site)
     if not points:
         raise NoRecoveryPoint(vm=vm, kind="", site=site)
-    return stack.enter_context(point_devices(ctx, points[-1])), f"point {points[-1].id}"
+    latest = points[-1]
+    return Image(point=PointRef(vm, latest.files)), f"point {latest.id}"
 
 
-@contextmanager
-def _vm_devices(ctx: Context, vm: Vm, *, quiesce: bool) -> Iterator[list[BlockDevice]]:
-    site = ctx.store.get_site(name=vm.site)
-    provider = ctx.provider(site)
-    guest = provider.guest(site, vm) if quiesce else None
-    with ExitStack() as stack:
-        if guest is not None:
-            guest.quiesce(timeout=300.0)
-            stack.callback(guest.thaw)
-        access = stack.enter_context(provider.disk_access(site, vm))
-        exports = [access.nodes[d.name] for d in vm.disks]
-        yield stack.enter_context(open_all(access.nbd_socket, exports))
-
-
-def compare(a: BlockDevice, b: BlockDevice) -> dict[str, Any]:
-    """Digest lists of both disks compared; the differing byte ranges (merged)."""
-    left, right = block_digests(a, BLOCK), block_digests(b, BLOCK)
-    if a.size != b.size:
-        return {"equal": False, "reason": f"sizes differ: {a.size} != {b.size}"}
+def compare(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
+    """Digest lists of both disks (each hashed at its own site) compared; the
+    differing byte ranges (merged)."""
+    if b is None:
+        return {"equal": False, "reason": "the disk is missing on the other side"}
+    if a["size"] != b["size"]:
+        return {"equal": False, "reason": f"sizes differ: {a['size']} != {b['size']}"}
+    left, right = _digests(a), _digests(b)
     differing = np.flatnonzero(np.any(left != right, axis=1))
     ranges = _ranges(differing)
     return {
@@ -82,6 +68,11 @@ def compare(a: BlockDevice, b: BlockDevice) -> dict[str, Any]:
         "differing_bytes": len(differing) * BLOCK,
         "ranges": [[start * BLOCK, count * BLOCK] for start, count in ranges[:MAX_RANGES]],
     }
+
+
+def _digests(found: dict[str, Any]) -> Any:
+    raw = base64.b64decode(found["blocks"])
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
 
 
 def _ranges(indices: Any) -> list[tuple[int, int]]:

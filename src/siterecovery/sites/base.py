@@ -120,6 +120,99 @@ class FrozenDisks:
 
 
 @dataclass(frozen=True, slots=True)
+class PointRef:
+    """A sealed point of an item at a site: the file of each disk in its chain."""
+
+    item: str
+    files: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"item": self.item, "files": dict(self.files)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PointRef:
+        return cls(str(data["item"]), {str(k): str(v) for k, v in data["files"].items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """Disks to read at a site: a VM's (a point-in-time view while it runs,
+    its guest quiesced when asked) or a sealed point's."""
+
+    vm: Vm | None = None
+    point: PointRef | None = None
+    quiesce: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vm": None if self.vm is None else vm_to_dict(self.vm),
+            "point": None if self.point is None else self.point.to_dict(),
+            "quiesce": self.quiesce,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Image:
+        vm, point = data.get("vm"), data.get("point")
+        return cls(
+            vm=None if vm is None else vm_from_dict(vm),
+            point=None if point is None else PointRef.from_dict(point),
+            quiesce=bool(data.get("quiesce", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """What a failback view reports changes since (``SiteAgent.freeze_view``).
+
+    ``checkpoint``: every bitmap of the disk, if all are consistent and
+    include it (their union covers every write since it); with ``older``
+    too: only the bitmaps not in ``older`` (phase 2 after phase 1's
+    ``checkpoint``). Neither: nothing (the view is read whole, by checksums
+    or a full copy)."""
+
+    checkpoint: str | None = None
+    older: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "older": None if self.older is None else list(self.older),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Since:
+        older = data.get("older")
+        return cls(data.get("checkpoint"), None if older is None else tuple(older))
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenView:
+    """What a failback freeze made: the checkpoint recording after the views,
+    whether the resume offsets saved for ``tag`` still hold (``resumed``: the
+    views are an earlier attempt's, or show the very same data), the bitmaps
+    older than the views, and whether every disk's view is tracked."""
+
+    checkpoint: str
+    resumed: bool
+    older: list[str]
+    tracked: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FrozenView:
+        return cls(
+            str(data["checkpoint"]), bool(data["resumed"]), [str(n) for n in data["older"]],
+            bool(data["tracked"]),
+        )  # fmt: skip
+
+
+Extents = list[tuple[int, int]]
+"""Byte ranges ``(start, length)`` of one disk."""
+
+
+@dataclass(frozen=True, slots=True)
 class SiteInfo:
     """An agent's own description: for ``site list``."""
 
@@ -155,8 +248,26 @@ class SiteAgent(Protocol):
 
     # VMs (the hypervisor) ------------------------------------------------------------
 
-    def create_vm(self, vm: Vm) -> None:
-        """Define the VM with blank disks. Idempotent."""
+    def create_vm(
+        self, vm: Vm, *, point: PointRef | None = None, checkpoint: str | None = None
+    ) -> None:
+        """Define the VM with blank disks, or disks that are overlays on
+        ``point`` of this site's chains (nothing is copied first), tracking
+        their writes from the first one in a bitmap ``checkpoint``. Idempotent."""
+        ...
+
+    def replace_disks(self, vm: Vm) -> None:
+        """Give the stopped VM new blank disks (a full download follows)."""
+        ...
+
+    def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
+        """Reprotect: the stopped VM's disks become point ``seq`` of ``item``'s
+        chains at this site (its partial points discarded first) and the VM
+        is deleted. Idempotent."""
+        ...
+
+    def set_inconsistent(self, vm: Vm, value: bool) -> None:
+        """Mark (or clear) the VM's disks as mid-sync: it refuses to start."""
         ...
 
     def delete_vm(self, vm: Vm) -> None:
@@ -203,6 +314,11 @@ class SiteAgent(Protocol):
         """Retention: fold ``child`` into ``parent`` (see ReplicaStore.merge)."""
         ...
 
+    def delete_chains(self, item: str, *, keep_for: list[Vm]) -> list[str]:
+        """Delete the item's chains, except the files a disk of a VM of
+        ``keep_for`` at this site reads through; the files kept. Idempotent."""
+        ...
+
     def space_free(self) -> int | None: ...
 
     def location(self, item: str, disk: str) -> str:
@@ -228,15 +344,66 @@ class SiteAgent(Protocol):
         *,
         initial: bool,
         resume: int = 0,
+        mode: str | None = None,
+        extra_dirty: Extents | None = None,
         progress: Progress | None = None,
         checkpoint: Checkpoint | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Send the frozen view ``tag`` of ``disk`` to ``receipt``; the disk's
-        report (mode, bytes read/written/sent, digests when verified)."""
+        report (mode, bytes read/written/sent, digests when verified).
+
+        ``mode`` None: a pass chooses (full into an empty chain, checksums for
+        an initial sync onto a chain, else tracked when the view has a bitmap).
+        A failback names it: ``full``, ``checksum``, or ``tracked`` (the view's
+        bitmap ∪ ``extra_dirty``, the target's own writes; checksums when the
+        view has no bitmap)."""
         ...
 
-    def release(self, vm: Vm, tag: str, *, drop_older: bool) -> None:
-        """Release the views of ``tag``; with ``drop_older``, the point is
-        recorded: drop every older checkpoint. Idempotent."""
+    def release(self, vm: Vm, tag: str, *, drop_older: bool, views: bool = False) -> None:
+        """Close the session of ``tag``. With ``drop_older`` the point is
+        recorded: the views are released and every older checkpoint dropped;
+        with ``views`` only the views are released (a failback phase done);
+        otherwise the views stay for a retry to resume. Idempotent."""
+        ...
+
+    # Failback (both ends) ---------------------------------------------------------------
+
+    def receive_disks(self, vm: Vm, *, blank: bool) -> dict[str, Receipt]:
+        """Open the stopped VM's own disks for one sender each (a failback's
+        target); ``blank``: they were just created or replaced. Each receipt
+        is closed by :meth:`end_receive`."""
+        ...
+
+    def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
+        """Per disk, what the stopped VM wrote since ``checkpoint`` (a failback
+        target's own writes), or None when its tracking cannot tell."""
+        ...
+
+    def freeze_view(
+        self, vm: Vm, tag: str, *, since: Since, granularity: int | None = None
+    ) -> FrozenView:
+        """Freeze every disk of the VM (a failback's source) at one instant:
+        the views of ``tag`` (an earlier attempt's when each disk still has
+        one) and a new checkpoint recording after them, at ``granularity``
+        bytes per bit. Views stay open until :meth:`release`."""
+        ...
+
+    def measure(self, vm: Vm, *, since: str | None) -> dict[str, Any]:
+        """``allocated`` bytes of the VM's disks; ``since``: bytes its bitmaps
+        mark since checkpoint ``since`` (None when they cannot tell);
+        ``bitmaps``: bytes each bitmap marks (over all disks)."""
+        ...
+
+    # Reading images -------------------------------------------------------------------------
+
+    def digests(self, image: Image, *, block: int | None = None) -> dict[str, dict[str, Any]]:
+        """Per disk of ``image``, hashed at this site: ``size`` and the
+        whole-disk ``digest`` (``block`` None), or ``blocks``, the base64 of
+        its ``block``-byte block digests. Only digests leave the site."""
+        ...
+
+    def check(self, image: Image) -> dict[str, Any]:
+        """The guest journal check of ``image`` (disk 0 first), run at this
+        site: the report's dict, and ``where``."""
         ...

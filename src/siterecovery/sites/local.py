@@ -20,6 +20,7 @@ connects with the ticket over TLS).
 
 from __future__ import annotations
 
+import base64
 import secrets
 import threading
 import time
@@ -31,24 +32,35 @@ from typing import Any, Protocol
 
 from siterecovery import __version__
 from siterecovery.agent.tls import client_context
-from siterecovery.disk.base import BlockDevice
+from siterecovery.disk import qemu_img
+from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
-from siterecovery.disk.digest import integrity_proof
+from siterecovery.disk.digest import block_digests, disk_digest, integrity_proof
+from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
 from siterecovery.domain.errors import DiskError, InternalError
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.keys import SecretKey
 from siterecovery.providers.base import DiskAccess, GuestAgent, Provider
+from siterecovery.providers.local import journal
 from siterecovery.providers.replicas import ReplicaStore
+from siterecovery.replication.extents import UnionDirtyDevice
 from siterecovery.replication.sync import SyncMode, SyncOptions, sync
+from siterecovery.sites import views
 from siterecovery.sites.base import (
     Checkpoint,
+    Extents,
     FrozenDisks,
+    FrozenView,
+    Image,
+    PointRef,
     Progress,
     Receipt,
+    Since,
     SiteInfo,
     Transfer,
 )
+from siterecovery.sites.images import open_image
 from siterecovery.wire.client import RemoteDevice
 
 CHECKPOINT_EVERY = 8 << 20  # bytes between persisted offsets of a resumable sync
@@ -57,12 +69,11 @@ LOCAL = "local:"
 
 @dataclass
 class _Receiving:
-    """One open receipt: the new point's writable device, open until ended."""
+    """One open receipt: a writable device (a new point, or a VM's disk),
+    open until ended; ``end(keep)`` closes it."""
 
     device: BlockDevice
-    stack: ExitStack
-    item: str
-    disk: str
+    end: Callable[[bool], None]
 
 
 _RECEIVING: dict[str, _Receiving] = {}
@@ -79,11 +90,7 @@ class _Session:
     views: dict[str, PointInTimeView] = field(default_factory=dict)
 
     def trackers(self, vm: Vm) -> dict[str, Tracker]:
-        access = self.access
-        return {
-            d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
-            for d in vm.disks
-        }
+        return _trackers(self.access, vm)
 
 
 class WireEndpoint(Protocol):
@@ -128,8 +135,28 @@ class InProcessAgent:
 
     # VMs -------------------------------------------------------------------------
 
-    def create_vm(self, vm: Vm) -> None:
-        self.provider.create_vm(self.site, vm)
+    def create_vm(
+        self, vm: Vm, *, point: PointRef | None = None, checkpoint: str | None = None
+    ) -> None:
+        bases = None
+        if point is not None:
+            bases = {
+                disk: self.provider.replica_dir(self.site, point.item, disk) / name
+                for disk, name in point.files.items()
+            }
+        self.provider.create_vm(self.site, vm, bases=bases, checkpoint=checkpoint)
+
+    def replace_disks(self, vm: Vm) -> None:
+        self.provider.replace_disks(self.site, vm)
+
+    def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
+        chains = {d.name: self.provider.replica_dir(self.site, item, d.name) for d in vm.disks}
+        for disk in vm.disks:
+            self.replicas.discard(self.site, item, disk.name)
+        self.provider.adopt_disks(self.site, vm, chains, seq)
+
+    def set_inconsistent(self, vm: Vm, value: bool) -> None:
+        self.provider.set_inconsistent(self.site, vm, value)
 
     def delete_vm(self, vm: Vm) -> None:
         self.provider.delete_vm(self.site, vm)
@@ -163,9 +190,24 @@ class InProcessAgent:
         except BaseException:
             stack.close()
             raise
+
+        def end(keep: bool) -> None:
+            if keep:
+                stack.close()  # flushes the partial point
+                return
+            with suppress(DiskError):  # a full disk cannot flush what is discarded anyway
+                stack.close()
+            self.replicas.discard(self.site, item, disk)
+
+        return self._register(device, end, has_parent=has_parent, size=size)
+
+    def _register(
+        self, device: BlockDevice, end: Callable[[bool], None], *, has_parent: bool, size: int
+    ) -> Receipt:
+        """A receipt for ``device``: in this process, and on the wire port if any."""
         ticket = secrets.token_urlsafe(24)
         with _RECEIVING_GUARD:
-            _RECEIVING[ticket] = _Receiving(device, stack, item, disk)
+            _RECEIVING[ticket] = _Receiving(device, end)
         address = LOCAL + self.name
         cert = None
         if self.wire is not None:
@@ -178,14 +220,8 @@ class InProcessAgent:
             receiving = _RECEIVING.pop(receipt.ticket, None)
         if self.wire is not None:
             self.wire.unregister(receipt.ticket)
-        if receiving is None:
-            return
-        if keep:
-            receiving.stack.close()  # flushes the partial point
-            return
-        with suppress(DiskError):  # a full disk cannot flush what is discarded anyway
-            receiving.stack.close()
-        self.replicas.discard(self.site, receiving.item, receiving.disk)
+        if receiving is not None:
+            receiving.end(keep)
 
     def seal(self, item: str, seq: int, disks: list[str]) -> dict[str, str]:
         return {disk: self.replicas.seal(self.site, item, disk, seq) for disk in disks}
@@ -197,6 +233,15 @@ class InProcessAgent:
               grandchild: str | None) -> None:  # fmt: skip
         self.replicas.merge(self.site, item, disk, child=child, parent=parent,
                             grandchild=grandchild)  # fmt: skip
+
+    def delete_chains(self, item: str, *, keep_for: list[Vm]) -> list[str]:
+        needed: set[str] = set()
+        for vm in keep_for:
+            for disk in vm.disks:
+                path = self.provider.disk_path(self.site, vm, disk.name)
+                if path.exists():
+                    needed.update(p.name for p in qemu_img.backing_chain(path)[1:])
+        return self.replicas.delete(self.site, item, keep=frozenset(needed))
 
     def space_free(self) -> int | None:
         return self.replicas.space_free(self.site)
@@ -231,6 +276,8 @@ class InProcessAgent:
         *,
         initial: bool,
         resume: int = 0,
+        mode: str | None = None,
+        extra_dirty: Extents | None = None,
         progress: Progress | None = None,
         checkpoint: Checkpoint | None = None,
         cancelled: Callable[[], bool] | None = None,
@@ -239,14 +286,21 @@ class InProcessAgent:
         view = session.views.get(disk)
         if view is None:
             raise InternalError(detail=f"no frozen view '{tag}' of {vm.name}/{disk}: freeze first")
-        mode = choose_mode(initial=initial, has_parent=receipt.has_parent, view=view)
+        chosen = (
+            choose_mode(initial=initial, has_parent=receipt.has_parent, view=view)
+            if mode is None
+            else named_mode(mode, view)
+        )
         with self._source_alive(vm, session), view.open() as raw, _target(receipt, transfer) as dst:
-            src = CountingDevice(_throttled(raw, transfer.max_rate, cancelled))
+            counted = CountingDevice(_throttled(raw, transfer.max_rate, cancelled))
+            src: BlockDevice = counted
+            if chosen is SyncMode.TRACKED and extra_dirty:
+                src = UnionDirtyDevice(counted, [Extent(a, n) for a, n in extra_dirty])
             result = sync(
                 src,
                 dst,
                 SyncOptions(
-                    mode=mode,
+                    mode=chosen,
                     threads=transfer.threads,
                     resume_offset=resume,
                     target_is_blank=not receipt.has_parent,
@@ -258,14 +312,14 @@ class InProcessAgent:
             )
             report = {
                 **result.to_dict(),
-                "mode": mode.value,
-                "source_bytes_read": src.counts.bytes_read,
+                "mode": chosen.value,
+                "source_bytes_read": counted.counts.bytes_read,
             }
             if transfer.verify:
                 report.update(integrity_proof(raw, dst, disk))
         return report
 
-    def release(self, vm: Vm, tag: str, *, drop_older: bool) -> None:
+    def release(self, vm: Vm, tag: str, *, drop_older: bool, views: bool = False) -> None:
         with self._guard:
             session = self._sessions.get(vm.name)
             if session is None or session.tag != tag:
@@ -277,8 +331,83 @@ class InProcessAgent:
                     tracker.drop([b.name for b in tracker.bitmaps() if b.name != tag])
                     if name in session.views:
                         session.views[name].release()
+            elif views:
+                for view in session.views.values():
+                    view.release()
         finally:
             session.stack.close()
+
+    # Failback ------------------------------------------------------------------------
+
+    def receive_disks(self, vm: Vm, *, blank: bool) -> dict[str, Receipt]:
+        stack = ExitStack()
+        try:
+            access = stack.enter_context(self.provider.disk_access(self.site, vm))
+            devices = {
+                d.name: stack.enter_context(
+                    NbdDevice.connect(access.nbd_socket, access.nodes[d.name], writable=True)
+                )
+                for d in vm.disks
+            }
+        except BaseException:
+            stack.close()
+            raise
+        open_tickets = set(devices)
+        guard = threading.Lock()
+
+        def end_of(disk: str) -> Callable[[bool], None]:
+            def end(keep: bool) -> None:
+                with suppress(DiskError):  # a flush that fails says so at the next read
+                    devices[disk].flush()
+                with guard:
+                    open_tickets.discard(disk)
+                    last = not open_tickets
+                if last:
+                    stack.close()
+
+            return end
+
+        return {
+            disk: self._register(device, end_of(disk), has_parent=not blank, size=device.size)
+            for disk, device in devices.items()
+        }
+
+    def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
+        with self.provider.disk_access(self.site, vm) as access:
+            return views.written_since(_trackers(access, vm), checkpoint, tag)
+
+    def freeze_view(
+        self, vm: Vm, tag: str, *, since: Since, granularity: int | None = None
+    ) -> FrozenView:
+        session = self._session(vm, tag)
+        frozen = views.freeze_view(session.trackers(vm), tag, since, granularity)
+        session.views = dict(frozen.views)
+        return frozen.state
+
+    def measure(self, vm: Vm, *, since: str | None) -> dict[str, Any]:
+        with self.provider.disk_access(self.site, vm) as access:
+            return views.measure(access, _trackers(access, vm), since)
+
+    # Reading images --------------------------------------------------------------------
+
+    def digests(self, image: Image, *, block: int | None = None) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        with open_image(self.provider, self.site, image) as (devices, _where):
+            for disk, device in devices.items():
+                if block is None:
+                    found[disk] = {"size": device.size, "digest": disk_digest(device)}
+                else:
+                    hashed = block_digests(device, block)
+                    found[disk] = {
+                        "size": device.size,
+                        "blocks": base64.b64encode(hashed.tobytes()).decode(),
+                    }
+        return found
+
+    def check(self, image: Image) -> dict[str, Any]:
+        with open_image(self.provider, self.site, image) as (devices, where):
+            report = journal.check(list(devices.values()))
+        return {**report.to_dict(), "where": where}
 
     # Sessions ----------------------------------------------------------------------
 
@@ -323,6 +452,21 @@ class InProcessAgent:
                 f"'{self.name}' exited during the pass ({e}); no point was sealed: "
                 "start the VM again, its next pass compares checksums"
             ) from e
+
+
+def named_mode(mode: str, view: PointInTimeView) -> SyncMode:
+    """A failback's mode: ``tracked`` needs the view's bitmap, else checksums."""
+    chosen = SyncMode(mode)
+    if chosen is SyncMode.TRACKED and not view.has_bitmap:
+        return SyncMode.CHECKSUM
+    return chosen
+
+
+def _trackers(access: DiskAccess, vm: Vm) -> dict[str, Tracker]:
+    return {
+        d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
+        for d in vm.disks
+    }
 
 
 def choose_mode(*, initial: bool, has_parent: bool, view: PointInTimeView) -> SyncMode:

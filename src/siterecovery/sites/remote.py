@@ -20,9 +20,14 @@ from siterecovery.domain.errors import AgentUnreachable, SiteRecoveryError, Sync
 from siterecovery.domain.model import Vm, VmPower
 from siterecovery.sites.base import (
     Checkpoint,
+    Extents,
     FrozenDisks,
+    FrozenView,
+    Image,
+    PointRef,
     Progress,
     Receipt,
+    Since,
     SiteInfo,
     Transfer,
     vm_to_dict,
@@ -65,8 +70,22 @@ class RemoteAgent:
 
     # VMs -------------------------------------------------------------------------
 
-    def create_vm(self, vm: Vm) -> None:
-        self._call("create_vm", vm=vm_to_dict(vm))
+    def create_vm(
+        self, vm: Vm, *, point: PointRef | None = None, checkpoint: str | None = None
+    ) -> None:
+        self._call(
+            "create_vm", vm=vm_to_dict(vm), point=None if point is None else point.to_dict(),
+            checkpoint=checkpoint,
+        )  # fmt: skip
+
+    def replace_disks(self, vm: Vm) -> None:
+        self._call("replace_disks", vm=vm_to_dict(vm))
+
+    def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
+        self._call("adopt_vm", vm=vm_to_dict(vm), item=item, seq=seq)
+
+    def set_inconsistent(self, vm: Vm, value: bool) -> None:
+        self._call("set_inconsistent", vm=vm_to_dict(vm), value=value)
 
     def delete_vm(self, vm: Vm) -> None:
         self._call("delete_vm", vm=vm_to_dict(vm))
@@ -110,6 +129,10 @@ class RemoteAgent:
         self._call("merge", item=item, disk=disk, child=child, parent=parent,
                    grandchild=grandchild)  # fmt: skip
 
+    def delete_chains(self, item: str, *, keep_for: list[Vm]) -> list[str]:
+        kept = self._call("delete_chains", item=item, keep_for=[vm_to_dict(v) for v in keep_for])
+        return [str(name) for name in kept]
+
     def space_free(self) -> int | None:
         found = self._call("space_free")
         return None if found is None else int(found)
@@ -134,6 +157,8 @@ class RemoteAgent:
         *,
         initial: bool,
         resume: int = 0,
+        mode: str | None = None,
+        extra_dirty: Extents | None = None,
         progress: Progress | None = None,
         checkpoint: Checkpoint | None = None,
         cancelled: Callable[[], bool] | None = None,
@@ -150,15 +175,47 @@ class RemoteAgent:
         result = self.client.stream(
             "site.send_disk", on_event, vm=vm_to_dict(vm), disk=disk, tag=tag,
             receipt=receipt.to_dict(), transfer=transfer.to_dict(), initial=initial,
-            resume=resume,
+            resume=resume, mode=mode,
+            extra_dirty=None if extra_dirty is None else [list(e) for e in extra_dirty],
         )  # fmt: skip
         return dict(result)
 
-    def release(self, vm: Vm, tag: str, *, drop_older: bool) -> None:
+    def release(self, vm: Vm, tag: str, *, drop_older: bool, views: bool = False) -> None:
         try:
-            self._call("release", vm=vm_to_dict(vm), tag=tag, drop_older=drop_older)
+            self._call("release", vm=vm_to_dict(vm), tag=tag, drop_older=drop_older, views=views)
         except AgentUnreachable:
-            if drop_older:
+            if drop_older or views:
                 raise
             # Closing after a failure: the agent closes its session itself at
             # the next freeze of this VM.
+
+    # Failback ------------------------------------------------------------------------
+
+    def receive_disks(self, vm: Vm, *, blank: bool) -> dict[str, Receipt]:
+        found = self._call("receive_disks", vm=vm_to_dict(vm), blank=blank)
+        return {str(disk): Receipt.from_dict(r) for disk, r in found.items()}
+
+    def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
+        found = self._call("written_since", vm=vm_to_dict(vm), checkpoint=checkpoint, tag=tag)
+        if found is None:
+            return None
+        return {str(d): [(int(a), int(n)) for a, n in extents] for d, extents in found.items()}
+
+    def freeze_view(
+        self, vm: Vm, tag: str, *, since: Since, granularity: int | None = None
+    ) -> FrozenView:
+        found = self._call("freeze_view", vm=vm_to_dict(vm), tag=tag, since=since.to_dict(),
+                           granularity=granularity)  # fmt: skip
+        return FrozenView.from_dict(found)
+
+    def measure(self, vm: Vm, *, since: str | None) -> dict[str, Any]:
+        return dict(self._call("measure", vm=vm_to_dict(vm), since=since))
+
+    # Reading images --------------------------------------------------------------------
+
+    def digests(self, image: Image, *, block: int | None = None) -> dict[str, dict[str, Any]]:
+        found = self._call("digests", image=image.to_dict(), block=block)
+        return {str(disk): dict(d) for disk, d in found.items()}
+
+    def check(self, image: Image) -> dict[str, Any]:
+        return dict(self._call("check", image=image.to_dict()))

@@ -459,6 +459,21 @@ class CheckReport:
             "links": {tag: dict(link) for tag, link in self.links.items()},
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckReport:
+        return cls(
+            consistent=bool(data["consistent"]),
+            last_seq=int(data["last_seq"]),
+            first_seq_checked=int(data["first_seq_checked"]),
+            records_checked=int(data["records_checked"]),
+            errors=[str(e) for e in data["errors"]],
+            seed=int(data["seed"]),
+            links={
+                str(tag): {k: int(v) for k, v in link.items()}
+                for tag, link in data["links"].items()
+            },
+        )
+
 
 def dangling_links(reports: dict[str, CheckReport]) -> list[str]:
     """Records of one image that depend on a record another image lacks.
