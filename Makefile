@@ -1,7 +1,7 @@
 # The two set-up commands of the README are `make run` and `make test`.
 VENV := .venv/bin
 
-.PHONY: install run test test-faults test-lifecycle lint bench
+.PHONY: install run test test-faults test-lifecycle test-netns lint bench bench-agents
 
 install:
 	bash scripts/install.sh
@@ -9,15 +9,25 @@ install:
 run: install
 	$(VENV)/siterecovery serve --vault $${SITERECOVERY_VAULT:-siterecovery-vault} --port $${PORT:-8470} --lab
 
-# The default suite (~12 min on 2 cores): everything but the fault matrix; the
-# few `slow` cases in it are short. `.ci/run` adds test-faults and test-lifecycle.
+# The default suite (~12 min on 2 cores): everything but the fault matrix and the
+# network-namespace suite; the few `slow` cases in it are short. `.ci/run` adds
+# test-faults, test-lifecycle and test-netns.
 test: install lint
-	$(VENV)/pytest -q -m "not faults"
+	$(VENV)/pytest -q -m "not faults and not netns"
 
 # The SIGKILL fault matrix (tests/faults): a kill before and after every step of
 # every job type, generated from the workflows' traced steps; ~20 min on 2 cores.
 test-faults: install
 	$(VENV)/pytest -q -m faults tests/faults
+
+# Sites as separate hosts (tests/netns): the engine and each site agent in a
+# network namespace of its own, links cut, rate-limited and captured for real;
+# needs root and iproute2 (ip netns, tc; installed here if missing); 5 tests,
+# ~4 min on 2 cores.
+test-netns: install
+	command -v tc >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; }
+	$(VENV)/pytest -q -m netns tests/netns
 
 # The lifecycle state machine (tests/lifecycle) at the issue's bound: 20 sequences
 # of up to 12 steps on one daemon, ~7 min (`make test` runs 3 of up to 8).
@@ -33,3 +43,13 @@ lint:
 # compares with cp, qemu-img, nbdcopy and rsync. BENCH_ARGS=--quick for a smoke test.
 bench: install
 	$(VENV)/python -m bench.datapath $(BENCH_ARGS)
+
+# The site agents' benchmark (docs/PERFORMANCE.md, "Site agents"): a pass, RPO under
+# 10 MB/s of guest writes and the wire against nbdcopy, with the engine and two agents
+# in network namespaces (tests/netns/lab.py) against sites in the engine's process.
+# Needs root and iproute2 (installed here if missing); ~15 min on 2 cores,
+# BENCH_ARGS=--quick ~4 min (a smoke test), BENCH_ARGS="--json FILE" keeps every number.
+bench-agents: install
+	command -v tc >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; }
+	$(VENV)/python bench/agents.py $(BENCH_ARGS)

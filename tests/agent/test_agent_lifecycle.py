@@ -93,6 +93,7 @@ def test_drill_verify_failover_and_delta_failback_through_agents(sites: Sites) -
     assert integrity["equal"] is True and integrity["source_digest"] == integrity["target_digest"]
     last = step(done, "stop-source")["acknowledged_seq"]
     assert check(engine, "app01", "onprem")["last_seq"] >= last  # zero data loss
+    assert (onprem.dir / "site" / "vms" / "app01" / "disks" / "d0.qcow2").exists()
     assert item(engine, "app01")["direction"] == "onprem -> cloud"
 
     # Commit deletes the cloud VM (at the cloud agent); reprotect from a common base.
@@ -128,6 +129,7 @@ def test_planned_failover_full_failback_and_disable_through_agents(sites: Sites)
     assert done["result"]["integrity"]["equal"] is True
     last = step(done, "stop-source")["acknowledged_seq"]
     assert check(engine, "db01", "onprem")["last_seq"] >= last
+    assert (onprem.dir / "site" / "vms" / "db01" / "disks" / "d0.qcow2").exists()
     job(engine, engine.call("POST", "/items/db01/commit", json={}))
     job(engine, engine.call("POST", "/items/db01/reprotect", json={}))
     assert item(engine, "db01")["state"] == "protected"

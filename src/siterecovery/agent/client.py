@@ -73,13 +73,19 @@ class Joined:
     version: str
 
 
+CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection to an agent (TCP and TLS handshake)."""
+
+
 class AgentClient:
     """Calls one agent over HTTPS trusting only ``cert_pem``, with the engine's secret.
 
     Thread-safe: one connection pool shared by every thread. ``timeout`` (s)
-    bounds connecting and each read: a unary call's answer, and for a
-    streaming call the wait for its next line (the agent sends a heartbeat
-    line every 10 s of silence). Close it with :meth:`close` (or use it as a context manager).
+    bounds each read: a unary call's answer, and for a streaming call the
+    wait for its next line (the agent sends a heartbeat line every 10 s of
+    silence); connecting is bounded by :data:`CONNECT_TIMEOUT` at most (an
+    agent behind a cut link is known unreachable in seconds, not after a
+    whole read timeout). Close it with :meth:`close` (or use it as a context manager).
     """
 
     def __init__(
@@ -93,7 +99,7 @@ class AgentClient:
         self._http = httpx.Client(
             base_url=self.url,
             verify=tls.client_context(cert_pem),
-            timeout=timeout,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
             headers={"Authorization": f"Bearer {secret}"},
             trust_env=False,  # no proxy from the environment between us and the pin
         )

@@ -49,7 +49,12 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
         "guest_state": lambda a: site.guest_state(vm(a)),
         "chain": lambda a: site.chain(a["item"], a["disk"]),
         "receive_point": lambda a: site.receive_point(
-            a["item"], a["disk"], int(a["seq"]), int(a["size"]), resume=bool(a["resume"])
+            a["item"],
+            a["disk"],
+            int(a["seq"]),
+            int(a["size"]),
+            resume=bool(a["resume"]),
+            transfer=_transfer(a),
         ).to_dict(),
         "end_receive": lambda a: site.end_receive(
             Receipt.from_dict(a["receipt"]), keep=bool(a["keep"])
@@ -79,7 +84,9 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
         ),
         "receive_disks": lambda a: {
             disk: r.to_dict()
-            for disk, r in site.receive_disks(vm(a), blank=bool(a["blank"])).items()
+            for disk, r in site.receive_disks(
+                vm(a), blank=bool(a["blank"]), transfer=_transfer(a)
+            ).items()
         },
         "written_since": lambda a: site.written_since(vm(a), a["checkpoint"], a["tag"]),
         "freeze_view": lambda a: site.freeze_view(
@@ -94,6 +101,12 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
             ops.unary("site." + name)(function)
     if transfers:
         ops.streaming("site.send_disk")(lambda args, emit: _send_disk(site, args, emit))
+
+
+def _transfer(args: Args) -> Transfer | None:
+    """The optional ``transfer`` of a receipt: the key its ticket is sealed with."""
+    found = args.get("transfer")
+    return None if found is None else Transfer.from_dict(found)
 
 
 def _send_disk(site: InProcessAgent, args: Args, emit: Emit) -> Any:

@@ -5,7 +5,9 @@ certificate, serving every open receipt of this site under its one-time
 ticket (``sites/local.py: InProcessAgent.receive_point``). A sender learns
 the address, the certificate to pin and the ticket from the engine, over the
 engine's authenticated channel; a connection without a registered ticket is
-refused before any disk is touched.
+refused before any disk is touched. A ticket registered with a key (the
+item's, handed to both agents by the engine for this transfer) refuses a
+sender that does not seal its frames with the same key.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 
 from siterecovery.agent import tls
 from siterecovery.disk.base import BlockDevice
+from siterecovery.keys import SecretKey
 from siterecovery.wire import address as addresses
 from siterecovery.wire.server import WireServer
 
@@ -41,8 +44,17 @@ class AgentWire:
     def cert_pem(self) -> str | None:
         return self._cert_pem
 
-    def register(self, ticket: str, device: BlockDevice) -> None:
-        self._server.register(ticket, lambda size: (device.clone(), False))
+    def register(
+        self,
+        ticket: str,
+        device: BlockDevice,
+        *,
+        key: SecretKey | None = None,
+        compress: bool = False,
+    ) -> None:
+        self._server.register(
+            ticket, lambda size: (device.clone(), False), key=key, compress=compress
+        )
 
     def unregister(self, ticket: str) -> None:
         self._server.unregister(ticket)

@@ -34,6 +34,11 @@ class HostIn(Body):
     connected: bool = True
 
 
+class SitePatch(Body):
+    max_rate: Size
+    """Bytes/s the site may send to other sites over all its transfers (0: no cap)."""
+
+
 class HostPatch(Body):
     connected: bool
 
@@ -76,6 +81,11 @@ def add_site(ctx: Ctx, body: SiteIn) -> dict[str, Any]:
         raise InvalidInput(field="path", reason="a site needs a path (or an agent)")
     fields = body.model_dump(exclude={"agent", "join"})
     return inventory.add_site(ctx, **fields).to_dict()
+
+
+@router.patch("/sites/{name}")
+def set_site(ctx: Ctx, name: str, body: SitePatch) -> dict[str, Any]:
+    return inventory.set_site(ctx, name=name, max_rate=body.max_rate).to_dict()
 
 
 @router.get("/hosts")

@@ -23,10 +23,16 @@ class ProtectIn(Body):
     threads: int = 4
     max_rate: Size = 0
     verify_points: bool = False
+    compress: str = "none"
+    """``none`` or ``zstd``: the payloads' compression on the wire between sites."""
+    key: str | None = None
+    """A vault key sealing the transfers in flight (on top of TLS); replicas at rest
+    are not encrypted by it."""
 
 
 class PolicyIn(Body):
-    """A policy change; every field as ``GET /items/{vm}`` answers it is accepted back."""
+    """A policy change; every field as ``GET /items/{vm}`` answers it is accepted back.
+    A field left out (or null) is kept, except ``key``: null or "" removes the key."""
 
     interval: Duration | None = None
     app_consistent_every: int | None = None
@@ -34,6 +40,15 @@ class PolicyIn(Body):
     threads: int | None = None
     max_rate: Size | None = None
     verify_points: bool | None = None
+    compress: str | None = None
+    key: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields to change: those given and not null, and ``key`` when given."""
+        given = self.model_dump(include=self.model_fields_set)
+        if "key" in given:
+            given["key"] = given["key"] or None
+        return {k: v for k, v in given.items() if v is not None or k == "key"}
 
 
 class ReplicateIn(Body):
@@ -49,6 +64,8 @@ def protect(ctx: Ctx, runtime: Runtime, body: ProtectIn) -> dict[str, Any]:
         threads=body.threads,
         max_rate=body.max_rate,
         verify_points=body.verify_points,
+        compress=body.compress,
+        key=body.key,
     )
     return protection.protect(ctx, vm=body.vm, to=body.to, policy=policy, submit=runtime.submit)
 
@@ -65,7 +82,7 @@ def show_item(ctx: Ctx, vm: str) -> dict[str, Any]:
 
 @router.patch("/items/{vm}")
 def update_policy(ctx: Ctx, vm: str, body: PolicyIn) -> dict[str, Any]:
-    return protection.update_policy(ctx, vm=vm, **body.model_dump(exclude_none=True))
+    return protection.update_policy(ctx, vm=vm, **body.changes())
 
 
 @router.post("/items/{vm}/disable")

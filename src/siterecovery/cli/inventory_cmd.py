@@ -19,7 +19,7 @@ from siterecovery.cli.session import JsonOpt, Session, SiteOpt, VaultOpt
 lab_app = typer.Typer(
     help="The embedded lab: two sites, their hosts, two VMs.", no_args_is_help=True
 )
-site_app = typer.Typer(help="Add and list sites.", no_args_is_help=True)
+site_app = typer.Typer(help="Add, list and set sites.", no_args_is_help=True)
 host_app = typer.Typer(help="Add and list hypervisor hosts.", no_args_is_help=True)
 vm_app = typer.Typer(help="Create, list, show, start, stop and check VMs.", no_args_is_help=True)
 
@@ -95,6 +95,30 @@ def site_list(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = Fa
     """List the sites."""
     with Session.of(ctx, vault, json_out) as session:
         session.emit(session.client.get("/sites"), render.sites)
+
+
+@site_app.command("set")
+def site_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Site name.")],
+    max_rate: Annotated[
+        str,
+        typer.Option(
+            "--max-rate",
+            metavar="RATE",
+            help="Bytes/s the site may send to other sites, summed over all its transfers "
+            "at once, e.g. 100M (0: no cap); each item's --max-rate applies too.",
+        ),
+    ],
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Set a site's bandwidth cap for what it sends to other sites."""
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.request(
+            "PATCH", f"/sites/{segment(name)}", body={"max_rate": max_rate}
+        )
+        session.emit(answer, render.site)
 
 
 @host_app.command("add")

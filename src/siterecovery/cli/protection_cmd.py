@@ -46,7 +46,29 @@ ThreadsOpt = Annotated[
 ]
 MaxRateOpt = Annotated[
     str | None,
-    typer.Option("--max-rate", metavar="RATE", help="Bytes/s cap, e.g. 50M (default 0: no cap)."),
+    typer.Option(
+        "--max-rate",
+        metavar="RATE",
+        help="Bytes/s cap of this item's transfers, e.g. 50M (default 0: no cap; "
+        "the site's own cap, `site set --max-rate`, applies too).",
+    ),
+]
+CompressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compress",
+        metavar="zstd|none",
+        help="Compress the data on the wire between sites (default none).",
+    ),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        metavar="NAME",
+        help="A vault key (`key create`) sealing the transfers between sites in flight, "
+        "on top of TLS; the replicas at rest are not encrypted by it.",
+    ),
 ]
 
 
@@ -57,6 +79,8 @@ def _policy(
     threads: int | None,
     max_rate: str | None,
     verify_points: bool | None,
+    compress: str | None = None,
+    key: str | None = None,
 ) -> dict[str, object]:
     """The policy fields of a request body (None: left out, the daemon decides)."""
     return {
@@ -66,6 +90,8 @@ def _policy(
         "threads": threads,
         "max_rate": max_rate,
         "verify_points": verify_points,
+        "compress": compress,
+        "key": key,
     }
 
 
@@ -81,16 +107,17 @@ def protect(
     verify_points: Annotated[
         bool, typer.Option("--verify-points", help="Check each point's digests after sealing.")
     ] = False,
+    compress: CompressOpt = None,
+    key: KeyOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the enable job to its end.")] = False,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Protect a VM: replicate its disks to another site and keep recovery points."""
-    body = {
-        "vm": vm,
-        "to": to,
-        **_policy(interval, app_consistent_every, retention, threads, max_rate, verify_points),
-    }
+    policy = _policy(
+        interval, app_consistent_every, retention, threads, max_rate, verify_points, compress, key
+    )
+    body = {"vm": vm, "to": to, **policy}
     with Session.of(ctx, vault, json_out) as session:
         started(session, session.client.post("/items", body), wait=wait)
 
@@ -108,11 +135,21 @@ def set_policy(
         bool | None,
         typer.Option("--verify-points/--no-verify-points", help="Check digests of each point."),
     ] = None,
+    compress: CompressOpt = None,
+    key: KeyOpt = None,
+    no_key: Annotated[
+        bool, typer.Option("--no-key", help="Transfers go under TLS only, without a key.")
+    ] = False,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Change the replication policy of a protected VM (options not given are kept)."""
-    body = _policy(interval, app_consistent_every, retention, threads, max_rate, verify_points)
+    if no_key and key is not None:
+        raise typer.BadParameter("give --key NAME or --no-key, not both", param_hint="--no-key")
+    body = _policy(
+        interval, app_consistent_every, retention, threads, max_rate, verify_points, compress,
+        "" if no_key else key,
+    )  # fmt: skip
     with Session.of(ctx, vault, json_out) as session:
         answer = session.client.request("PATCH", f"/items/{segment(vm)}", body=body)
         session.emit(answer, render.item)

@@ -205,6 +205,7 @@ SITE_COLUMNS: list[Column] = [
     ("PROVIDER", key("provider")),
     ("ROLE", key("role")),
     ("PATH", key("path")),
+    ("MAX RATE", key("max_rate", rate_text)),
     ("AGENT", lambda d: _agent_text(d.get("agent"))),
 ]
 

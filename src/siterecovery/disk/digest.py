@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import blake3
 import numpy as np
@@ -172,10 +173,25 @@ def disk_digest(dev: BlockDevice, *, threads: int = 2, cancelled: Cancelled | No
     return f"{DISK_DIGEST_ALGORITHM}:{hasher.hexdigest()}"
 
 
+@runtime_checkable
+class HashesItself(Protocol):
+    """A device whose owner computes its whole-disk digest where the disk is
+    (a wire target: the receiver hashes its own disk, only the digest crosses)."""
+
+    def disk_digest(self) -> str: ...
+
+
+def whole_digest(dev: BlockDevice) -> str:
+    """:func:`disk_digest` of ``dev``, computed where its disk lives."""
+    return dev.disk_digest() if isinstance(dev, HashesItself) else disk_digest(dev)
+
+
 def integrity_proof(src: BlockDevice, dst: BlockDevice, disk: str) -> dict[str, str]:
     """Whole-disk digests of a source and its copy: ``{"source_digest",
-    "target_digest"}``, equal, or IntegrityError naming ``disk``."""
-    source, target = disk_digest(src), disk_digest(dst)
+    "target_digest"}``, equal, or IntegrityError naming ``disk``. Each is
+    computed where its disk is (see :func:`whole_digest`): a copy at another
+    site is not read back."""
+    source, target = whole_digest(src), whole_digest(dst)
     if source != target:
         raise IntegrityError(what=f"disk {disk}", source=source, target=target)
     return {"source_digest": source, "target_digest": target}

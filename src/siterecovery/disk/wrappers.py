@@ -112,50 +112,117 @@ class TokenBucket:
 
     :meth:`take` lets a request through at once and makes the caller sleep off
     the debt, so requests larger than ``burst`` work and the long-run rate is
-    exact. The sleep is cut into slices of at most :data:`SLICE` seconds;
-    ``interrupt`` (a sync's cancel check) is called between slices: when it
-    returns True or raises, the caller stops waiting at once, so a low cap never
-    delays a cancel by more than a slice.
+    exact: however many threads take from one bucket, the bytes of the takes
+    that have returned ``t`` seconds after its creation never exceed
+    ``burst + rate × t`` (at a constant rate). The
+    sleep is cut into slices of at most :data:`SLICE` seconds; ``interrupt``
+    (a sync's cancel check: the bucket's own, or one given to :meth:`take` by
+    each of the transfers sharing it) is called between slices: when it
+    returns True or raises, the caller stops waiting at once, so a low cap
+    never delays a cancel by more than a slice.
+
+    :meth:`set_rate` changes the rate while takers wait (a site's cap, set by
+    its latest transfer); rate 0 lifts the cap. ``clock`` and ``sleep`` are
+    :func:`time.monotonic` and :func:`time.sleep` but for tests.
     """
 
     SLICE = 0.2
 
     def __init__(
-        self, rate: int, burst: int, *, interrupt: Callable[[], bool] | None = None
+        self,
+        rate: int,
+        burst: int,
+        *,
+        interrupt: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if rate <= 0 or burst <= 0:
             raise InvalidInput(field="bytes_per_second", reason=f"{rate}/{burst} is not positive")
         self._rate = rate
         self._burst = burst
         self._interrupt = interrupt
+        self._clock = clock
+        self._sleep = sleep
         self._tokens = float(burst)
-        self._stamp = time.monotonic()
+        self._stamp = clock()
         self._lock = threading.Lock()
 
     @property
     def rate(self) -> int:
         return self._rate
 
-    def take(self, nbytes: int) -> None:
-        """Spend ``nbytes`` tokens, sleeping while the bucket is in debt."""
+    @property
+    def burst(self) -> int:
+        return self._burst
+
+    def set_rate(self, rate: int, burst: int | None = None) -> None:
+        """From now on ``rate`` bytes/s (0: no cap) and ``burst`` (default a
+        quarter second of the rate); the tokens saved so far are kept, up to
+        the new burst, and a debt stays a debt."""
+        if rate < 0 or (burst is not None and burst <= 0):
+            raise InvalidInput(field="bytes_per_second", reason=f"{rate}/{burst} is not valid")
+        with self._lock:
+            self._refill(self._clock())
+            self._rate = rate
+            self._burst = burst or default_burst(rate) or self._burst
+            self._tokens = min(self._tokens, float(self._burst))
+
+    def take(self, nbytes: int, interrupt: Callable[[], bool] | None = None) -> float:
+        """Spend ``nbytes`` tokens, sleeping while the bucket is in debt; the
+        seconds slept. ``interrupt``: this caller's, instead of the bucket's."""
         wait = self.debit(nbytes)
-        if self._interrupt is None:
-            time.sleep(wait)
-            return
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, self.SLICE))
-            if self._interrupt():
-                return
+        if wait <= 0:
+            return 0.0
+        check = interrupt or self._interrupt
+        start = self._clock()
+        if check is None:
+            self._sleep(wait)
+            return self._clock() - start
+        deadline = start + wait
+        while (left := deadline - self._clock()) > 0:
+            self._sleep(min(left, self.SLICE))
+            if check():
+                break
+        return self._clock() - start
 
     def debit(self, nbytes: int) -> float:
         """Spend ``nbytes`` tokens now; returns the seconds the caller must wait."""
         with self._lock:
-            now = time.monotonic()
-            elapsed = now - self._stamp
-            self._tokens = min(self._burst, self._tokens + elapsed * self._rate) - nbytes
-            self._stamp = now
+            self._refill(self._clock())
+            if self._rate == 0:
+                return 0.0
+            self._tokens -= nbytes
             return max(0.0, -self._tokens / self._rate)
+
+    def _refill(self, now: float) -> None:
+        """The tokens earned since the last stamp, at the current rate (lock held)."""
+        elapsed = max(0.0, now - self._stamp)
+        self._tokens = min(float(self._burst), self._tokens + elapsed * self._rate)
+        self._stamp = now
+
+
+def default_burst(rate: int) -> int:
+    """The burst of a cap of ``rate`` bytes/s: a quarter second of it (0 for none)."""
+    return rate // 4 or (1 if rate > 0 else 0)
+
+
+class _Waited:
+    """Seconds the takers of a RateLimitedDevice and its clones slept. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        if seconds > 0:
+            with self._lock:
+                self._seconds += seconds
+
+    @property
+    def seconds(self) -> float:
+        with self._lock:
+            return self._seconds
 
 
 class RateLimitedDevice:
@@ -164,6 +231,12 @@ class RateLimitedDevice:
     Used for replication bandwidth limits. ``zero`` moves no data and is not
     limited. The limit applies before each request, so a request of any size
     passes and the caller then waits for its bytes. Contents are unchanged.
+
+    ``bucket``: a bucket to share with other devices (a site's cap shared by
+    every transfer it sends), then ``bytes_per_second`` is ignored;
+    ``interrupt`` is this device's cancel check (its clones' too).
+    :attr:`waited_seconds` is what this device and its clones slept on the
+    bucket, not what other devices sharing it slept.
     """
 
     def __init__(
@@ -174,11 +247,14 @@ class RateLimitedDevice:
         burst: int | None = None,
         bucket: TokenBucket | None = None,
         interrupt: Callable[[], bool] | None = None,
+        waited: _Waited | None = None,
     ) -> None:
         self._inner = inner
         self._bucket = bucket or TokenBucket(
-            bytes_per_second, burst or bytes_per_second // 4 or 1, interrupt=interrupt
+            bytes_per_second, burst or default_burst(bytes_per_second) or 1
         )
+        self._interrupt = interrupt
+        self._waited = waited or _Waited()
 
     @property
     def inner(self) -> BlockDevice:
@@ -194,15 +270,21 @@ class RateLimitedDevice:
         return self._bucket.rate
 
     @property
+    def waited_seconds(self) -> float:
+        """Seconds this device and its clones slept on the bucket (summed over
+        threads: two clones sleeping one second at once count two)."""
+        return self._waited.seconds
+
+    @property
     def size(self) -> int:
         return self._inner.size
 
     def readinto(self, offset: int, buf: memoryview) -> None:
-        self._bucket.take(len(buf))
+        self._waited.add(self._bucket.take(len(buf), self._interrupt))
         self._inner.readinto(offset, buf)
 
     def write(self, offset: int, buf: memoryview) -> None:
-        self._bucket.take(len(buf))
+        self._waited.add(self._bucket.take(len(buf), self._interrupt))
         self._inner.write(offset, buf)
 
     def zero(self, offset: int, length: int) -> None:
@@ -219,7 +301,10 @@ class RateLimitedDevice:
 
     def clone(self) -> RateLimitedDevice:
         """A clone of the inner device sharing this device's token bucket."""
-        return RateLimitedDevice(self._inner.clone(), self._bucket.rate, bucket=self._bucket)
+        return RateLimitedDevice(
+            self._inner.clone(), self._bucket.rate, bucket=self._bucket,
+            interrupt=self._interrupt, waited=self._waited,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._inner.close()

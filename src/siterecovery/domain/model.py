@@ -76,6 +76,9 @@ class Site:
     provider: str
     path: str
     role: SiteRole
+    max_rate: int = 0
+    """Bytes/s this site may send to other sites, summed over all its
+    concurrent transfers (0: no cap); each item's own ``max_rate`` applies too."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,9 +132,18 @@ class Vm:
         }
 
 
+COMPRESSIONS = ("none", "zstd")
+"""What a policy's ``compress`` may be: payloads as they are, or zstd on the wire."""
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Replication policy of an item. Durations are seconds, rates bytes/second."""
+    """Replication policy of an item. Durations are seconds, rates bytes/second.
+
+    The wire policy of its transfers between sites: ``compress`` (``none`` or
+    ``zstd``), ``key`` (the name of a vault key sealing every frame in flight,
+    on top of TLS; None: TLS only) and ``max_rate``. Replicas at rest are not
+    encrypted by the key."""
 
     interval: float = 30.0
     app_consistent_every: int = 0
@@ -139,6 +151,8 @@ class Policy:
     threads: int = 4
     max_rate: int = 0
     verify_points: bool = False
+    compress: str = "none"
+    key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -123,6 +123,7 @@ def _movement(job_id: str, vm: str, prepared: dict[str, Any], phase: str) -> dat
         progress=reporter,
         cancelled=cancel_check(reporter, job_id),
         max_rate=load_item(vm).policy.max_rate,
+        source_site=str(prepared["frm"]),
     )
 
 

@@ -32,6 +32,7 @@ from siterecovery.jobs.common import (
 )
 from siterecovery.jobs.runtime import ProgressReporter, context, job_scope
 from siterecovery.replication.cycle import PassOptions, run_pass
+from siterecovery.services import agents
 from siterecovery.services.context import Context
 from siterecovery.services.failover import home_of
 from siterecovery.services.protection import find_point
@@ -82,6 +83,11 @@ def _stop_source_best_effort(vm: str, frm: str, to: str) -> dict[str, Any]:
     source = vm_at(ctx, vm, frm)
     if source is None:
         return {"stopped": None, "reason": "the source VM is gone"}
+    down = agents.site_health(ctx, frm)
+    if down is not None and not down.reachable:
+        # The daemon's monitor already knows: no waiting on a dead site.
+        reason = f"site '{frm}' unreachable since {down.since} ({down.error}): {down.message}"
+        return {"stopped": None, "reason": reason}
     try:
         return stop_vm(ctx, source)
     except (SiteRecoveryError, OSError) as exc:

@@ -1,10 +1,13 @@
 """The provider interface: what a site's hypervisor and storage must offer.
 
-A provider runs VMs and stores replicas for the sites that use it. The
-``local`` provider (embedded default) is a directory per site, a
-qemu-storage-daemon per running VM and a guest workload process; later ones
-(libvirt, page blobs) implement the same protocol. Providers are registered
-by name in :data:`PROVIDERS`.
+A provider is the data plane of the sites that use it, in two halves: a
+:class:`Hypervisor` (VMs, guest agent, disk access and change tracking) and a
+:class:`~siterecovery.providers.replicas.ReplicaStore` (recovery-point
+chains), each with its contract suite (``tests/providers/``). The ``local``
+provider (embedded default) is a directory per site, a qemu-storage-daemon per
+running VM and a guest workload process; later ones (libvirt, page blobs)
+implement the same protocols, and may pair differently (a libvirt hypervisor
+with a page-blob store). Providers are registered by name in :data:`PROVIDERS`.
 """
 
 from __future__ import annotations
@@ -51,29 +54,18 @@ class GuestAgent(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-class Provider(Protocol):
-    """Runs VMs and holds replica storage for the sites that use it.
+class Hypervisor(Protocol):
+    """What runs a site's VMs: define them (blank, or on a point of the site's
+    replica store), start, stop, delete, power, the guest agent, and block
+    access to their disks with change tracking (``disk_access``: QMP for
+    checkpoints and point-in-time views, NBD for the bytes).
 
-    Methods are idempotent where they say so and thread-safe per VM.
+    Methods are idempotent where they say so and thread-safe per VM. It is
+    used inside one site (an agent, or the embedded default's process): the
+    paths it takes and gives never cross to another site.
     """
 
     kind: str
-    @property
-    def replicas(self) -> ReplicaStore:
-        """Where the provider's sites keep recovery-point chains."""
-        ...
-
-    def prepare_site(self, site: Site, *, storage: str = "block") -> None:
-        """Create the site's storage layout. Idempotent.
-
-        ``storage`` is the kind of disk storage (``block``, or ``managed`` for
-        storage without block access: its disks cannot fail back).
-        """
-        ...
-
-    def storage(self, site: Site) -> str:
-        """The kind of the site's disk storage (see :meth:`prepare_site`)."""
-        ...
 
     def create_vm(
         self,
@@ -85,19 +77,14 @@ class Provider(Protocol):
     ) -> None:
         """Create the VM's definition and disks. Idempotent.
 
-        Disks are blank, or, for a disk named in ``bases``, a qcow2 overlay on that
-        image (failover to a recovery point: nothing is copied). ``checkpoint``
+        Disks are blank, or, for a disk named in ``bases``, an overlay on that
+        image (a point of the replica store: nothing is copied). ``checkpoint``
         starts change tracking on every new disk from its first write.
         """
         ...
 
     def replace_disks(self, site: Site, vm: Vm) -> None:
         """Give a stopped VM new blank disks."""
-        ...
-
-    def adopt_disks(self, site: Site, vm: Vm, chains: dict[str, Path], seq: int) -> None:
-        """Turn a stopped VM's disks into the base file ``pSEQ`` of replica chains
-        and delete the VM. Idempotent."""
         ...
 
     def add_checkpoint(self, site: Site, vm: Vm, checkpoint: str) -> None:
@@ -144,12 +131,38 @@ class Provider(Protocol):
         the integrity proof; :meth:`start_vm` refuses a marked VM."""
         ...
 
-    def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
-        """Where the VM's disk image lives (qcow2)."""
+    def disk_image(self, site: Site, vm: Vm, disk: str) -> Path:
+        """The image of the VM's disk (for the replica store to adopt it)."""
         ...
 
-    def replica_dir(self, site: Site, vm_name: str, disk: str) -> Path:
-        """Directory holding the recovery-point chain of one disk of one item."""
+    def reads_through(self, site: Site, vm: Vm) -> set[Path]:
+        """The images the VM's disks read through (their bases), which must
+        outlive the VM's replica chains."""
+        ...
+
+
+class Provider(Protocol):
+    """The data plane of the sites that use it: a hypervisor for their VMs and a
+    replica store for their recovery-point chains."""
+
+    kind: str
+
+    @property
+    def hypervisor(self) -> Hypervisor: ...
+
+    @property
+    def replicas(self) -> ReplicaStore: ...
+
+    def prepare_site(self, site: Site, *, storage: str = "block") -> None:
+        """Create the site's storage layout. Idempotent.
+
+        ``storage`` is the kind of disk storage (``block``, or ``managed`` for
+        storage without block access: its disks cannot fail back).
+        """
+        ...
+
+    def storage(self, site: Site) -> str:
+        """The kind of the site's disk storage (see :meth:`prepare_site`)."""
         ...
 
     def run_dir(self, site: Site, key: str) -> Path:
@@ -157,18 +170,31 @@ class Provider(Protocol):
         ...
 
 
-PROVIDER_METHODS = tuple(
-    name for name in vars(Provider) if not name.startswith("_") and callable(vars(Provider)[name])
-)
-"""Every method of the protocol: a provider must have them all (nothing optional
-is reached by ``getattr``, so no safety marker can be silently skipped)."""
+def _methods(protocol: type) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name in vars(protocol)
+        if not name.startswith("_") and callable(vars(protocol)[name])
+    )
+
+
+HYPERVISOR_METHODS = _methods(Hypervisor)
+REPLICA_METHODS = _methods(ReplicaStore)
+PROVIDER_METHODS = ("prepare_site", "storage", "run_dir")
+"""Every method of the protocols: a provider must have them all, and so must
+its hypervisor and its replica store (nothing optional is reached by
+``getattr``, so no safety marker can be silently skipped)."""
 
 
 def check_provider(name: str, provider: object) -> None:
-    """Refuse a provider that lacks a method of the protocol (InternalError)."""
+    """Refuse a provider that lacks a method of the protocols (InternalError)."""
     from siterecovery.domain.errors import InternalError
 
     missing = [m for m in PROVIDER_METHODS if not callable(getattr(provider, m, None))]
+    halves = (("hypervisor", HYPERVISOR_METHODS), ("replicas", REPLICA_METHODS))
+    for half, methods in halves:
+        part = getattr(provider, half, None)
+        missing += [f"{half}.{m}" for m in methods if not callable(getattr(part, m, None))]
     if missing:
         raise InternalError(detail=f"provider '{name}' lacks {', '.join(missing)}")
 

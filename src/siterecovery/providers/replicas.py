@@ -19,6 +19,7 @@ never listed and never read by a failover.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Protocol
 
 from siterecovery.disk.base import BlockDevice
@@ -84,4 +85,17 @@ class ReplicaStore(Protocol):
 
     def space_free(self, site: Site) -> int | None:
         """Bytes still free for new points at the site (None: unknown)."""
+        ...
+
+    # Shared with the site's hypervisor (inside one agent, never across sites) ------
+
+    def point_image(self, site: Site, item: str, disk: str, name: str) -> Path:
+        """The image of sealed point ``name`` for the site's hypervisor to base a
+        VM disk on (an overlay: nothing copied). PointNotFound if not sealed."""
+        ...
+
+    def adopt(self, site: Site, item: str, disk: str, seq: int, image: Path) -> str:
+        """Make a stopped VM's disk ``image`` (of the site's hypervisor) point
+        ``seq`` of the chain, moved, not copied (reprotect: the data left at the
+        site becomes the common base). Idempotent; returns the point's name."""
         ...

@@ -33,8 +33,9 @@ from siterecovery.domain.errors import BitmapInconsistent, DiskFull
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
 from siterecovery.points.retention import points_to_drop
 from siterecovery.replication.resume import ResumeOffsets
+from siterecovery.replication.wire_policy import transfer_of
 from siterecovery.services.context import Context
-from siterecovery.sites.base import FrozenDisks, SiteAgent, Transfer
+from siterecovery.sites.base import FrozenDisks, SiteAgent, Transfer, end_after_failure
 
 Progress = Callable[[int, int], None]
 
@@ -149,33 +150,37 @@ class PassRun:
         resumed = options.initial and tracking == "resumed"
         offsets = ResumeOffsets(self.ctx.store, self.item.vm, options.tag)
         resume = offsets.get(disk) if resumed else 0
-        receipt = self.target.receive_point(self.item.vm, disk, self.seq, size, resume=bool(resume))
+        transfer = self._transfer()
+        receipt = self.target.receive_point(
+            self.item.vm, disk, self.seq, size, resume=bool(resume), transfer=transfer
+        )
         what = f"the pass of '{self.vm.name}' (disk {disk})"
         try:
             report = self.source.send_disk(
-                self.vm, disk, options.tag, receipt, self._transfer(), initial=options.initial,
+                self.vm, disk, options.tag, receipt, transfer, initial=options.initial,
                 resume=resume, progress=options.progress,
                 checkpoint=lambda offset: offsets.save(disk, offset), cancelled=options.cancelled,
             )  # fmt: skip
         except DiskFull as e:
             # Its space goes back and no point is sealed.
-            self.target.end_receive(receipt, keep=False)
+            end_after_failure(self.target, receipt, keep=False)
             where = self.target.location(self.item.vm, disk)
             free = self.target.space_free()
             raise DiskFull(what=what, where=where, site=self.target_site.name, free=free) from e
         except BaseException:
-            self.target.end_receive(receipt, keep=True)
+            end_after_failure(self.target, receipt, keep=True)
             raise
         self.target.end_receive(receipt, keep=True)
         return {**report, "tracking": tracking}
 
     def _transfer(self) -> Transfer:
+        """The item's wire policy, the source site's cap and the key's material."""
         policy = self.item.policy
-        return Transfer(
-            threads=policy.threads,
-            max_rate=policy.max_rate,
+        return transfer_of(
+            self.ctx, policy, threads=policy.threads, max_rate=policy.max_rate,
+            site_max_rate=self.source_site.max_rate,
             verify=policy.verify_points or self.options.initial,
-        )
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

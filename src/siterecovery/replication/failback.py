@@ -27,8 +27,17 @@ from typing import Any
 from siterecovery.domain.errors import DiskFull
 from siterecovery.domain.model import Vm
 from siterecovery.replication.resume import ResumeOffsets
+from siterecovery.replication.wire_policy import transfer_of
 from siterecovery.services.context import Context
-from siterecovery.sites.base import Extents, FrozenView, Receipt, Since, SiteAgent, Transfer
+from siterecovery.sites.base import (
+    Extents,
+    FrozenView,
+    Receipt,
+    Since,
+    SiteAgent,
+    Transfer,
+    end_after_failure,
+)
 
 Progress = Callable[[int, int], None]
 PHASE2_GRANULARITY = 4096
@@ -56,13 +65,21 @@ class Movement:
     cancelled: Callable[[], bool] | None = None
     max_rate: int = 0
     """Bandwidth cap in bytes/s (the item's policy), 0 for none."""
+    source_site: str | None = None
+    """The site sending the disks: its cap applies too (None: none)."""
 
     @property
     def offsets(self) -> ResumeOffsets:
         return ResumeOffsets(self.ctx.store, self.item, self.tag)
 
     def transfer(self, *, verify: bool) -> Transfer:
-        return Transfer(threads=self.threads, max_rate=self.max_rate, verify=verify)
+        """The item's wire policy (compression, key), its cap and the sending site's."""
+        policy = self.ctx.store.get_item(vm=self.item).policy
+        site = self.source_site
+        return transfer_of(
+            self.ctx, policy, threads=self.threads, max_rate=self.max_rate, verify=verify,
+            site_max_rate=0 if site is None else self.ctx.store.get_site(name=site).max_rate,
+        )  # fmt: skip
 
 
 def delta_phase1(
@@ -145,7 +162,7 @@ def _send_all(
     agent to agent: each resumes at its saved offset, and persists new ones."""
     report: dict[str, Any] = {}
     transfer = move.transfer(verify=verify)
-    with _space(target), _receipts(target, blank=blank) as receipts:
+    with _space(target), _receipts(target, blank=blank, transfer=transfer) as receipts:
         for disk in source.vm.disks:
             name = disk.name
 
@@ -163,13 +180,16 @@ def _send_all(
 
 
 @contextmanager
-def _receipts(target: Side, *, blank: bool) -> Iterator[dict[str, Receipt]]:
-    receipts = target.site.receive_disks(target.vm, blank=blank)
+def _receipts(target: Side, *, blank: bool, transfer: Transfer) -> Iterator[dict[str, Receipt]]:
+    receipts = target.site.receive_disks(target.vm, blank=blank, transfer=transfer)
     try:
         yield receipts
-    finally:
+    except BaseException:
         for receipt in receipts.values():
-            target.site.end_receive(receipt, keep=True)
+            end_after_failure(target.site, receipt, keep=True)
+        raise
+    for receipt in receipts.values():
+        target.site.end_receive(receipt, keep=True)
 
 
 @contextmanager

@@ -12,10 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from siterecovery.domain.errors import AlreadyExists, InvalidInput, SitePathRefused, VmBusy
+from siterecovery.domain.errors import (
+    AgentUnreachable,
+    AlreadyExists,
+    InvalidInput,
+    SitePathRefused,
+    VmBusy,
+)
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, OsType, Site, SiteRole, Vm, VmPower
 from siterecovery.domain.values import check_name, parse_size
+from siterecovery.services import agents
 from siterecovery.services.context import AGENT_PROVIDER, Context
 
 MAX_DISKS = 8
@@ -128,6 +135,13 @@ def add_host(
     return ctx.store.add_host(host=host)
 
 
+def set_site(ctx: Context, *, name: str, max_rate: str | int) -> Site:
+    """Set the site's sending cap: bytes/s summed over every transfer it sends to
+    another site at once (0: none). It applies from each transfer's next start."""
+    rate = parse_size("max-rate", max_rate, minimum=0) if max_rate not in (0, "0") else 0
+    return ctx.store.update_site(name=name, max_rate=rate)
+
+
 def set_host(ctx: Context, *, name: str, connected: bool) -> Host:
     """Mark a host connected or not (a disconnected host takes no failover)."""
     ctx.store.get_host(name=name)
@@ -232,9 +246,28 @@ def vm_view(ctx: Context, vm: Vm) -> dict[str, Any]:
 
 
 def list_vms(ctx: Context, *, site: str | None = None) -> list[dict[str, Any]]:
+    """Every VM (of ``site``). A VM whose site's agent does not answer (cached
+    as unreachable by the daemon's health monitor, or failing now) is listed
+    with power ``unknown`` and the error, never hiding the others: in a
+    disaster the list is what the administrator looks at first."""
     if site is not None:
         ctx.store.get_site(name=site)
-    return [vm_view(ctx, vm) for vm in ctx.store.find_vms(site=site)]
+    views = []
+    for vm in ctx.store.find_vms(site=site):
+        health = agents.site_health(ctx, vm.site)
+        if health is not None and not health.reachable:
+            views.append(_unknown(vm, AgentUnreachable(site=vm.site, url=health.url,
+                                                       detail=health.message or "")))  # fmt: skip
+            continue
+        try:
+            views.append(vm_view(ctx, vm))
+        except AgentUnreachable as e:
+            views.append(_unknown(vm, e))
+    return views
+
+
+def _unknown(vm: Vm, error: AgentUnreachable) -> dict[str, Any]:
+    return {**vm.to_dict(), "power": "unknown", "guest": {}, "unreachable": error.to_dict()}
 
 
 def show_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:

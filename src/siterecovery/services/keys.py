@@ -1,8 +1,10 @@
 """Encryption keys: create, list, export and import them.
 
 The material leaves the vault only through :func:`load_key`, called by the
-code that seals a sync stream, and :func:`export_key`, which writes it to a
-file only its owner can read (to import into the vault of the other site);
+code that seals a sync stream, :func:`transfer_key`, for the transfers of an
+item whose policy names the key (handed to the two agents of each transfer),
+and :func:`export_key`, which writes it to a file only its owner can read (to
+import into the vault of the other site);
 every other answer is :meth:`SecretKey.describe`. In the vault the material
 is wrapped under the vault master key (``keys/master.py``); the functions that
 take a ``store`` run without a daemon and are given the vault's
@@ -22,6 +24,7 @@ from siterecovery.keys import SecretKey, export_document, generate, parse_export
 from siterecovery.keys.master import MasterKey
 from siterecovery.services.context import Context
 from siterecovery.store import keys as key_store
+from siterecovery.store.agents import list_agents
 from siterecovery.store.repo import VaultStore
 
 
@@ -41,6 +44,18 @@ def list_keys(ctx: Context) -> list[dict[str, Any]]:
 def load_key(store: VaultStore, *, master: MasterKey, name: str) -> SecretKey:
     """The key ``name`` with its material (KeyNotFound when missing)."""
     return key_store.get_key(store, master=master, name=name)
+
+
+def transfer_key(ctx: Context, *, name: str) -> SecretKey:
+    """The key ``name`` to seal an item's transfers between sites with.
+
+    KeyNotFound when the vault has none; InvalidInput for the engine's secret
+    of an agent (``agent-SITE``): it would be handed to the agents of a transfer.
+    """
+    if any(agent.secret_key == name for agent in list_agents(ctx.store)):
+        reason = f"'{name}' is the engine's secret for a site agent, not a transfer key"
+        raise InvalidInput(field="key", reason=reason + " (`siterecovery key create NAME`)")
+    return key_store.get_key(ctx.store, master=MasterKey(ctx.vault_dir), name=name)
 
 
 def rotate_master(store: VaultStore, *, master: MasterKey) -> dict[str, Any]:

@@ -18,11 +18,15 @@ the target; the engine sees only progress, checkpoints and the report.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from siterecovery.domain.errors import SiteRecoveryError
 from siterecovery.domain.model import DiskDef, OsType, Vm, VmPower
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)`` of one transfer."""
@@ -73,10 +77,20 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Transfer:
-    """How one disk is sent: the wire policy of its item."""
+    """How one disk is sent: the wire policy of its item and of the sending site.
+
+    Both ends get it: the sender (:meth:`SiteAgent.send_disk`) connects with
+    the key and compression, the receiver (:meth:`SiteAgent.receive_point`,
+    :meth:`SiteAgent.receive_disks`) registers its ticket with the same key,
+    so a sender without it is refused. Rates are bytes/s read from the
+    source to send, 0 for no cap."""
 
     threads: int = 4
     max_rate: int = 0
+    """The item's cap, for this transfer alone."""
+    site_max_rate: int = 0
+    """The sending site's cap, shared by every transfer the site sends at once;
+    the latest transfer's value is the site's rate."""
     compress: bool = False
     key: str | None = None
     """Name of the key sealing the payloads in flight (None: TLS only)."""
@@ -94,7 +108,10 @@ class Transfer:
         return cls(**data)
 
     def __repr__(self) -> str:  # never show the key material
-        return f"Transfer(threads={self.threads}, max_rate={self.max_rate}, key={self.key!r})"
+        return (
+            f"Transfer(threads={self.threads}, max_rate={self.max_rate}, "
+            f"site_max_rate={self.site_max_rate}, compress={self.compress}, key={self.key!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,11 +306,19 @@ class SiteAgent(Protocol):
         ...
 
     def receive_point(
-        self, item: str, disk: str, seq: int, size: int, *, resume: bool = False
+        self,
+        item: str,
+        disk: str,
+        seq: int,
+        size: int,
+        *,
+        resume: bool = False,
+        transfer: Transfer | None = None,
     ) -> Receipt:
         """Open point ``seq`` of the disk's chain for one sender (see module doc).
         With ``resume``, a partial point of the same seq is kept (a resumed
-        sync); otherwise partial points are discarded first."""
+        sync); otherwise partial points are discarded first. ``transfer``:
+        the wire accepts only a sender sealing with its key (None: TLS only)."""
         ...
 
     def end_receive(self, receipt: Receipt, *, keep: bool) -> None:
@@ -351,7 +376,12 @@ class SiteAgent(Protocol):
         cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Send the frozen view ``tag`` of ``disk`` to ``receipt``; the disk's
-        report (mode, bytes read/written/sent, digests when verified).
+        report (mode, bytes read/written/sent, digests when verified, and the
+        wire policy applied: ``sealed``, ``compressed``, ``bytes_on_wire`` —
+        False, False, 0 for a receipt in the same process, which uses no wire
+        — ``max_rate``, ``site_max_rate`` and the seconds slept on each cap,
+        summed over the transfer's threads: ``throttled_seconds`` and
+        ``site_throttled_seconds``).
 
         ``mode`` None: a pass chooses (full into an empty chain, checksums for
         an initial sync onto a chain, else tracked when the view has a bitmap).
@@ -369,10 +399,12 @@ class SiteAgent(Protocol):
 
     # Failback (both ends) ---------------------------------------------------------------
 
-    def receive_disks(self, vm: Vm, *, blank: bool) -> dict[str, Receipt]:
+    def receive_disks(
+        self, vm: Vm, *, blank: bool, transfer: Transfer | None = None
+    ) -> dict[str, Receipt]:
         """Open the stopped VM's own disks for one sender each (a failback's
         target); ``blank``: they were just created or replaced. Each receipt
-        is closed by :meth:`end_receive`."""
+        is closed by :meth:`end_receive`. ``transfer`` as for :meth:`receive_point`."""
         ...
 
     def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
@@ -407,3 +439,13 @@ class SiteAgent(Protocol):
         """The guest journal check of ``image`` (disk 0 first), run at this
         site: the report's dict, and ``where``."""
         ...
+
+
+def end_after_failure(site: SiteAgent, receipt: Receipt, *, keep: bool) -> None:
+    """Close a receipt while another error is on its way up: a failure to
+    close (the target's agent is the one that died) is logged, never raised,
+    so that the error reported is the one that ended the transfer."""
+    try:
+        site.end_receive(receipt, keep=keep)
+    except SiteRecoveryError as e:
+        log.warning("could not close the receipt at site %s after a failure: %s", site.name, e)

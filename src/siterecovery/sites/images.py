@@ -23,7 +23,8 @@ from siterecovery.disk.checkpoints import CHECK_PREFIX, PointInTimeView, Tracker
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.model import Site
-from siterecovery.providers.base import DiskAccess, Provider
+from siterecovery.providers.base import DiskAccess, Hypervisor
+from siterecovery.providers.replicas import ReplicaStore
 from siterecovery.sites.base import Image
 
 CHECK_TAG = "check"
@@ -37,16 +38,14 @@ Where = dict[str, Any]
 
 @contextmanager
 def open_image(
-    provider: Provider, site: Site, image: Image
+    vms: Hypervisor, replicas: ReplicaStore, site: Site, image: Image
 ) -> Iterator[tuple[dict[str, BlockDevice], Where]]:
     """The disks of ``image`` by name (in the VM's order, or the point's
     disks sorted), read-only, and what was read, open while inside."""
     if image.point is not None:
         with ExitStack() as stack:
             devices: dict[str, BlockDevice] = {
-                disk: stack.enter_context(
-                    provider.replicas.open_point(site, image.point.item, disk, name)
-                )
+                disk: stack.enter_context(replicas.open_point(site, image.point.item, disk, name))
                 for disk, name in sorted(image.point.files.items())
             }
             yield devices, {"site": site.name, "image": "recovery point"}
@@ -54,12 +53,12 @@ def open_image(
     vm = image.vm
     if vm is None:
         raise InvalidInput(field="image", reason="name a VM or a point")
-    guest = provider.guest(site, vm) if image.quiesce else None
+    guest = vms.guest(site, vm) if image.quiesce else None
     with ExitStack() as stack:
         if guest is not None:
             guest.quiesce(timeout=300.0)
             stack.callback(guest.thaw)
-        access = stack.enter_context(provider.disk_access(site, vm))
+        access = stack.enter_context(vms.disk_access(site, vm))
         if not access.running or guest is not None:
             # Nothing writes to a stopped VM's disks, nor to a quiesced guest's.
             devices = {

@@ -15,7 +15,13 @@ Receipts: :meth:`receive_point` opens the new point for writing and registers
 it under a random ticket, both with this process (a sender in the same
 process writes to it directly) and, when this site serves a wire port, with
 its :class:`~siterecovery.wire.server.WireServer` (a sender at another site
-connects with the ticket over TLS).
+connects with the ticket over TLS, sealing with the transfer's key if it
+has one: the ticket is registered with that key).
+
+Bandwidth: every transfer this site sends reads its source through its
+item's cap (``Transfer.max_rate``) and through one token bucket of this
+site shared by all of them (``Transfer.site_max_rate``, the latest
+transfer's value being the bucket's rate).
 """
 
 from __future__ import annotations
@@ -32,16 +38,15 @@ from typing import Any, Protocol
 
 from siterecovery import __version__
 from siterecovery.agent.tls import client_context
-from siterecovery.disk import qemu_img
 from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
 from siterecovery.disk.digest import block_digests, disk_digest, integrity_proof
 from siterecovery.disk.nbd import NbdDevice
-from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice
+from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice, TokenBucket, default_burst
 from siterecovery.domain.errors import DiskError, InternalError
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.keys import SecretKey
-from siterecovery.providers.base import DiskAccess, GuestAgent, Provider
+from siterecovery.providers.base import DiskAccess, GuestAgent, Hypervisor, Provider
 from siterecovery.providers.local import journal
 from siterecovery.providers.replicas import ReplicaStore
 from siterecovery.replication.extents import UnionDirtyDevice
@@ -103,8 +108,17 @@ class WireEndpoint(Protocol):
     @property
     def cert_pem(self) -> str | None: ...
 
-    def register(self, ticket: str, device: BlockDevice) -> None:
-        """Let the sender holding ``ticket`` write ``device`` (clones per connection)."""
+    def register(
+        self,
+        ticket: str,
+        device: BlockDevice,
+        *,
+        key: SecretKey | None = None,
+        compress: bool = False,
+    ) -> None:
+        """Let the sender holding ``ticket`` write ``device`` (clones per
+        connection); with ``key``, only a sender sealing every frame with it.
+        ``compress``: what the receiver sends back (READ replies) is compressed."""
         ...
 
     def unregister(self, ticket: str) -> None: ...
@@ -117,10 +131,13 @@ class InProcessAgent:
         self.name = site.name
         self.site = site
         self.provider = provider
+        self.vms: Hypervisor = provider.hypervisor
         self.replicas: ReplicaStore = provider.replicas
         self.wire = wire
         self._sessions: dict[str, _Session] = {}
         self._guard = threading.Lock()
+        self._site_bucket: TokenBucket | None = None
+        """The site's sending cap, shared by all its transfers (made at the first cap)."""
 
     # The site --------------------------------------------------------------------
 
@@ -141,37 +158,38 @@ class InProcessAgent:
         bases = None
         if point is not None:
             bases = {
-                disk: self.provider.replica_dir(self.site, point.item, disk) / name
+                disk: self.replicas.point_image(self.site, point.item, disk, name)
                 for disk, name in point.files.items()
             }
-        self.provider.create_vm(self.site, vm, bases=bases, checkpoint=checkpoint)
+        self.vms.create_vm(self.site, vm, bases=bases, checkpoint=checkpoint)
 
     def replace_disks(self, vm: Vm) -> None:
-        self.provider.replace_disks(self.site, vm)
+        self.vms.replace_disks(self.site, vm)
 
     def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
-        chains = {d.name: self.provider.replica_dir(self.site, item, d.name) for d in vm.disks}
+        self.vms.stop_vm(self.site, vm)
         for disk in vm.disks:
-            self.replicas.discard(self.site, item, disk.name)
-        self.provider.adopt_disks(self.site, vm, chains, seq)
+            image = self.vms.disk_image(self.site, vm, disk.name)
+            self.replicas.adopt(self.site, item, disk.name, seq, image)
+        self.vms.delete_vm(self.site, vm)
 
     def set_inconsistent(self, vm: Vm, value: bool) -> None:
-        self.provider.set_inconsistent(self.site, vm, value)
+        self.vms.set_inconsistent(self.site, vm, value)
 
     def delete_vm(self, vm: Vm) -> None:
-        self.provider.delete_vm(self.site, vm)
+        self.vms.delete_vm(self.site, vm)
 
     def power(self, vm: Vm) -> VmPower:
-        return self.provider.power(self.site, vm)
+        return self.vms.power(self.site, vm)
 
     def start_vm(self, vm: Vm) -> None:
-        self.provider.start_vm(self.site, vm)
+        self.vms.start_vm(self.site, vm)
 
     def stop_vm(self, vm: Vm, *, timeout: float = 30.0) -> None:
-        self.provider.stop_vm(self.site, vm, timeout=timeout)
+        self.vms.stop_vm(self.site, vm, timeout=timeout)
 
     def guest_state(self, vm: Vm) -> dict[str, object]:
-        return self.provider.guest_state(self.site, vm)
+        return self.vms.guest_state(self.site, vm)
 
     # Replica chains ----------------------------------------------------------------
 
@@ -179,8 +197,16 @@ class InProcessAgent:
         return self.replicas.chain(self.site, item, disk)
 
     def receive_point(
-        self, item: str, disk: str, seq: int, size: int, *, resume: bool = False
+        self,
+        item: str,
+        disk: str,
+        seq: int,
+        size: int,
+        *,
+        resume: bool = False,
+        transfer: Transfer | None = None,
     ) -> Receipt:
+        sealing = _sealing(transfer)  # checked before anything is opened
         if not resume:
             self.replicas.discard(self.site, item, disk)
         has_parent = bool(self.replicas.chain(self.site, item, disk))
@@ -199,19 +225,27 @@ class InProcessAgent:
                 stack.close()
             self.replicas.discard(self.site, item, disk)
 
-        return self._register(device, end, has_parent=has_parent, size=size)
+        return self._register(device, end, has_parent=has_parent, size=size, sealing=sealing)
 
     def _register(
-        self, device: BlockDevice, end: Callable[[bool], None], *, has_parent: bool, size: int
+        self,
+        device: BlockDevice,
+        end: Callable[[bool], None],
+        *,
+        has_parent: bool,
+        size: int,
+        sealing: tuple[SecretKey | None, bool] = (None, False),
     ) -> Receipt:
-        """A receipt for ``device``: in this process, and on the wire port if any."""
+        """A receipt for ``device``: in this process, and on the wire port if
+        any, with the key and compression of ``sealing`` (see :func:`_sealing`)."""
         ticket = secrets.token_urlsafe(24)
         with _RECEIVING_GUARD:
             _RECEIVING[ticket] = _Receiving(device, end)
         address = LOCAL + self.name
         cert = None
         if self.wire is not None:
-            self.wire.register(ticket, device)
+            key, compress = sealing
+            self.wire.register(ticket, device, key=key, compress=compress)
             address, cert = self.wire.address, self.wire.cert_pem
         return Receipt(ticket, address, cert, has_parent, size)
 
@@ -235,12 +269,7 @@ class InProcessAgent:
                             grandchild=grandchild)  # fmt: skip
 
     def delete_chains(self, item: str, *, keep_for: list[Vm]) -> list[str]:
-        needed: set[str] = set()
-        for vm in keep_for:
-            for disk in vm.disks:
-                path = self.provider.disk_path(self.site, vm, disk.name)
-                if path.exists():
-                    needed.update(p.name for p in qemu_img.backing_chain(path)[1:])
+        needed = {path.name for vm in keep_for for path in self.vms.reads_through(self.site, vm)}
         return self.replicas.delete(self.site, item, keep=frozenset(needed))
 
     def space_free(self) -> int | None:
@@ -253,7 +282,7 @@ class InProcessAgent:
 
     def freeze(self, vms: list[Vm], tag: str, *, initial: bool, quiesce: bool) -> FrozenDisks:
         sessions = [self._session(vm, tag) for vm in vms]
-        guests = [self.provider.guest(self.site, vm) if quiesce else None for vm in vms]
+        guests = [self.vms.guest(self.site, vm) if quiesce else None for vm in vms]
         paused = time.monotonic()
         tracking: dict[str, dict[str, str]] = {}
         with quiesced(guests) as seqs:
@@ -292,7 +321,8 @@ class InProcessAgent:
             else named_mode(mode, view)
         )
         with self._source_alive(vm, session), view.open() as raw, _target(receipt, transfer) as dst:
-            counted = CountingDevice(_throttled(raw, transfer.max_rate, cancelled))
+            caps = _Caps(raw, transfer, self._site_cap(transfer.site_max_rate), cancelled)
+            counted = CountingDevice(caps.device)
             src: BlockDevice = counted
             if chosen is SyncMode.TRACKED and extra_dirty:
                 src = UnionDirtyDevice(counted, [Extent(a, n) for a, n in extra_dirty])
@@ -314,6 +344,8 @@ class InProcessAgent:
                 **result.to_dict(),
                 "mode": chosen.value,
                 "source_bytes_read": counted.counts.bytes_read,
+                **_wire_report(dst, transfer),
+                **caps.report(),
             }
             if transfer.verify:
                 report.update(integrity_proof(raw, dst, disk))
@@ -339,10 +371,13 @@ class InProcessAgent:
 
     # Failback ------------------------------------------------------------------------
 
-    def receive_disks(self, vm: Vm, *, blank: bool) -> dict[str, Receipt]:
+    def receive_disks(
+        self, vm: Vm, *, blank: bool, transfer: Transfer | None = None
+    ) -> dict[str, Receipt]:
+        sealing = _sealing(transfer)  # checked before anything is opened
         stack = ExitStack()
         try:
-            access = stack.enter_context(self.provider.disk_access(self.site, vm))
+            access = stack.enter_context(self.vms.disk_access(self.site, vm))
             devices = {
                 d.name: stack.enter_context(
                     NbdDevice.connect(access.nbd_socket, access.nodes[d.name], writable=True)
@@ -368,12 +403,14 @@ class InProcessAgent:
             return end
 
         return {
-            disk: self._register(device, end_of(disk), has_parent=not blank, size=device.size)
+            disk: self._register(
+                device, end_of(disk), has_parent=not blank, size=device.size, sealing=sealing
+            )
             for disk, device in devices.items()
         }
 
     def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
-        with self.provider.disk_access(self.site, vm) as access:
+        with self.vms.disk_access(self.site, vm) as access:
             return views.written_since(_trackers(access, vm), checkpoint, tag)
 
     def freeze_view(
@@ -385,14 +422,14 @@ class InProcessAgent:
         return frozen.state
 
     def measure(self, vm: Vm, *, since: str | None) -> dict[str, Any]:
-        with self.provider.disk_access(self.site, vm) as access:
+        with self.vms.disk_access(self.site, vm) as access:
             return views.measure(access, _trackers(access, vm), since)
 
     # Reading images --------------------------------------------------------------------
 
     def digests(self, image: Image, *, block: int | None = None) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        with open_image(self.provider, self.site, image) as (devices, _where):
+        with open_image(self.vms, self.replicas, self.site, image) as (devices, _where):
             for disk, device in devices.items():
                 if block is None:
                     found[disk] = {"size": device.size, "digest": disk_digest(device)}
@@ -405,9 +442,23 @@ class InProcessAgent:
         return found
 
     def check(self, image: Image) -> dict[str, Any]:
-        with open_image(self.provider, self.site, image) as (devices, where):
+        with open_image(self.vms, self.replicas, self.site, image) as (devices, where):
             report = journal.check(list(devices.values()))
         return {**report.to_dict(), "where": where}
+
+    # Bandwidth ---------------------------------------------------------------------
+
+    def _site_cap(self, rate: int) -> TokenBucket | None:
+        """The site's one bucket, at ``rate`` from now on (the latest transfer's
+        cap: 0 lifts it for the transfers running too); None while there is no cap."""
+        with self._guard:
+            if self._site_bucket is None:
+                if rate <= 0:
+                    return None
+                self._site_bucket = TokenBucket(rate, default_burst(rate))
+            elif rate != self._site_bucket.rate:
+                self._site_bucket.set_rate(rate)
+            return self._site_bucket if rate > 0 else None
 
     # Sessions ----------------------------------------------------------------------
 
@@ -423,7 +474,7 @@ class InProcessAgent:
             old.stack.close()
         stack = ExitStack()
         try:
-            access = stack.enter_context(self.provider.disk_access(self.site, vm))
+            access = stack.enter_context(self.vms.disk_access(self.site, vm))
         except BaseException:
             stack.close()
             raise
@@ -538,6 +589,69 @@ def _throttled(device: BlockDevice, max_rate: int, cancelled: Callable[[], bool]
     return RateLimitedDevice(device, max_rate, interrupt=cancelled)
 
 
+class _Caps:
+    """A transfer's source read through its item's cap, then through its site's
+    shared bucket (each only if set); both waits end early on a cancel."""
+
+    def __init__(
+        self,
+        raw: BlockDevice,
+        transfer: Transfer,
+        site: TokenBucket | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> None:
+        self.transfer = transfer
+        self.item = _throttled(raw, transfer.max_rate, cancelled)
+        self.site = None
+        if site is not None:
+            self.site = RateLimitedDevice(self.item, site.rate, bucket=site, interrupt=cancelled)
+        self.device: BlockDevice = self.item if self.site is None else self.site
+
+    def report(self) -> dict[str, Any]:
+        """The caps applied and the seconds this transfer slept on each."""
+        item = self.item.waited_seconds if isinstance(self.item, RateLimitedDevice) else 0.0
+        site = 0.0 if self.site is None else self.site.waited_seconds
+        return {
+            "max_rate": self.transfer.max_rate,
+            "site_max_rate": self.transfer.site_max_rate,
+            "throttled_seconds": round(item, 3),
+            "site_throttled_seconds": round(site, 3),
+        }
+
+
+def transfer_key(transfer: Transfer) -> SecretKey | None:
+    """The key a transfer is sealed with (None: TLS only); its material is
+    the transfer's, handed by the engine for this transfer only."""
+    if transfer.key is None:
+        return None
+    if not transfer.key_material:
+        raise InternalError(detail=f"the transfer names key '{transfer.key}' without its material")
+    try:
+        material = bytes.fromhex(transfer.key_material)
+    except ValueError:
+        raise InternalError(detail=f"the material of key '{transfer.key}' is not hex") from None
+    return SecretKey(transfer.key, datetime.now(UTC), material)
+
+
+def _sealing(transfer: Transfer | None) -> tuple[SecretKey | None, bool]:
+    """The key and compression a receipt's ticket is registered with."""
+    if transfer is None:
+        return None, False
+    return transfer_key(transfer), transfer.compress
+
+
+def _wire_report(dst: BlockDevice, transfer: Transfer) -> dict[str, Any]:
+    """What went on the wire: sealed, compressed and its bytes (headers
+    included), or False, False, 0 for a receipt of this process."""
+    if not isinstance(dst, RemoteDevice):
+        return {"sealed": False, "compressed": False, "bytes_on_wire": 0}
+    return {
+        "sealed": transfer.key is not None,
+        "compressed": transfer.compress,
+        "bytes_on_wire": dst.counts.bytes_sent,
+    }
+
+
 @contextmanager
 def _target(receipt: Receipt, transfer: Transfer) -> Iterator[BlockDevice]:
     """The device a receipt opens: in this process, or a wire connection."""
@@ -548,14 +662,11 @@ def _target(receipt: Receipt, transfer: Transfer) -> Iterator[BlockDevice]:
             raise InternalError(detail=f"receipt for {receipt.address} is closed")
         yield receiving.device
         return
-    key = None
-    if transfer.key and transfer.key_material:
-        key = SecretKey(transfer.key, datetime.now(UTC), bytes.fromhex(transfer.key_material))
     device = RemoteDevice.connect(
         receipt.address,
         size=receipt.size,
         job=receipt.ticket[:16],
-        key=key,
+        key=transfer_key(transfer),
         compress=transfer.compress,
         tls=client_context(receipt.cert_pem) if receipt.cert_pem else None,
         ticket=receipt.ticket,

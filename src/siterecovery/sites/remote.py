@@ -108,10 +108,17 @@ class RemoteAgent:
         return [str(n) for n in self._call("chain", item=item, disk=disk)]
 
     def receive_point(
-        self, item: str, disk: str, seq: int, size: int, *, resume: bool = False
+        self,
+        item: str,
+        disk: str,
+        seq: int,
+        size: int,
+        *,
+        resume: bool = False,
+        transfer: Transfer | None = None,
     ) -> Receipt:
         found = self._call("receive_point", item=item, disk=disk, seq=seq, size=size,
-                           resume=resume)  # fmt: skip
+                           resume=resume, transfer=_transfer(transfer))  # fmt: skip
         return Receipt.from_dict(found)
 
     def end_receive(self, receipt: Receipt, *, keep: bool) -> None:
@@ -191,8 +198,11 @@ class RemoteAgent:
 
     # Failback ------------------------------------------------------------------------
 
-    def receive_disks(self, vm: Vm, *, blank: bool) -> dict[str, Receipt]:
-        found = self._call("receive_disks", vm=vm_to_dict(vm), blank=blank)
+    def receive_disks(
+        self, vm: Vm, *, blank: bool, transfer: Transfer | None = None
+    ) -> dict[str, Receipt]:
+        found = self._call("receive_disks", vm=vm_to_dict(vm), blank=blank,
+                           transfer=_transfer(transfer))  # fmt: skip
         return {str(disk): Receipt.from_dict(r) for disk, r in found.items()}
 
     def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
@@ -219,3 +229,9 @@ class RemoteAgent:
 
     def check(self, image: Image) -> dict[str, Any]:
         return dict(self._call("check", image=image.to_dict()))
+
+
+def _transfer(transfer: Transfer | None) -> dict[str, Any] | None:
+    """A transfer as a call's argument: its key material goes to the agent over
+    the authenticated channel (the body of a pinned-TLS call), never in a log."""
+    return None if transfer is None else transfer.to_dict()

@@ -128,8 +128,18 @@ class VaultStore(RecoveryRepo, OwnerRepo):
         with self.session() as s:
             if s.get(SiteRow, site.name):
                 raise AlreadyExists(kind="site", name=site.name)
-            s.add(SiteRow(name=site.name, provider=site.provider, path=site.path, role=site.role))
+            s.add(SiteRow(name=site.name, provider=site.provider, path=site.path, role=site.role,
+                          max_rate=site.max_rate))  # fmt: skip
         return site
+
+    def update_site(self, *, name: str, max_rate: int) -> Site:
+        """Set the site's sending cap (bytes/s, 0: none); SiteNotFound when missing."""
+        with self.session() as s:
+            row = s.get(SiteRow, name, with_for_update=True)
+            if row is None:
+                raise SiteNotFound(name=name)
+            row.max_rate = max_rate
+            return _site(row)
 
     def get_site(self, *, name: str) -> Site:
         with self.session() as s:
@@ -418,7 +428,8 @@ def _column_value(value: Any) -> Any:
 
 
 def _site(row: SiteRow) -> Site:
-    return Site(name=row.name, provider=row.provider, path=row.path, role=SiteRole(row.role))
+    return Site(name=row.name, provider=row.provider, path=row.path, role=SiteRole(row.role),
+                max_rate=int(row.max_rate or 0))  # fmt: skip
 
 
 def _host(row: HostRow) -> Host:

@@ -41,6 +41,8 @@ class SiteRow(Base):
     provider: Mapped[str] = mapped_column(String(32))
     path: Mapped[str] = mapped_column(String(4096))
     role: Mapped[str] = mapped_column(String(32))
+    max_rate: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """Bytes/s the site may send to other sites over all its transfers (0006)."""
 
 
 class HostRow(Base):

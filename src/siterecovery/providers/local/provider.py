@@ -46,12 +46,17 @@ from siterecovery.providers.local.replicas import LocalReplicaStore
 
 
 class LocalProvider:
-    """VMs as qemu-storage-daemon + guest workload processes on this machine."""
+    """Sites as directories of this machine: :class:`LocalHypervisor` VMs and
+    :class:`~siterecovery.providers.local.replicas.LocalReplicaStore` chains."""
 
     kind = "local"
 
     def __init__(self) -> None:
+        self.hypervisor = LocalHypervisor()
         self.replicas = LocalReplicaStore()
+
+    def run_dir(self, site: Site, key: str) -> Path:
+        return run_dir(site, key)
 
     def prepare_site(self, site: Site, *, storage: str = "block") -> None:
         root = Path(site.path)
@@ -61,6 +66,20 @@ class LocalProvider:
         if not marker.exists():
             facts = {"name": site.name, "provider": self.kind, "storage": storage}
             marker.write_text(json.dumps(facts) + "\n")
+
+    def storage(self, site: Site) -> str:
+        """The kind of the site's disk storage: ``block`` unless site.json says otherwise."""
+        try:
+            marker = json.loads((Path(site.path) / "site.json").read_text())
+        except (OSError, ValueError):
+            return "block"
+        return str(marker.get("storage", "block"))
+
+
+class LocalHypervisor:
+    """VMs as qemu-storage-daemon + guest workload processes on this machine."""
+
+    kind = "local"
 
     def create_vm(
         self,
@@ -93,36 +112,6 @@ class LocalProvider:
             partial = path.with_suffix(".qcow2.partial")
             qemu_img.create(partial, disk.size)
             partial.replace(path)
-
-    def adopt_disks(self, site: Site, vm: Vm, chains: dict[str, Path], seq: int) -> None:
-        """Move a stopped VM's disks into replica chains as their newest base file.
-
-        The disk of each becomes ``CHAIN/pSEQ.qcow2`` (its own backing, if it has
-        one, re-pointed relative to the new place) and the VM is deleted: its
-        data now only serves as the common base of a new replication.
-        Idempotent: a disk already moved is skipped.
-        """
-        self.stop_vm(site, vm)
-        for disk in vm.disks:
-            source, target = (
-                self.disk_path(site, vm, disk.name),
-                chains[disk.name] / f"p{seq:06d}.qcow2",
-            )
-            if source.exists() and not target.exists():
-                chain = qemu_img.backing_chain(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source.rename(target)
-                if len(chain) > 1:
-                    qemu_img.rebase_unsafe(target, chain[1])
-        self.delete_vm(site, vm)
-
-    def storage(self, site: Site) -> str:
-        """The kind of the site's disk storage: ``block`` unless site.json says otherwise."""
-        try:
-            marker = json.loads((Path(site.path) / "site.json").read_text())
-        except (OSError, ValueError):
-            return "block"
-        return str(marker.get("storage", "block"))
 
     def add_checkpoint(self, site: Site, vm: Vm, checkpoint: str) -> None:
         """Start change tracking on a stopped VM's disks (a persistent bitmap each)."""
@@ -202,15 +191,22 @@ class LocalProvider:
             return {}
         return data
 
+    def disk_image(self, site: Site, vm: Vm, disk: str) -> Path:
+        return self.disk_path(site, vm, disk)
+
+    def reads_through(self, site: Site, vm: Vm) -> set[Path]:
+        found: set[Path] = set()
+        for disk in vm.disks:
+            path = self.disk_path(site, vm, disk.name)
+            if path.exists():
+                found.update(p.resolve() for p in qemu_img.backing_chain(path)[1:])
+        return found
+
     def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
         return self._vm_dir(site, vm.name) / "disks" / f"{disk}.qcow2"
 
-    def replica_dir(self, site: Site, vm_name: str, disk: str) -> Path:
-        return Path(site.path) / "replicas" / vm_name / disk
-
     def run_dir(self, site: Site, key: str) -> Path:
-        digest = hashlib.sha1(f"{Path(site.path).resolve()}|{key}".encode()).hexdigest()[:16]
-        return run_root() / digest
+        return run_dir(site, key)
 
     def is_inconsistent(self, site: Site, vm: Vm) -> bool:
         return (self._vm_dir(site, vm.name) / "inconsistent").exists()
@@ -279,6 +275,12 @@ class LocalProvider:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_dir(site: Site, key: str) -> Path:
+    """The short run directory of ``key`` at ``site`` (sockets, pid files)."""
+    digest = hashlib.sha1(f"{Path(site.path).resolve()}|{key}".encode()).hexdigest()[:16]
+    return run_root() / digest
 
 
 @register("local")

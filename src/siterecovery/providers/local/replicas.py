@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from siterecovery.disk import qemu_img
 from siterecovery.disk.base import BlockDevice
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
@@ -30,9 +31,7 @@ class LocalReplicaStore:
         return [p.name for p in self._chain(site, item, disk).sealed()]
 
     @contextmanager
-    def begin(
-        self, site: Site, item: str, disk: str, seq: int, size: int
-    ) -> Iterator[BlockDevice]:
+    def begin(self, site: Site, item: str, disk: str, seq: int, size: int) -> Iterator[BlockDevice]:
         chain = self._chain(site, item, disk, size)
         chain.discard_partials(keep=seq)
         partial = chain.begin(seq, backing=chain.head())
@@ -48,7 +47,7 @@ class LocalReplicaStore:
 
     @contextmanager
     def open_point(self, site: Site, item: str, disk: str, name: str) -> Iterator[BlockDevice]:
-        path = self.point_path(site, item, disk, name)
+        path = self.point_image(site, item, disk, name)
         key = f"point-{item}-{disk}-{name}-{id(path)}"
         with _served(self._run(site, key), path, writable=False) as dev:
             yield dev
@@ -93,16 +92,31 @@ class LocalReplicaStore:
         except OSError:
             return None
 
-    # Local to this store (the provider's VMs read through point files) ----------
+    # Shared with the site's hypervisor ------------------------------------------
 
-    def chain_dir(self, site: Site, item: str, disk: str) -> Path:
-        return Path(site.path) / "replicas" / item / disk
-
-    def point_path(self, site: Site, item: str, disk: str, name: str) -> Path:
+    def point_image(self, site: Site, item: str, disk: str, name: str) -> Path:
         path = self.chain_dir(site, item, disk) / name
         if not name.endswith(".qcow2") or "/" in name or not path.exists():
             raise PointNotFound(name=f"{disk}/{name}", vm=item)
         return path
+
+    def adopt(self, site: Site, item: str, disk: str, seq: int, image: Path) -> str:
+        """``image`` becomes ``CHAIN/pSEQ.qcow2``, its own backing (if any)
+        re-pointed relative to the new place; partial points go first."""
+        self.discard(site, item, disk)
+        target = self.chain_dir(site, item, disk) / f"p{seq:06d}.qcow2"
+        if image.exists() and not target.exists():
+            chain = qemu_img.backing_chain(image)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.rename(target)
+            if len(chain) > 1:
+                qemu_img.rebase_unsafe(target, chain[1])
+        if not target.exists():
+            raise PointNotFound(name=f"{disk}/{target.name}", vm=item)
+        return target.name
+
+    def chain_dir(self, site: Site, item: str, disk: str) -> Path:
+        return Path(site.path) / "replicas" / item / disk
 
     def _chain(self, site: Site, item: str, disk: str, size: int = 0) -> ReplicaChain:
         return ReplicaChain(self.chain_dir(site, item, disk), size)
@@ -125,4 +139,3 @@ def _served(run_dir: Path, path: Path, *, writable: bool) -> Iterator[NbdDevice]
             yield device
     finally:
         daemon.stop()
-
