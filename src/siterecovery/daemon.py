@@ -37,8 +37,8 @@ from typing import Any
 
 from sqlalchemy import make_url
 
+from siterecovery.context import Context
 from siterecovery.keys.master import MasterKey, write_private
-from siterecovery.services.context import Context
 from siterecovery.store.keys import open_keys
 from siterecovery.store.repo import VaultStore
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import InternalError
 from siterecovery.providers.base import HYPERVISOR_METHODS, PROVIDERS, REPLICA_METHODS, register
 from siterecovery.providers.local.provider import LocalHypervisor, LocalProvider
-from siterecovery.services.context import Context
 from siterecovery.store.repo import VaultStore
 
 

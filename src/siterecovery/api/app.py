@@ -17,6 +17,7 @@ from siterecovery import __version__, portal
 from siterecovery.api import failover, inventory, keys, protection, recovery
 from siterecovery.api.deps import require_token
 from siterecovery.api.status import STATUS
+from siterecovery.context import Context
 from siterecovery.domain.errors import (
     InternalError,
     InvalidInput,
@@ -26,7 +27,6 @@ from siterecovery.domain.errors import (
     Unauthorized,
 )
 from siterecovery.jobs.runtime import JobRuntime
-from siterecovery.services.context import Context
 
 
 class _ErrorResponse(JSONResponse):

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from siterecovery.context import Context
 from siterecovery.jobs.runtime import JobRuntime
-from siterecovery.services.context import Context
 
 
 def get_ctx(request: Request) -> Context:

@@ -10,6 +10,7 @@ import math
 import re
 
 from siterecovery.domain.errors import InvalidInput
+from siterecovery.domain.model import SiteRole
 
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -95,3 +96,12 @@ def format_size(count: float) -> str:
     while abs(value) >= 1024 and unit < len(BINARY_UNITS) - 1:
         value, unit = value / 1024, unit + 1
     return f"{int(value)} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"
+
+
+def parse_role(role: str) -> SiteRole:
+    """A site's role from its name (InvalidInput naming ``role`` otherwise)."""
+    try:
+        return SiteRole(role)
+    except ValueError:
+        allowed = ", ".join(r.value for r in SiteRole)
+        raise InvalidInput(field="role", reason=f"'{role}' is not one of {allowed}") from None

@@ -14,6 +14,7 @@ from typing import Any
 
 from dbos import DBOS
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import ItemChanged, JobCancelled
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, Vm, failure, utcnow
@@ -21,7 +22,6 @@ from siterecovery.jobs.runtime import ProgressReporter, context, run_step
 from siterecovery.replication import failback as data
 from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services import ownership
-from siterecovery.services.context import Context
 
 
 def load_item(vm: str) -> Item:

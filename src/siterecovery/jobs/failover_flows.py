@@ -12,6 +12,7 @@ from typing import Any
 
 from dbos import DBOS
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import IntegrityError, SiteRecoveryError, VmNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, RecoveryPoint, Vm, failure, utcnow
@@ -33,7 +34,6 @@ from siterecovery.jobs.common import (
 from siterecovery.jobs.runtime import ProgressReporter, context, job_scope
 from siterecovery.replication.cycle import PassOptions, run_pass
 from siterecovery.services import agents
-from siterecovery.services.context import Context
 from siterecovery.services.failover import home_of
 from siterecovery.services.protection import find_point
 from siterecovery.sites.base import Image, PointRef

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbos import DBOS, SetWorkflowID
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import ActionFailed, ChildJobFailed, JobCancelled, JobNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Job, JobState, utcnow
@@ -35,7 +36,6 @@ from siterecovery.jobs import control
 from siterecovery.jobs.common import step
 from siterecovery.jobs.runtime import context, job_scope, new_job_id
 from siterecovery.services import ownership
-from siterecovery.services.context import Context
 
 if TYPE_CHECKING:
     from siterecovery.services.plans import PlanRun

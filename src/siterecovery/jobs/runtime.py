@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from dbos import DBOS, SetWorkflowID
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import InternalError, JobCancelled, describe
 from siterecovery.domain.model import Job, JobState, utcnow
 from siterecovery.jobs import faults
-from siterecovery.services.context import Context
 
 APP_VERSION = "siterecovery-2"
 """Bumped when a workflow's parameters or steps change: DBOS recovers only the

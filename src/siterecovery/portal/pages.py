@@ -12,11 +12,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
 from siterecovery.api.deps import Ctx
+from siterecovery.context import Context
 from siterecovery.domain.errors import JobNotFound, SiteRecoveryError
 from siterecovery.portal import render, views
 from siterecovery.portal.session import Session, signed_in
 from siterecovery.services import failover, inventory, jobs, keys, protection
-from siterecovery.services.context import Context
 
 router = APIRouter()
 Signed = Annotated[Session, Depends(signed_in)]

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
 from siterecovery.api.deps import Ctx, Runtime
+from siterecovery.context import Context
 from siterecovery.domain.errors import InvalidInput, SiteRecoveryError
 from siterecovery.domain.lifecycle import Operation
 from siterecovery.jobs.runtime import JobRuntime
@@ -21,7 +22,6 @@ from siterecovery.portal import render, views
 from siterecovery.portal.actions import Field, Posted, act, whole_number
 from siterecovery.portal.session import Session, signed_in
 from siterecovery.services import groups, inventory, jobs, plans, protection
-from siterecovery.services.context import Context
 
 router = APIRouter()
 Signed = Annotated[Session, Depends(signed_in)]

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import BitmapInconsistent, DiskFull
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
 from siterecovery.points.retention import points_to_drop
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.wire_policy import transfer_of
-from siterecovery.services.context import Context
 from siterecovery.sites.base import FrozenDisks, SiteAgent, Transfer, end_after_failure
 
 Progress = Callable[[int, int], None]

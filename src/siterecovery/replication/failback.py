@@ -24,11 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import DiskFull
 from siterecovery.domain.model import Vm
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.wire_policy import transfer_of
-from siterecovery.services.context import Context
 from siterecovery.sites.base import (
     Extents,
     FrozenView,

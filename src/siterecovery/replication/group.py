@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import GroupIncomplete
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import PointType, RecoveryPoint, utcnow
 from siterecovery.domain.recovery import ReplicationGroup
 from siterecovery.replication.cycle import PassOptions, PassRun, new_tag
 from siterecovery.services import ownership
-from siterecovery.services.context import Context
 
 
 def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import PassPreempted, VmBusy
 from siterecovery.domain.lifecycle import ItemState, Operation, require
 from siterecovery.domain.model import Item, failure, utcnow
@@ -31,7 +32,6 @@ from siterecovery.replication.cycle import (
 )
 from siterecovery.replication.group import run_common_pass
 from siterecovery.services import ownership
-from siterecovery.services.context import Context
 
 log = logging.getLogger(__name__)
 

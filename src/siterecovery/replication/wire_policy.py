@@ -11,8 +11,8 @@ Neither agent stores it, and ``Transfer``'s ``repr`` leaves it out.
 
 from __future__ import annotations
 
+from siterecovery.context import Context
 from siterecovery.domain.model import Policy
-from siterecovery.services.context import Context
 from siterecovery.services.keys import transfer_key
 from siterecovery.sites.base import Transfer
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.agent.client import AgentClient, join
+from siterecovery.context import AGENT_PROVIDER, Context
 from siterecovery.domain.errors import (
     AgentUnreachable,
     AlreadyExists,
@@ -32,11 +33,9 @@ from siterecovery.domain.errors import (
     SiteNotFound,
 )
 from siterecovery.domain.model import Site
-from siterecovery.domain.values import check_name
+from siterecovery.domain.values import check_name, parse_role
 from siterecovery.keys import SecretKey
 from siterecovery.keys.master import MasterKey
-from siterecovery.services.context import AGENT_PROVIDER, Context
-from siterecovery.services.inventory import parse_role
 from siterecovery.sites.health import PROBE_INTERVAL, HealthMonitor, SiteHealth, Target
 from siterecovery.store import keys as key_store
 from siterecovery.store.agents import AgentRecord, add_agent, find_agent, list_agents

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.providers.local import journal
-from siterecovery.services.context import Context
 from siterecovery.services.protection import find_point, find_point_by_id
 from siterecovery.sites.base import Image, PointRef
 

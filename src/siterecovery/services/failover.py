@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import (
     DrillActive,
     FailedOverVmMissing,
@@ -38,7 +39,6 @@ from siterecovery.domain.model import Host, Item, JobState, PointType, RecoveryP
 from siterecovery.domain.plan import Plan, check
 from siterecovery.domain.values import check_name, check_positive
 from siterecovery.services import agents, ownership
-from siterecovery.services.context import Context
 from siterecovery.services.protection import health, item_view
 from siterecovery.store.owner_repo import PASS_PREFIX
 

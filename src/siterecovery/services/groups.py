@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import (
     AlreadyInGroup,
     GroupSitesDiffer,
@@ -19,7 +20,6 @@ from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import utcnow
 from siterecovery.domain.recovery import MAX_GROUP_SIZE, ReplicationGroup
 from siterecovery.domain.values import check_name
-from siterecovery.services.context import Context
 
 
 def create_group(

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from siterecovery.context import AGENT_PROVIDER, Context
 from siterecovery.domain.errors import (
     AgentUnreachable,
     AlreadyExists,
@@ -20,10 +21,9 @@ from siterecovery.domain.errors import (
     VmBusy,
 )
 from siterecovery.domain.lifecycle import ItemState
-from siterecovery.domain.model import DiskDef, Host, OsType, Site, SiteRole, Vm, VmPower
-from siterecovery.domain.values import check_name, parse_size
+from siterecovery.domain.model import DiskDef, Host, OsType, Site, Vm, VmPower
+from siterecovery.domain.values import check_name, parse_role, parse_size
 from siterecovery.services import agents
-from siterecovery.services.context import AGENT_PROVIDER, Context
 
 MAX_DISKS = 8
 DEFAULT_DISK = "1G"
@@ -103,15 +103,6 @@ def _ours_or_empty(root: Path, name: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(marker, dict) and marker.get("name") == name
-
-
-def parse_role(role: str) -> SiteRole:
-    try:
-        return SiteRole(role)
-    except ValueError:
-        raise InvalidInput(
-            field="role", reason=f"'{role}' is not one of on-premises, cloud"
-        ) from None
 
 
 def add_host(

@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import JobFinished, OperationNotAllowed
 from siterecovery.domain.model import Job, JobState
-from siterecovery.services.context import Context
 
 WAIT_STATES = (JobState.AWAITING_COMPLETION, JobState.AWAITING_ACTION)
 

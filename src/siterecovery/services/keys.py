@@ -18,11 +18,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import AlreadyExists, InvalidInput
 from siterecovery.domain.model import utcnow
 from siterecovery.keys import SecretKey, export_document, generate, parse_export
 from siterecovery.keys.master import MasterKey
-from siterecovery.services.context import Context
 from siterecovery.store import keys as key_store
 from siterecovery.store.agents import list_agents
 from siterecovery.store.repo import VaultStore

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.model import SiteRole
 from siterecovery.services import inventory
-from siterecovery.services.context import Context
 
 SITES = (
     ("onprem", SiteRole.ON_PREMISES, "hv01"),

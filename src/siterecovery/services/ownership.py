@@ -15,8 +15,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import PassPreempted, VmBusy
-from siterecovery.services.context import Context
 from siterecovery.store.owner_repo import PASS_PREFIX, is_job
 
 PREEMPT_WAIT = 30.0

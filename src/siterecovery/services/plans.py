@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import (
     InvalidInput,
     NoRecoveryPoint,
@@ -27,7 +28,6 @@ from siterecovery.domain.plan import Check, Plan, check
 from siterecovery.domain.recovery import RecoveryPlan, make_action
 from siterecovery.domain.values import check_name
 from siterecovery.services import failover as single
-from siterecovery.services.context import Context
 
 Submit = Callable[..., Any]
 PLAN_SELECTORS = ("latest", "latest-processed", "latest-app-consistent")

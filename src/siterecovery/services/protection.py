@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from siterecovery.context import Context
 from siterecovery.domain.errors import (
     AlreadyProtected,
     DrillActive,
@@ -26,7 +27,6 @@ from siterecovery.domain.model import (
 )
 from siterecovery.domain.values import check_name, check_positive, parse_duration, parse_size
 from siterecovery.services import agents, keys, ownership
-from siterecovery.services.context import Context
 from siterecovery.store.owner_repo import is_job
 
 Submit = Callable[..., Any]

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from siterecovery.context import Context
 from siterecovery.disk.digest import DIGEST_SIZE
 from siterecovery.domain.errors import NoRecoveryPoint
-from siterecovery.services.context import Context
 from siterecovery.sites.base import Image, PointRef
 
 BLOCK = 64 * 1024

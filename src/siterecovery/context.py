@@ -1,4 +1,8 @@
-"""The service context: what every service function needs, built once per process."""
+"""The context: what services, jobs and the replication engine need, built
+once per process — the composition root that wires the vault's store, the
+providers and each site's data plane (:meth:`Context.site`: this process, or
+the site's agent). It sits beside the layers, not in one: services, jobs and
+replication all take it, and it imports none of them."""
 
 from __future__ import annotations
 
