@@ -48,7 +48,7 @@ bench: install
 # 10 MB/s of guest writes and the wire against nbdcopy, with the engine and two agents
 # in network namespaces (tests/netns/lab.py) against sites in the engine's process.
 # Needs root and iproute2 (installed here if missing); ~15 min on 2 cores,
-# BENCH_ARGS=--quick ~4 min (a smoke test), BENCH_ARGS="--json FILE" keeps every number.
+# BENCH_ARGS=--quick ~5 min (a smoke test), BENCH_ARGS="--json FILE" keeps every number.
 bench-agents: install
 	command -v tc >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; }

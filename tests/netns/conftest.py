@@ -44,12 +44,5 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 @pytest.fixture
 def sites(lab: Lab) -> Sites:
-    onprem = lab.agent("prim", "onprem").init().start()
-    cloud = lab.agent("rec", "cloud").init().start()
-    engine = lab.engine().start()
-    for agent, role in ((onprem, "on-premises"), (cloud, "cloud")):
-        body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
-        engine.call("POST", "/sites", json=body)
-        host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
-        engine.call("POST", "/hosts", json=host)
+    engine, onprem, cloud = lab.two_sites()
     return Sites(lab, engine, onprem, cloud)

@@ -242,6 +242,19 @@ class Lab:
     def engine(self) -> Engine:
         return Engine(self)
 
+    def two_sites(self) -> tuple[Engine, NsAgent, NsAgent]:
+        """The engine and agents ``onprem`` (host prim) and ``cloud`` (host rec),
+        started, joined by their namespace addresses, a host at each site."""
+        onprem = self.agent("prim", "onprem").init().start()
+        cloud = self.agent("rec", "cloud").init().start()
+        engine = self.engine().start()
+        for agent, role in ((onprem, "on-premises"), (cloud, "cloud")):
+            body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
+            engine.call("POST", "/sites", json=body)
+            host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
+            engine.call("POST", "/hosts", json=host)
+        return engine, onprem, cloud
+
     def pids(self) -> set[int]:
         """Processes in one of the lab's namespaces or naming its directories."""
         found: set[int] = set()

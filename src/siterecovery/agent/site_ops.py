@@ -9,6 +9,9 @@ is the other end.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from siterecovery.agent.registry import Args, Emit, Operations
@@ -109,6 +112,27 @@ def _transfer(args: Args) -> Transfer | None:
     return None if found is None else Transfer.from_dict(found)
 
 
+PROGRESS_EVERY = 0.25
+"""Seconds between two progress events of a transfer (the last one always
+goes): the engine needs a live bar and a cancel check, not one line per chunk
+(a 64 MiB pass wrote ~950 of them, each a hop through the event loop)."""
+
+
+def _throttled(emit: Emit) -> Callable[[int, int], None]:
+    last = [float("-inf")]
+    guard = threading.Lock()
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        with guard:
+            if done < total and now - last[0] < PROGRESS_EVERY:
+                return
+            last[0] = now
+        emit({"progress": [done, total]})
+
+    return progress
+
+
 def _send_disk(site: InProcessAgent, args: Args, emit: Emit) -> Any:
     extra = args.get("extra_dirty")
     return site.send_disk(
@@ -116,6 +140,5 @@ def _send_disk(site: InProcessAgent, args: Args, emit: Emit) -> Any:
         Transfer.from_dict(args["transfer"]), initial=bool(args["initial"]),
         resume=int(args.get("resume", 0)), mode=args.get("mode"),
         extra_dirty=None if extra is None else [(int(a), int(n)) for a, n in extra],
-        progress=lambda done, total: emit({"progress": [done, total]}),
-        checkpoint=lambda offset: emit({"checkpoint": offset}),
+        progress=_throttled(emit), checkpoint=lambda offset: emit({"checkpoint": offset}),
     )  # fmt: skip
