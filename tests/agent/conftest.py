@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,18 +178,26 @@ def io_counters(pid: int) -> dict[str, int]:
     return {k: int(v) for k, v in fields}
 
 
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[tuple[Daemon, Agent, Agent]]:
-    """An engine and two joined agents, ``onprem`` and ``cloud``, a host at each."""
-    onprem = Agent(tmp_path / "onprem", "onprem").init().start()
-    cloud = Agent(tmp_path / "cloud", "cloud").init().start()
-    engine = Daemon(tmp_path / "vault").start()
+def join_site(engine: Daemon, agent: Agent, role: str) -> None:
+    """``site add`` of ``agent`` through the engine's API, and a host at the site."""
+    body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
+    engine.call("POST", "/sites", json=body)
+    host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
+    engine.call("POST", "/hosts", json=host)
+
+
+@contextmanager
+def two_sites(
+    root: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[Daemon, Agent, Agent]]:
+    """An engine (started with ``env``) and two joined agents, ``onprem`` and
+    ``cloud``, a host at each; their VMs stopped and all three stopped after."""
+    onprem = Agent(root / "onprem", "onprem").init().start()
+    cloud = Agent(root / "cloud", "cloud").init().start()
+    engine = Daemon(root / "vault").start(env=env)
     try:
-        for agent, role in ((onprem, "on-premises"), (cloud, "cloud")):
-            body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
-            engine.call("POST", "/sites", json=body)
-            host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
-            engine.call("POST", "/hosts", json=host)
+        join_site(engine, onprem, "on-premises")
+        join_site(engine, cloud, "cloud")
         yield engine, onprem, cloud
     finally:
         for vm in engine.call("GET", "/vms"):
@@ -196,3 +205,10 @@ def sites(tmp_path: Path) -> Iterator[tuple[Daemon, Agent, Agent]]:
         engine.stop()
         onprem.stop()
         cloud.stop()
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[Daemon, Agent, Agent]]:
+    """An engine and two joined agents, ``onprem`` and ``cloud``, a host at each."""
+    with two_sites(tmp_path) as found:
+        yield found

@@ -34,7 +34,8 @@ from siterecovery.api.status import STATUS
 from siterecovery.domain.errors import AgentUnreachable
 from siterecovery.services.agents import INTERVAL_ENV
 from siterecovery.sites.health import PROBE_TIMEOUT, HealthMonitor, Target
-from tests.agent.conftest import START_TIMEOUT, Agent
+from tests.agent.conftest import START_TIMEOUT, Agent, join_site
+from tests.agent.conftest import two_sites as joined_sites
 from tests.conftest import Daemon
 from tests.failover.support import item, protect
 
@@ -173,13 +174,6 @@ def _engine(vault: Path) -> Daemon:
     return Daemon(vault).start(env={INTERVAL_ENV: str(INTERVAL)})
 
 
-def _join(engine: Daemon, agent: Agent, role: str) -> None:
-    body = {"name": agent.site, "agent": agent.url, "join": agent.token(), "role": role}
-    engine.call("POST", "/sites", json=body)
-    host = {"site": agent.site, "name": f"{agent.site}-hv", "switches": ["lan"]}
-    engine.call("POST", "/hosts", json=host)
-
-
 def _agent_of(engine: Daemon, site: str) -> dict[str, Any]:
     found: dict[str, Any] = next(s for s in engine.call("GET", "/sites") if s["name"] == site)
     return found["agent"]
@@ -203,7 +197,7 @@ def north(tmp_path: Path) -> Iterator[tuple[Daemon, Agent]]:
     agent = Agent(tmp_path / "north", "north").init().start()
     engine = _engine(tmp_path / "vault")
     try:
-        _join(engine, agent, "cloud")
+        join_site(engine, agent, "cloud")
         yield engine, agent
     finally:
         engine.stop()
@@ -252,19 +246,8 @@ def test_sites_answer_from_the_cache_while_an_agent_hangs(north: tuple[Daemon, A
 @pytest.fixture
 def two_sites(tmp_path: Path) -> Iterator[tuple[Daemon, Agent, Agent]]:
     """An engine probing every second and two joined agents, ``onprem`` and ``cloud``."""
-    onprem = Agent(tmp_path / "onprem", "onprem").init().start()
-    cloud = Agent(tmp_path / "cloud", "cloud").init().start()
-    engine = _engine(tmp_path / "vault")
-    try:
-        _join(engine, onprem, "on-premises")
-        _join(engine, cloud, "cloud")
-        yield engine, onprem, cloud
-    finally:
-        for vm in engine.call("GET", "/vms"):
-            engine.call("POST", f"/vms/{vm['name']}/stop", params={"site": vm["site"]})
-        engine.stop()
-        onprem.stop()
-        cloud.stop()
+    with joined_sites(tmp_path, env={INTERVAL_ENV: str(INTERVAL)}) as found:
+        yield found
 
 
 def _down(engine: Daemon, site: str) -> dict[str, Any]:
