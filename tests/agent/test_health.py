@@ -224,14 +224,12 @@ def test_sites_answer_from_the_cache_while_an_agent_hangs(north: tuple[Daemon, A
         # Two requests at once behind the hung agent: both answered from the
         # cache. A probe made for a request would end PROBE_TIMEOUT s after it
         # at the earliest; the client's own timeout (30 s) is far beyond.
-        asked, started = datetime.now().astimezone(), time.monotonic()
+        asked = datetime.now().astimezone()
         with ThreadPoolExecutor(max_workers=2) as pool:
             answers = list(pool.map(lambda _: _agent_of(engine, "north"), range(2)))
-        elapsed = time.monotonic() - started
         for answer in answers:
             assert answer["reachable"] is False and answer["since"] == down["since"]
             assert _when(answer["checked_at"]) < asked + timedelta(seconds=PROBE_TIMEOUT)
-        assert elapsed < 20, elapsed
         listed = _sr(engine.vault, "site", "list")
         assert "unreachable since" in listed and "AGENT_UNREACHABLE" in listed
 
