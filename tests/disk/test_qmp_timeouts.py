@@ -9,13 +9,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
+from siterecovery.disk import qsd
 from siterecovery.disk.qmp import IDEMPOTENT_ATTEMPTS, QmpClient
+from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import DiskError
 
-from .support import NODE, Served
+from .support import NODE, Served, read
 
 
 @contextmanager
@@ -88,3 +91,75 @@ def test_an_idempotent_query_is_retried_until_the_daemon_answers(served: Served)
         assert [e["id"] for e in exports] == [NODE]
         assert waited > 1.0  # the first attempt timed out; a later one was answered
         assert client.execute("query-block-exports") == exports
+
+
+def test_a_new_daemon_whose_monitor_stays_silent_is_replaced(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first daemon spawned is stopped once its monitor socket exists (it
+    accepts the connection, then never greets): start kills it, spawns a fresh
+    one, and that one serves the disk with the bytes written before."""
+    data = os.urandom(64 * 1024)
+    with served.open() as device:
+        device.write(0, data)
+    served.daemon.stop()
+    real_spawn = StorageDaemon._spawn.__func__  # type: ignore[attr-defined]
+    silenced: list[int] = []
+
+    def spawn(cls: type[StorageDaemon], run_dir: Path, detached: bool) -> StorageDaemon:
+        daemon = real_spawn(cls, run_dir, detached)
+        if not silenced:
+            deadline = time.monotonic() + 10
+            while not daemon.qmp_socket.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(daemon.pid, signal.SIGSTOP)
+            silenced.append(daemon.pid)
+        return daemon
+
+    monkeypatch.setattr(qsd, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(StorageDaemon, "_spawn", classmethod(spawn))
+    daemon = StorageDaemon.start(served.daemon.run_dir, [DiskSpec(NODE, served.image)])
+    try:
+        assert silenced and daemon.pid != silenced[0]
+        assert not _alive(silenced[0])
+        assert (daemon.run_dir / "qsd.pid").read_text().strip() == str(daemon.pid)
+        with Served(daemon, served.image).open(writable=False) as device:
+            assert read(device, 0, len(data)) == data
+    finally:
+        daemon.stop()
+
+
+def test_a_daemon_that_never_answers_is_an_error_that_leaves_nothing_running(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served.daemon.stop()
+    real_spawn = StorageDaemon._spawn.__func__  # type: ignore[attr-defined]
+    spawned: list[int] = []
+
+    def spawn(cls: type[StorageDaemon], run_dir: Path, detached: bool) -> StorageDaemon:
+        daemon = real_spawn(cls, run_dir, detached)
+        deadline = time.monotonic() + 10
+        while not daemon.qmp_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        spawned.append(daemon.pid)
+        return daemon
+
+    monkeypatch.setattr(qsd, "HANDSHAKE_TIMEOUT", 0.3)
+    monkeypatch.setattr(StorageDaemon, "_spawn", classmethod(spawn))
+    run_dir = served.daemon.run_dir
+    with pytest.raises(DiskError, match="never answered on QMP") as caught:
+        StorageDaemon.start(run_dir, [DiskSpec(NODE, served.image)])
+    assert len(spawned) == qsd.START_ATTEMPTS
+    assert not any(_alive(pid) for pid in spawned)
+    assert "sent no greeting" in str(caught.value)
+    assert StorageDaemon.attach(run_dir) is None and not (run_dir / "qsd.pid").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[-1][0] != "Z"

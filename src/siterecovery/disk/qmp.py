@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from siterecovery.domain.errors import DiskError, QmpError
+from siterecovery.domain.errors import DiskError, QmpError, QmpTimeout
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds to wait for one reply before giving up (or retrying an idempotent command)."""
@@ -86,6 +86,11 @@ class QmpClient:
     def path(self) -> Path:
         return self._path
 
+    def set_timeout(self, timeout: float) -> None:
+        """Seconds to wait for each later reply (e.g. generous once negotiated)."""
+        with self._lock:
+            self._timeout = timeout
+
     @property
     def closed(self) -> bool:
         """Whether the client was closed or the daemon closed the connection."""
@@ -97,7 +102,8 @@ class QmpClient:
         Arguments whose names have dashes are passed as a dict:
         ``execute("blockdev-add", **{"node-name": "n0", ...})``. Raises
         :class:`QmpError` when qemu refuses the command, :class:`DiskError`
-        when the connection fails or no reply comes in time (an idempotent
+        when the connection fails, :class:`QmpTimeout` (a DiskError) when no
+        reply comes in time (an idempotent
         command is first sent :data:`IDEMPOTENT_ATTEMPTS` times).
         """
         attempts = IDEMPOTENT_ATTEMPTS if command.startswith(IDEMPOTENT_PREFIX) else 1
@@ -107,7 +113,7 @@ class QmpClient:
                 break
             except _NoAnswer:
                 if attempt == attempts:
-                    raise DiskError(
+                    raise QmpTimeout(
                         detail=f"{self._who} did not answer '{command}' in time "
                         f"({self._timeout:g} s, {attempts} attempt{'s' if attempts > 1 else ''}): "
                         "the process is stopped, hung or starved of CPU"
@@ -178,7 +184,7 @@ class QmpClient:
         try:
             self._read_message(time.monotonic() + self._timeout)
         except _NoAnswer:
-            raise DiskError(
+            raise QmpTimeout(
                 detail=f"{self._who} sent no greeting within {self._timeout:g} s (a qemu "
                 "monitor serves one client at a time: another one may hold it, or the "
                 "process is stopped or hung)"

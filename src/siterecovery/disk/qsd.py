@@ -26,14 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.disk.nbd import NbdDevice
-from siterecovery.disk.qmp import QmpClient
-from siterecovery.domain.errors import DiskError, InvalidInput
+from siterecovery.disk.qmp import DEFAULT_TIMEOUT, QmpClient
+from siterecovery.domain.errors import DiskError, InvalidInput, QmpTimeout
 
 QSD_BINARY = "qemu-storage-daemon"
 START_TIMEOUT = 30.0
 """Seconds a new daemon has to answer on both sockets (generous: a loaded host)."""
 STOP_TIMEOUT = 30.0
 """Seconds a SIGTERMed daemon has to close its images (and write their bitmaps)."""
+HANDSHAKE_TIMEOUT = 15.0
+"""Seconds a new daemon's monitor has to greet and negotiate once connected."""
+START_ATTEMPTS = 3
+"""How many fresh daemons are spawned when a new one's monitor stays silent."""
 
 _PR_SET_PDEATHSIG = 1
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,25}$")  # + "-file" fits in 31
@@ -80,6 +84,11 @@ class StorageDaemon:
 
         ``detached`` daemons get a session of their own and outlive the caller;
         the others are SIGKILLed by the kernel when the calling *thread* exits.
+        A new daemon whose monitor accepts the connection but stays silent
+        (seen once in hundreds of starts on a loaded CI machine: greeted, then
+        no answer to ``qmp_capabilities`` for a minute) holds nothing yet, no
+        image is open: it is killed and a fresh one spawned, up to
+        :data:`START_ATTEMPTS` daemons.
         Raises DiskError when a daemon already runs in ``run_dir`` or the new one
         fails to start (its log is in the message).
         """
@@ -88,12 +97,25 @@ class StorageDaemon:
         if cls.attach(run_dir) is not None:
             raise DiskError(detail=f"a storage daemon already runs in {run_dir}")
         _check_socket_path(run_dir / "nbd.sock")
-        daemon = cls._spawn(run_dir, detached)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            daemon = cls._spawn(run_dir, detached)
+            try:
+                daemon._wait_qmp()
+                break
+            except QmpTimeout as e:
+                daemon._discard()
+                if attempt == START_ATTEMPTS:
+                    raise DiskError(
+                        detail=f"{START_ATTEMPTS} new {QSD_BINARY} processes in {run_dir} "
+                        f"connected but never answered on QMP; the last said: {e.message}"
+                    ) from e
+            except BaseException:
+                daemon._discard()
+                raise
         try:
             daemon._configure(disks)
         except BaseException:
-            daemon.kill()
-            daemon._remove_files()
+            daemon._discard()
             raise
         return daemon
 
@@ -204,7 +226,7 @@ class StorageDaemon:
         return cls(run_dir, process.pid, process)
 
     def _configure(self, disks: Sequence[DiskSpec]) -> None:
-        qmp = self._wait_qmp()
+        qmp = self.qmp()
         qmp.execute(
             "nbd-server-start", addr={"type": "unix", "data": {"path": str(self.nbd_socket)}}
         )
@@ -213,16 +235,35 @@ class StorageDaemon:
         if disks:
             NbdDevice.connect(self.nbd_socket, disks[0].node).close()
 
-    def _wait_qmp(self) -> QmpClient:
+    def _wait_qmp(self) -> None:
+        """Connect to the new daemon's monitor and negotiate; the client then
+        serves :meth:`qmp`. Raises QmpTimeout at once when the monitor was
+        reached but stayed silent for :data:`HANDSHAKE_TIMEOUT` seconds, and
+        DiskError when the process exits or no connection is possible within
+        :data:`START_TIMEOUT` seconds."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             self._check_alive()
             try:
-                return self.qmp()
+                client = QmpClient.connect(
+                    self.qmp_socket, HANDSHAKE_TIMEOUT, name=self.describe()
+                )
+            except QmpTimeout:
+                raise
             except DiskError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(_POLL)
+                continue
+            client.set_timeout(DEFAULT_TIMEOUT)
+            with _clients_lock:
+                _clients[(str(self.qmp_socket), self._pid)] = client
+            return
+
+    def _discard(self) -> None:
+        """Kill a daemon that never served and remove its run files."""
+        self.kill()
+        self._remove_files()
 
     def _check_alive(self) -> None:
         if not self.is_running():

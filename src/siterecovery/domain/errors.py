@@ -28,6 +28,7 @@ adapter that calls them.
     │   ├── DiskFull                       io          no space left (ENOSPC) where data is written
     │   ├── IntegrityError                 io          digests differ after a sync
     │   ├── QmpError                       io          qemu refused a QMP command
+    │   ├── QmpTimeout                     io          a QMP monitor stayed silent
     │   ├── WireError, DecryptionFailed    io          the sync protocol between sites
     ├── GuestError                         io          the guest agent (workload) failed
     ├── KeyUnreadable                      io          the vault master key cannot open a key
@@ -525,6 +526,12 @@ def category_of(code: str) -> Category:
         if cls.code == code:
             return cls.category
     return Category.INTERNAL
+
+
+class QmpTimeout(DiskError):
+    """A connected QMP monitor sent no greeting or no reply before the deadline."""
+
+    code = "QMP_TIMEOUT"
 
 
 class QmpError(DiskError):
