@@ -112,8 +112,35 @@ def test_a_quiet_stream_outlives_the_read_timeout(
     monkeypatch.setattr(server, "HEARTBEAT", 0.5)
     with AgentClient(url, found.cert_pem, found.secret, site="inproc", timeout=1.2) as impatient:
         assert impatient.stream("quiet", None, seconds=2.5) == "after a silence"
-        with pytest.raises(AgentUnreachable, match="may still be carrying"):
-            impatient.call("sleep", seconds=2.5)  # a unary call has no heartbeat
+        # A unary operation is streamed too (the client asks for NDJSON): it
+        # outlives the read timeout, and the caller sees its heartbeats.
+        beats: list[dict[str, Any]] = []
+        assert impatient.stream("sleep", beats.append, seconds=2.5) is None
+        assert beats and all(beat == {} for beat in beats)
+
+
+def test_a_silent_agent_is_unreachable_within_the_read_timeout(
+    joined: tuple[str, Joined], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No heartbeat (as behind a cut link): the call ends after the read
+    timeout, saying the agent may still be carrying it out."""
+    url, found = joined
+    monkeypatch.setattr(server, "HEARTBEAT", 60.0)
+    with (
+        AgentClient(url, found.cert_pem, found.secret, site="inproc", timeout=1.2) as impatient,
+        pytest.raises(AgentUnreachable, match="may still be carrying"),
+    ):
+        impatient.call("sleep", seconds=4)  # its answer would have come
+
+
+def test_a_caller_that_does_not_ask_for_a_stream_gets_one_document(
+    joined: tuple[str, Joined],
+) -> None:
+    url, found = joined
+    with AgentClient(url, found.cert_pem, found.secret, site="inproc") as made:
+        response = made._http.post("/v1/call/sleep", json={"seconds": 0}, headers={"Accept": "*/*"})
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"result": None}
 
 
 def test_foreign_errors_are_internal(client: AgentClient) -> None:

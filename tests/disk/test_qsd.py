@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +148,32 @@ def test_attached_daemon_dies_with_its_parent(workdir: Path) -> None:
     finally:
         probe.kill()
     assert StorageDaemon.attach(workdir / "run") is None
+
+
+def test_attached_daemon_outlives_the_thread_that_started_it(workdir: Path) -> None:
+    """An agent starts a point's daemon in one operation's thread and writes
+    through it from others: the daemon lives as long as the process."""
+    qemu_img.create(workdir / "disk.qcow2", 16 * MiB)
+    started: list[StorageDaemon] = []
+    starter = threading.Thread(
+        target=lambda: started.append(
+            StorageDaemon.start(
+                workdir / "run", [DiskSpec(NODE, workdir / "disk.qcow2")], detached=False
+            )  # fmt: skip
+        )
+    )
+    starter.start()
+    starter.join()
+    assert started, "the daemon did not start"
+    daemon = started[0]
+    try:
+        time.sleep(0.5)  # the parent-death signal, had it been armed on that thread
+        assert daemon.is_running()
+        with Served(daemon, workdir / "disk.qcow2").open() as device:
+            write(device, 0, 0x5A)
+            assert read(device, 0, 4) == bytes([0x5A]) * 4
+    finally:
+        daemon.stop()
 
 
 def test_qmp_errors_carry_class_and_description(served: Served) -> None:

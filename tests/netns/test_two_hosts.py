@@ -56,7 +56,7 @@ def protect(engine: Engine) -> dict[str, Any]:
     pass during the test); the finished job."""
     body = {"vm": VM, "to": "cloud", "interval": "1h", "verify_points": True}
     job = engine.wait_job(engine.call("POST", "/items", json=body)["job"])
-    assert job["state"] == "succeeded", job
+    assert job["state"] == "succeeded", job.get("error", {}).get("message")
     sync = next(s for s in job["steps"] if s["name"] == "initial-sync")["detail"]
     disk = sync["disks"]["d0"]
     assert disk["mode"] == "full" and disk["bytes_written"] > 0, disk
@@ -357,3 +357,62 @@ def test_unplanned_failover_when_onprem_is_lost(sites: Sites) -> None:
     assert listing.status_code == 200, listing.text
     running = [v for v in listing.json() if v["name"] == VM and v["site"] == "cloud"]
     assert len(running) == 1 and running[0]["power"] == "running", listing.text
+
+
+# -- 6. the link cut under a pass: the pass ends, the failover goes through ------------
+
+
+def test_link_cut_under_a_pass_ends_it_and_lets_the_failover_through(sites: Sites) -> None:
+    """The primary's link is cut while a pass reads from it: the engine hears no
+    heartbeat from onprem's agent, so the pass ends with AGENT_UNREACHABLE (the
+    silence bound of agent/client.py, not a TCP timeout), records no point, and
+    an unplanned failover asked for meanwhile succeeds at cloud."""
+    lab, engine, onprem, cloud = sites.lab, sites.engine, sites.onprem, sites.cloud
+    create_vm(engine, onprem)
+    protect(engine)
+    before = points(engine)
+    time.sleep(3)  # guest writes, for a pass of several seconds at 1 MiB/s
+    lab.rate("prim", MiB)
+
+    outcome: dict[str, Any] = {}
+
+    def run_pass() -> None:
+        client = engine.new_client()
+        try:
+            outcome["seconds"], outcome["response"] = engine.timed(
+                "POST", f"/items/{VM}/replicate", client=client
+            )
+            outcome["ended"] = time.monotonic()
+        finally:
+            client.close()
+
+    passing = threading.Thread(target=run_pass)
+    passing.start()
+    partial = chain_dir(cloud) / "p000002.qcow2.partial"
+    wait_for("the pass's partial point at cloud", partial.exists)
+    time.sleep(1.0)
+    assert passing.is_alive(), outcome
+    lab.cut("prim")
+    cut = time.monotonic()
+    seconds, response = engine.timed(
+        "POST", f"/items/{VM}/failover", json={"type": "unplanned", "point": "latest"}
+    )
+    print(f"POST failover under the stalled pass: {seconds:.2f} s -> {response.status_code}")
+    assert response.status_code == 202, response.text
+    passing.join(timeout=300)
+    assert not passing.is_alive()
+    ended = outcome["response"]
+    print(f"the pass, its source cut off: {outcome['ended'] - cut:.2f} s after the cut -> "
+          f"{ended.status_code} {ended.text}")  # fmt: skip
+    assert ended.status_code >= 400, ended.text
+    assert ended.json()["error"]["code"] in ("AGENT_UNREACHABLE", "PASS_PREEMPTED"), ended.text
+    job = engine.wait_job(response.json()["job"])
+    print(f"failover job: {job['state']}, {time.monotonic() - cut:.2f} s after the cut")
+    assert job["state"] == "succeeded", job
+    assert [p["id"] for p in points(engine)][: len(before)] == [p["id"] for p in before]
+    item = engine.call("GET", f"/items/{VM}")
+    assert item["active_site"] == "cloud", item
+    check = engine.call("GET", f"/vms/{VM}/check", params={"site": "cloud"})
+    assert check["consistent"] is True and check["records_checked"] > 0, check
+    lab.restore("prim")
+    lab.unrate("prim")

@@ -75,21 +75,26 @@ class Joined:
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to open a connection to an agent (TCP and TLS handshake)."""
+SILENCE = 15.0
+"""Seconds a call may stay silent before its agent counts as lost: every call is
+answered as a stream with a heartbeat every 2 s (agent/server.py: HEARTBEAT),
+so this is a cut link or a dead agent, never a long operation."""
 
 
 class AgentClient:
     """Calls one agent over HTTPS trusting only ``cert_pem``, with the engine's secret.
 
     Thread-safe: one connection pool shared by every thread. ``timeout`` (s)
-    bounds each read: a unary call's answer, and for a streaming call the
-    wait for its next line (the agent sends a heartbeat line every 10 s of
-    silence); connecting is bounded by :data:`CONNECT_TIMEOUT` at most (an
+    bounds each read: the answer of ``info``, and for a call the wait for its
+    next line (calls are answered as streams, with a heartbeat line every 2 s
+    of silence: an operation may run for hours, a cut link is noticed within
+    ``timeout``); connecting is bounded by :data:`CONNECT_TIMEOUT` at most (an
     agent behind a cut link is known unreachable in seconds, not after a
     whole read timeout). Close it with :meth:`close` (or use it as a context manager).
     """
 
     def __init__(
-        self, url: str, cert_pem: str, secret: str, *, site: str, timeout: float = 30.0
+        self, url: str, cert_pem: str, secret: str, *, site: str, timeout: float = SILENCE
     ) -> None:
         _address(url)  # https://HOST:PORT, or InvalidInput
         self.url = url.rstrip("/")
@@ -100,7 +105,7 @@ class AgentClient:
             base_url=self.url,
             verify=tls.client_context(cert_pem),
             timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
-            headers={"Authorization": f"Bearer {secret}"},
+            headers={"Authorization": f"Bearer {secret}", "Accept": NDJSON},
             trust_env=False,  # no proxy from the environment between us and the pin
         )
 
@@ -128,7 +133,9 @@ class AgentClient:
 
     def stream(self, name: str, on_event: OnEvent | None, /, **args: Any) -> Any:
         """Run operation ``name``; ``on_event(event)`` for each event it emits
-        (in this thread, in order), then its result. An exception raised by
+        (in this thread, in order), and ``on_event({})`` at each heartbeat (so
+        that a caller's own checks, e.g. a cancel request, run while the
+        operation is silent), then its result. An exception raised by
         ``on_event`` closes the call: the operation is cancelled at its next event."""
         with (
             self._translated(),
@@ -154,6 +161,8 @@ class AgentClient:
     def _events(self, response: httpx.Response, on_event: OnEvent | None) -> Any:
         for line in response.iter_lines():
             if not line.strip():
+                if on_event is not None:
+                    on_event({})
                 continue
             doc = json.loads(line)
             if "event" in doc:
@@ -215,6 +224,9 @@ def _translated(site: str, url: str, pin: str, timeout: float) -> Iterator[None]
     """httpx's transport errors as ours (see the module's table)."""
     try:
         yield
+    except httpx.ConnectTimeout as e:
+        detail = f"no connection within {min(timeout, CONNECT_TIMEOUT):g} s (ConnectTimeout)"
+        raise AgentUnreachable(site=site, url=url, detail=detail) from e
     except httpx.TimeoutException as e:
         detail = (f"no answer within {timeout:g} s ({type(e).__name__}); it may still be "
                   "carrying the request out")  # fmt: skip

@@ -9,22 +9,27 @@ Routes (JSON bodies; every refusal is the one error document
     GET  /v1/info           {site, version, time (epoch s, float), fingerprint,
                             operations: [{name, kind}]}
     POST /v1/call/NAME      body: the arguments (a JSON object; empty: {}).
-                            unary: {"result": R}
-                            streaming: application/x-ndjson, lines {"event": E}…
-                            then one {"result": R} or {"error": DOC} (the status
-                            is 200 once the operation started); an empty line
-                            every HEARTBEAT s of silence
+                            With ``Accept: application/x-ndjson`` (what the
+                            engine sends), or for a streaming operation:
+                            application/x-ndjson, lines {"event": E}… then one
+                            {"result": R} or {"error": DOC} (the status is 200
+                            once the operation started), and an empty line every
+                            HEARTBEAT s of silence. Otherwise (a unary operation,
+                            another Accept): {"result": R}
 
 Every route but ``join`` needs ``Authorization: Bearer SECRET``; without it, or
 with a secret this agent did not issue, 401 ``AGENT_UNAUTHORIZED``. An
 unknown operation is 404 ``NOT_FOUND``. There are no docs routes: nothing
-else answers without a secret. A unary operation must answer within the
-caller's timeout (30 s by default); long work is a streaming operation, kept
-alive by its events or the heartbeat, and cancelled when its caller leaves.
+else answers without a secret. Every call the engine makes is answered as a
+stream, so no operation is bounded by the caller's read timeout however long
+it runs (the digests of a large disk), while a lost agent or a cut link is
+noticed within that timeout (the heartbeat stops). A streaming operation (its
+events) is cancelled when its caller leaves; a unary one runs to its end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -68,9 +73,10 @@ QUEUED_EVENTS = 256
 """Events an operation may emit ahead of a slow reader before ``emit`` blocks."""
 POLL = 0.5
 """Seconds between two checks that a streaming call's client is still there."""
-HEARTBEAT = 10.0
-"""Seconds of silence of a streaming operation after which an empty line is sent:
-the caller's read timeout then means a lost agent, never a quiet operation."""
+HEARTBEAT = 2.0
+"""Seconds of silence of a streamed call after which an empty line is sent: the
+caller's read timeout (agent/client.py: SILENCE) then means a lost agent or a
+cut link, never a quiet or a long operation."""
 
 
 class JoinBody(BaseModel):
@@ -109,6 +115,8 @@ def create_app(state_dir: Path, operations: Mapping[str, Operation]) -> FastAPI:
         args = _arguments(await request.body())
         if operation.kind is Kind.STREAMING:
             return StreamingResponse(_stream(operation, args), media_type=NDJSON)
+        if NDJSON in request.headers.get("accept", ""):
+            return StreamingResponse(_stream(_unary_streamed(operation), args), media_type=NDJSON)
         result = await run_in_threadpool(operation.function, args)
         return JSONResponse({"result": result})
 
@@ -139,6 +147,12 @@ def _arguments(body: bytes) -> Args:
 
 
 # -- streaming -------------------------------------------------------------------
+
+
+def _unary_streamed(operation: Operation) -> Operation:
+    """A unary operation run as a stream: no events, its result, and heartbeats."""
+    unary = operation.function
+    return dataclasses.replace(operation, function=lambda args, _emit: unary(args))
 
 
 async def _stream(operation: Operation, args: Args) -> AsyncIterator[bytes]:

@@ -15,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import re
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qmp import DEFAULT_TIMEOUT, QmpClient
@@ -43,6 +45,8 @@ _PR_SET_PDEATHSIG = 1
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,25}$")  # + "-file" fits in 31
 _MAX_SOCKET_PATH = 107
 _POLL = 0.02
+
+_T = TypeVar("_T")
 
 _clients: dict[tuple[str, int], QmpClient] = {}
 _clients_lock = threading.Lock()
@@ -83,7 +87,8 @@ class StorageDaemon:
         """Start a daemon serving ``disks`` and wait until both sockets answer.
 
         ``detached`` daemons get a session of their own and outlive the caller;
-        the others are SIGKILLed by the kernel when the calling *thread* exits.
+        the others are SIGKILLed by the kernel when this process exits (not
+        when the calling thread does: see :class:`_Keeper`).
         A new daemon whose monitor accepts the connection but stays silent
         (seen once in hundreds of starts on a loaded CI machine: greeted, then
         no answer to ``qmp_capabilities`` for a minute) holds nothing yet, no
@@ -210,8 +215,9 @@ class StorageDaemon:
             "--monitor", "chardev=qmp0",
         ]  # fmt: skip
         with open(run_dir / "qsd.log", "ab") as log:
-            try:
-                process = subprocess.Popen(
+
+            def popen() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -220,6 +226,9 @@ class StorageDaemon:
                     start_new_session=detached,
                     preexec_fn=None if detached else _die_with_parent(os.getpid()),
                 )
+
+            try:
+                process = popen() if detached else _KEEPER.run(popen)
             except OSError as e:
                 raise DiskError(detail=f"cannot start {QSD_BINARY}: {e}") from e
         _write_pid(run_dir / "qsd.pid", process.pid)
@@ -245,9 +254,7 @@ class StorageDaemon:
         while True:
             self._check_alive()
             try:
-                client = QmpClient.connect(
-                    self.qmp_socket, HANDSHAKE_TIMEOUT, name=self.describe()
-                )
+                client = QmpClient.connect(self.qmp_socket, HANDSHAKE_TIMEOUT, name=self.describe())
             except QmpTimeout:
                 raise
             except DiskError:
@@ -317,6 +324,40 @@ def _add_disk(qmp: QmpClient, disk: DiskSpec) -> None:
         **{"type": "nbd", "id": disk.node, "node-name": disk.node, "name": disk.node},
         writable=disk.writable,
     )
+
+
+class _Keeper:
+    """One thread that lives as long as the process and forks the daemons that
+    must die with it. The kernel's parent-death signal follows the *thread*
+    that forked (prctl(2)): a daemon forked by a worker thread (an agent's
+    operation, a pool thread that the pool later retires) would be killed when
+    that thread ends, under the transfer still using it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._work: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, function: Callable[[], _T]) -> _T:
+        """``function()`` in the keeper thread; its result or its exception."""
+        done: Future[_T] = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="qsd-keeper", daemon=True)
+                self._thread.start()
+        self._work.put((function, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            function, done = self._work.get()
+            try:
+                done.set_result(function())
+            except BaseException as e:
+                done.set_exception(e)
+
+
+_KEEPER = _Keeper()
 
 
 def _die_with_parent(parent_pid: int) -> Any:
