@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -25,20 +24,10 @@ from siterecovery.domain.model import (
     SiteRole,
     Vm,
 )
+from siterecovery.domain.tracking import ItemTracking, ResumeState
 from siterecovery.store.repo import VaultStore
 
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VaultStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'vault.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_db")
-    opened = VaultStore(url)
-    yield opened
-    opened.close()
 
 
 def _inventory(store: VaultStore) -> None:
@@ -70,11 +59,12 @@ def test_items_points_and_tracking(store: VaultStore) -> None:
     updated = store.update_item(vm="web01", state=ItemState.PROTECTED, last_cycle=T0)
     assert updated.state is ItemState.PROTECTED and updated.last_cycle == T0
     assert updated.policy.interval == 5.0
-    store.merge_tracking(vm="web01", next_seq=2)
-    assert store.merge_tracking(vm="web01", resume={"tag": "j1"}) == {
-        "next_seq": 2,
-        "resume": {"tag": "j1"},
-    }
+    store.update_item_tracking(vm="web01", change=lambda t: replace(t, next_seq=2))
+    resumed = store.update_item_tracking(
+        vm="web01", change=lambda t: replace(t, resume=ResumeState("j1"))
+    )
+    assert resumed == ItemTracking(next_seq=2, resume=ResumeState("j1"))
+    assert store.item_tracking(vm="web01") == resumed
     for seq in (1, 2, 3):
         store.add_point(
             point=RecoveryPoint(

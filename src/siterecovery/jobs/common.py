@@ -10,6 +10,7 @@ a step. DBOS re-runs a body after a crash: it must take the same path.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from dbos import DBOS
@@ -18,6 +19,7 @@ from siterecovery.context import Context
 from siterecovery.domain.errors import ItemChanged, JobCancelled
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, Vm, failure, utcnow
+from siterecovery.domain.tracking import FailoverState
 from siterecovery.jobs.runtime import ProgressReporter, context, run_step
 from siterecovery.replication import failback as data
 from siterecovery.replication.cycle import PassOptions, run_pass
@@ -100,24 +102,23 @@ def delete_vm(ctx: Context, name: str, site_name: str) -> None:
     ctx.store.delete_vm(name=name, site=site_name)
 
 
-def switch_direction(
-    ctx: Context, vm: str, kind: str, *, frm: str, to: str, **failover: Any
-) -> dict[str, Any]:
-    """The VM now runs at ``to``: the item's direction becomes ``to`` → ``frm``.
+def switch_direction(ctx: Context, vm: str, failover: FailoverState) -> dict[str, Any]:
+    """The VM now runs at ``failover.to``: the item's direction becomes
+    ``to`` → ``came_from``, and the failover is remembered.
 
     Idempotent: a re-run after the swap changes nothing more.
     """
+    to, frm = failover.to, failover.came_from
     item = ctx.store.get_item(vm=vm)
     if item.state is not ItemState.FAILED_OVER or item.active_site != to:
         ctx.store.update_item(
             vm=vm, active_site=to, standby_site=frm, state=ItemState.FAILED_OVER, last_error=None
         )
-    hosts = ctx.store.get_tracking(vm=vm).get("hosts") or {}
-    ctx.store.merge_tracking(
+    ctx.store.update_item_tracking(
         vm=vm,
-        failover={"kind": kind, "to": to, "came_from": frm, **failover},
-        hosts={**hosts, to: failover["host"]},
-        resume=None,
+        change=lambda t: replace(
+            t, failover=failover, hosts={**t.hosts, to: failover.host}, resume=None
+        ),
     )
     return {"state": ItemState.FAILED_OVER.value, "active_site": to}
 
@@ -155,5 +156,5 @@ def enable(vm: str, expected: ItemState) -> dict[str, Any]:
         context().store.update_item(
             vm=vm, state=ItemState.PROTECTED, last_cycle=utcnow(), last_error=None
         )
-    context().store.merge_tracking(vm=vm, failover=None)
+    context().store.update_item_tracking(vm=vm, change=lambda t: replace(t, failover=None))
     return {"state": ItemState.PROTECTED.value}

@@ -8,6 +8,7 @@ the failback resumes its sync (see ``replication/failback.py``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from dbos import DBOS
@@ -15,6 +16,7 @@ from dbos import DBOS
 from siterecovery.domain.errors import TargetVmMissing
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import JobState, Vm, failure
+from siterecovery.domain.tracking import FailoverState
 from siterecovery.jobs import control
 from siterecovery.jobs.common import (
     cancel_check,
@@ -86,18 +88,21 @@ def _prepare_target(
     site.stop_vm(target)
     site.set_inconsistent(target, True)
     ctx.store.update_item(vm=vm, state=ItemState.SYNCING)
-    tracking = ctx.store.get_tracking(vm=vm)
-    failover = tracking.get("failover") or {}
-    tags = {p: p + job_id[1:9] for p in PHASES} | (tracking.get("failback_tags") or {})
-    ctx.store.merge_tracking(vm=vm, failback_tags=tags)
+    tracking = ctx.store.update_item_tracking(
+        vm=vm,
+        change=lambda t: replace(
+            t, failback_tags={p: p + job_id[1:9] for p in PHASES} | dict(t.failback_tags)
+        ),
+    )
+    failover = tracking.failover
     return {
         "target": f"{vm}@{to}",
         "host": host,
         "created": created,
-        "source_checkpoint": failover.get("source_checkpoint"),
-        "target_checkpoint": failover.get("target_checkpoint"),
+        "source_checkpoint": failover.source_checkpoint if failover else None,
+        "target_checkpoint": failover.target_checkpoint if failover else None,
         "threads": threads or load_item(vm).policy.threads,
-        "tags": tags,
+        "tags": dict(tracking.failback_tags),
         "frm": frm,
         "to": to,
     }
@@ -182,7 +187,7 @@ def _full(job_id: str, vm: str, prepared: dict[str, Any]) -> None:
 
 def _replace_target(vm: str, prepared: dict[str, Any]) -> dict[str, Any]:
     target = _sides(vm, prepared)[1]
-    if context().store.get_tracking(vm=vm).get("resume"):
+    if context().store.item_tracking(vm=vm).resume is not None:
         return {"skipped": "a download of these disks is under way"}
     target.site.replace_disks(target.vm)
     return {"replaced": [d.name for d in target.vm.disks]}
@@ -277,18 +282,17 @@ def _switch_failback(job_id: str, vm: str, host: str, frm: str, to: str) -> dict
     ctx = context()
     checkpoint = "fb" + job_id[1:9]
     target = vm_at(ctx, vm, to)
-    ctx.store.merge_tracking(vm=vm, failback_tags=None)
+    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, failback_tags={}))
     if target is not None and target.host != host:
         ctx.store.delete_vm(name=target.name, site=target.site)
         ctx.store.add_vm(vm=Vm(**{**vm_fields(target), "host": host}))
-    return switch_direction(
-        ctx,
-        vm,
-        "failback",
-        frm=frm,
+    failover = FailoverState(
+        kind="failback",
         to=to,
+        came_from=frm,
         point=None,
         host=host,
         source_checkpoint=checkpoint,
         target_checkpoint=None,
     )
+    return switch_direction(ctx, vm, failover)

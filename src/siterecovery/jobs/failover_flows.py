@@ -8,6 +8,7 @@ so DBOS can re-run an interrupted step after a crash.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from dbos import DBOS
@@ -16,6 +17,7 @@ from siterecovery.context import Context
 from siterecovery.domain.errors import IntegrityError, SiteRecoveryError, VmNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import Item, RecoveryPoint, Vm, failure, utcnow
+from siterecovery.domain.tracking import DrillState, FailoverKind, FailoverState
 from siterecovery.jobs.common import (
     delete_vm,
     enable,
@@ -68,8 +70,8 @@ def unplanned_failover_workflow(
         job_id, on_error=lambda exc: failed(vm, exc), on_exit=lambda: release(vm, job_id)
     ):
         stopped = step(job_id, "stop-source", lambda: _stop_source_best_effort(vm, frm, to))
-        replace = bool(stopped.get("replace_previous"))
-        _start_on_point(job_id, vm, point, host, "unplanned", frm, to, replace=replace)
+        previous = bool(stopped.get("replace_previous"))
+        _start_on_point(job_id, vm, point, host, "unplanned", frm, to, replace_previous=previous)
 
 
 def _stop_source_best_effort(vm: str, frm: str, to: str) -> dict[str, Any]:
@@ -95,10 +97,18 @@ def _stop_source_best_effort(vm: str, frm: str, to: str) -> dict[str, Any]:
 
 
 def _start_on_point(
-    job_id: str, vm: str, point: str, host: str, kind: str, frm: str, to: str, *, replace: bool
+    job_id: str,
+    vm: str,
+    point: str,
+    host: str,
+    kind: FailoverKind,
+    frm: str,
+    to: str,
+    *,
+    replace_previous: bool,
 ) -> None:
     ctx = context()
-    if replace:
+    if replace_previous:
         step(job_id, "remove-previous-failover", lambda: _remove_previous(vm, frm, to))
     checkpoint = "fo" + job_id[1:9]
     step(
@@ -117,29 +127,27 @@ def _start_on_point(
 
 
 def _switch_to_point(
-    vm: str, kind: str, point: str, host: str, frm: str, to: str, checkpoint: str
+    vm: str, kind: FailoverKind, point: str, host: str, frm: str, to: str, checkpoint: str
 ) -> dict[str, Any]:
     """The direction swaps; the old side keeps the bitmap of the point when the
     point was the latest (a later delta failback sends only what changed)."""
     ctx = context()
-    tracking = ctx.store.get_tracking(vm=vm)
-    failover = tracking.get("failover") or {}
-    if failover.get("source_checkpoint") == checkpoint:
-        source_checkpoint = failover.get("target_checkpoint")  # a re-run: already switched
+    tracking = ctx.store.item_tracking(vm=vm)
+    previous, last = tracking.failover, tracking.last_checkpoint
+    if previous is not None and previous.source_checkpoint == checkpoint:
+        kept = previous.target_checkpoint  # a re-run: already switched
     else:
-        last = tracking.get("last_checkpoint") or {}
-        source_checkpoint = last.get("tag") if last.get("point") == point else None
-    return switch_direction(
-        ctx,
-        vm,
-        kind,
-        frm=frm,
+        kept = last.tag if last is not None and last.point == point else None
+    failover = FailoverState(
+        kind=kind,
         to=to,
+        came_from=frm,
         point=point,
         host=host,
         source_checkpoint=checkpoint,
-        target_checkpoint=source_checkpoint,
+        target_checkpoint=kept,
     )
+    return switch_direction(ctx, vm, failover)
 
 
 def _remove_previous(vm: str, frm: str, to: str) -> dict[str, Any]:
@@ -160,18 +168,20 @@ def planned_failover_workflow(job_id: str, vm: str, host: str, frm: str, to: str
         ctx = context()
         stopped = step(job_id, "stop-source", lambda: stop_vm(ctx, vm_required(ctx, vm, frm)))
         final = step(job_id, "final-replication", lambda: _final_pass(job_id, vm, stopped))
-        _start_on_point(job_id, vm, final["point"]["id"], host, "planned", frm, to, replace=False)
+        _start_on_point(
+            job_id, vm, final["point"]["id"], host, "planned", frm, to, replace_previous=False
+        )
 
 
 def _final_pass(job_id: str, vm: str, stopped: dict[str, Any]) -> dict[str, Any]:
     """The last pass of the stopped source (its tag is the job's: a re-run resumes)."""
     ctx = context()
     tag = "f" + job_id[1:11]
-    last = ctx.store.get_tracking(vm=vm).get("last_checkpoint") or {}
-    if last.get("tag") == tag:
+    last = ctx.store.item_tracking(vm=vm).last_checkpoint
+    if last is not None and last.tag == tag:
         # A re-run after the pass sealed its point (the crash came before DBOS
         # recorded the step): that point is the final one, nothing more to send.
-        point = find_point(ctx, vm=vm, point_id=str(last["point"]))
+        point = find_point(ctx, vm=vm, point_id=last.point)
         source = vm_required(ctx, vm, load_item(vm).active_site)  # stopped, not yet switched
         disks = _prove_point(ctx, source, point)
         report: dict[str, Any] = {"point": point.to_dict(), "disks": disks, "sealed_before": True}
@@ -246,10 +256,10 @@ def _adopt_base(vm: str) -> dict[str, Any]:
     old = vm_at(ctx, vm, item.standby_site)
     if old is None:
         return {"base": "the existing replica chain" if _has_chain(ctx, item) else None}
-    seq = int(ctx.store.get_tracking(vm=vm).get("next_seq", 1))
+    seq = ctx.store.item_tracking(vm=vm).next_seq
     ctx.site(item.standby_site).adopt_vm(old, vm, seq)
     ctx.store.delete_vm(name=vm, site=item.standby_site)
-    ctx.store.merge_tracking(vm=vm, next_seq=seq + 1)
+    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, next_seq=seq + 1))
     return {"base": f"VM {vm} at {item.standby_site}", "file": f"p{seq:06d}.qcow2"}
 
 
@@ -277,11 +287,8 @@ def _drill_vm(job_id: str, vm: str, point: str, host: str, switch: str) -> dict[
     ctx = context()
     item = load_item(vm)
     name = f"{vm}-test"
-    ctx.store.merge_tracking(
-        vm=vm,
-        pinned=[point],
-        drill={"vm": name, "site": item.standby_site, "point": point, "job": job_id},
-    )
+    drill = DrillState(vm=name, site=item.standby_site, point=point, job=job_id)
+    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, pinned=(point,), drill=drill))
     made = _create_on_point(ctx, vm, item.standby_site, point, host, name=name, checkpoint="drill")
     if made.nics != (switch,):
         ctx.store.delete_vm(name=made.name, site=made.site)
@@ -314,11 +321,11 @@ def cleanup_test_workflow(job_id: str, vm: str) -> None:
 
 def _cleanup(vm: str) -> dict[str, Any]:
     ctx = context()
-    drill = ctx.store.get_tracking(vm=vm).get("drill") or {}
-    if drill:
-        delete_vm(ctx, drill["vm"], drill["site"])
-    ctx.store.merge_tracking(vm=vm, drill=None, pinned=[])
-    return {"deleted": f"{drill.get('vm')}@{drill.get('site')}" if drill else None}
+    drill = ctx.store.item_tracking(vm=vm).drill
+    if drill is not None:
+        delete_vm(ctx, drill.vm, drill.site)
+    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, drill=None, pinned=()))
+    return {"deleted": f"{drill.vm}@{drill.site}" if drill else None}
 
 
 # Steps ------------------------------------------------------------------------------

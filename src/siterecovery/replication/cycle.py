@@ -25,13 +25,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from siterecovery.context import Context
 from siterecovery.domain.errors import BitmapInconsistent, DiskFull
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
+from siterecovery.domain.tracking import LastCheckpoint, PendingMerge
 from siterecovery.points.retention import points_to_drop
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.wire_policy import transfer_of
@@ -105,7 +106,7 @@ class PassRun:
         target_site = ctx.store.get_site(name=item.standby_site)
         vm = ctx.store.get_vm(name=vm_name, site=item.active_site)
         _finish_pending_merges(ctx, vm_name)
-        seq = int(ctx.store.get_tracking(vm=vm_name).get("next_seq", 1))
+        seq = ctx.store.item_tracking(vm=vm_name).next_seq
         return cls(
             ctx, item, vm, source_site, target_site, ctx.site(source_site),
             ctx.site(target_site), options, seq, time.monotonic(),
@@ -219,12 +220,12 @@ def _seal(
         common=sealing.common,
     )
     ctx.store.add_point(point=point)
-    ctx.store.merge_tracking(
+    last = LastCheckpoint(point=point.id, tag=options.tag, site=item.active_site)
+    ctx.store.update_item_tracking(
         vm=item.vm,
-        next_seq=seq + 1,
-        resume=None,
-        last_pass=disks,
-        last_checkpoint={"point": point.id, "tag": options.tag, "site": item.active_site},
+        change=lambda t: replace(
+            t, next_seq=seq + 1, resume=None, last_pass=disks, last_checkpoint=last
+        ),
     )
     return point
 
@@ -232,7 +233,7 @@ def _seal(
 def apply_retention(ctx: Context, item: Item, site: Site) -> list[str]:
     """Thin the item's points by its policy; returns the ids removed."""
     points = ctx.store.list_points(vm=item.vm, site=site.name)
-    pinned = set(ctx.store.get_tracking(vm=item.vm).get("pinned") or [])
+    pinned = set(ctx.store.item_tracking(vm=item.vm).pinned)
     # A group member keeps its newest common point: the group fails over to it.
     pinned.update([p.id for p in points if p.common][-1:])
     following = {p.id: n.id for p, n in itertools.pairwise(points)}
@@ -253,32 +254,30 @@ def _drop_point(ctx: Context, vm: str, site: Site, point_id: str) -> None:
     index = next(i for i, p in enumerate(current) if p.id == point_id)
     point, child = current[index], current[index + 1]
     grandchild = current[index + 2] if index + 2 < len(current) else None
-    merges = [
-        {
-            "site": site.name,
-            "disk": disk,
-            "child": child.files[disk],
-            "parent": point.files[disk],
-            "grandchild": grandchild.files[disk] if grandchild else None,
-        }
+    merges = tuple(
+        PendingMerge(
+            site=site.name,
+            disk=disk,
+            child=child.files[disk],
+            parent=point.files[disk],
+            grandchild=grandchild.files[disk] if grandchild else None,
+        )
         for disk in point.files
-    ]
+    )
     # Record the intent first: a crash in the middle is finished on the next pass.
-    ctx.store.merge_tracking(vm=vm, pending_merges=merges)
+    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, pending_merges=merges))
     ctx.store.delete_points(ids=[point.id])
     ctx.store.update_point_files(point_id=child.id, files=dict(point.files))
     _finish_pending_merges(ctx, vm)
 
 
 def _finish_pending_merges(ctx: Context, vm: str) -> None:
-    for merge in ctx.store.get_tracking(vm=vm).get("pending_merges") or []:
-        if "site" not in merge:  # recorded before sites were agents: a chain directory
-            merge = {**merge, "site": _site_of(ctx, vm), "disk": merge["dir"].rsplit("/", 1)[-1]}
-        ctx.site(merge["site"]).merge(
-            vm, merge["disk"], child=merge["child"], parent=merge["parent"],
-            grandchild=merge["grandchild"],
-        )  # fmt: skip
-    ctx.store.merge_tracking(vm=vm, pending_merges=[])
+    for merge in ctx.store.item_tracking(vm=vm).pending_merges:
+        site = merge.site or _site_of(ctx, vm)  # None: recorded before sites were agents
+        ctx.site(site).merge(
+            vm, merge.disk, child=merge.child, parent=merge.parent, grandchild=merge.grandchild
+        )
+    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, pending_merges=()))
 
 
 def _site_of(ctx: Context, vm: str) -> str:

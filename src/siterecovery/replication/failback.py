@@ -14,7 +14,7 @@ location).
   disks and every allocated block is copied (no checksums).
 
 Every function is idempotent by ``tag`` and resumes from the offsets it
-persisted in the item's ``tracking.resume``.
+persisted in the item's tracking (``ItemTracking.resume``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from siterecovery.context import Context
 from siterecovery.domain.errors import DiskFull
 from siterecovery.domain.model import Vm
+from siterecovery.domain.tracking import FailoverState
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.wire_policy import transfer_of
 from siterecovery.sites.base import (
@@ -204,22 +205,27 @@ def _space(target: Side) -> Iterator[None]:
         ) from exc  # fmt: skip
 
 
-def estimate(source: Side, target: Side, since_point: dict[str, Any], sync: str) -> tuple[int, str]:
+def estimate(
+    source: Side, target: Side, since_point: FailoverState | None, sync: str
+) -> tuple[int, str]:
     """Bytes a failback would move, and how the figure was found (for --dry-run).
 
+    ``since_point`` is the item's last failover (its checkpoints on both sides).
     Tracked: the dirty counts of the bitmaps on both sides (an upper bound, as
     blocks both sides changed count twice). Otherwise every allocated byte of
     the source: all of it for a full download, at most that for checksums.
     """
-    mine = source.site.measure(source.vm, since=since_point.get("source_checkpoint"))
+    ours = since_point.source_checkpoint if since_point else None
+    theirs = since_point.target_checkpoint if since_point else None
+    mine = source.site.measure(source.vm, since=ours)
     allocated = int(mine["allocated"])
     if sync == "full":
         return allocated, "every allocated byte of the source (full download)"
     if mine["since"] is not None:
-        theirs = target.site.measure(target.vm, since=since_point.get("target_checkpoint"))
-        if theirs["since"] is not None:
+        other = target.site.measure(target.vm, since=theirs)
+        if other["since"] is not None:
             return (
-                int(mine["since"]) + int(theirs["since"]),
+                int(mine["since"]) + int(other["since"]),
                 "tracked: blocks changed on either side since the failover point",
             )
     return allocated, "at most the allocated bytes: per-block checksums find what differs"

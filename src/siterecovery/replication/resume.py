@@ -1,10 +1,11 @@
 """Persisted progress of a resumable sync: per-disk offsets kept in the item's
-``tracking.resume`` under the tag of the view they were taken from."""
+tracking (``ItemTracking.resume``) under the tag of the view they were taken from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from siterecovery.domain.tracking import ItemTracking, ResumeState
 from siterecovery.store.repo import VaultStore
 
 
@@ -17,17 +18,23 @@ class ResumeOffsets:
     tag: str
 
     def get(self, disk: str) -> int:
-        state = self.store.get_tracking(vm=self.vm).get("resume") or {}
-        return int(state.get("offsets", {}).get(disk, 0)) if state.get("tag") == self.tag else 0
+        state = self.store.item_tracking(vm=self.vm).resume
+        return state.offsets.get(disk, 0) if state is not None and state.tag == self.tag else 0
 
     def save(self, disk: str, offset: int) -> None:
-        state = self.store.get_tracking(vm=self.vm).get("resume") or {}
-        offsets = state.get("offsets", {}) if state.get("tag") == self.tag else {}
-        resume = {"tag": self.tag, "offsets": {**offsets, disk: offset}}
-        self.store.merge_tracking(vm=self.vm, resume=resume)
+        """Record ``disk``'s watermark (one transaction: other disks' survive)."""
+        self.store.update_item_tracking(vm=self.vm, change=lambda t: self._saved(t, disk, offset))
 
     def forget(self) -> None:
         """Drop this tag's offsets (they only hold for the view they came from)."""
-        state = self.store.get_tracking(vm=self.vm).get("resume") or {}
-        if state.get("tag") == self.tag:
-            self.store.merge_tracking(vm=self.vm, resume=None)
+        self.store.update_item_tracking(vm=self.vm, change=self._forgotten)
+
+    def _saved(self, tracking: ItemTracking, disk: str, offset: int) -> ItemTracking:
+        state = tracking.resume
+        offsets = state.offsets if state is not None and state.tag == self.tag else {}
+        return replace(tracking, resume=ResumeState(self.tag, {**offsets, disk: offset}))
+
+    def _forgotten(self, tracking: ItemTracking) -> ItemTracking:
+        state = tracking.resume
+        mine = state is not None and state.tag == self.tag
+        return replace(tracking, resume=None) if mine else tracking

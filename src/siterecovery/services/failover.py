@@ -5,10 +5,9 @@ what is created and deleted). ``dry_run`` returns the plan; otherwise the first
 failed precondition is raised before any side effect and a durable job is
 submitted. The jobs themselves are in ``jobs/failover_flows.py``.
 
-Per-item bookkeeping (``items.tracking``): ``home`` (the site protection began
-at: failing toward it is a failback), ``hosts`` (the VM's host per site),
-``failover`` (the last failover: kind, point, checkpoints), ``drill``,
-``pinned`` (points a drill runs on) and ``busy`` (the job that owns the item).
+What an item remembers between operations (``home``: the site protection
+began at, failing toward it is a failback; ``hosts``, ``kinds``, the last
+``failover``, the ``drill``…) is :class:`~siterecovery.domain.tracking.ItemTracking`.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from siterecovery.domain.errors import (
 from siterecovery.domain.lifecycle import ItemState, Operation, require, require_group_together
 from siterecovery.domain.model import Host, Item, JobState, PointType, RecoveryPoint, Vm
 from siterecovery.domain.plan import Plan, check
+from siterecovery.domain.tracking import ItemTracking
 from siterecovery.domain.values import check_name, check_positive
 from siterecovery.services import agents, ownership
 from siterecovery.services.protection import health, item_view
@@ -77,12 +77,12 @@ class FailoverRequest:
         return self
 
 
-def tracking(ctx: Context, vm: str) -> dict[str, Any]:
-    return ctx.store.get_tracking(vm=vm)
+def tracking(ctx: Context, vm: str) -> ItemTracking:
+    return ctx.store.item_tracking(vm=vm)
 
 
 def home_of(ctx: Context, item: Item) -> str:
-    return str(tracking(ctx, item.vm).get("home") or item.active_site)
+    return tracking(ctx, item.vm).home or item.active_site
 
 
 def require_idle(ctx: Context, item: Item) -> None:
@@ -278,7 +278,7 @@ def choose_host(ctx: Context, item: Item, site: str, requested: str | None, vm: 
             raise InvalidInput(field="host", reason=f"host '{requested}' is not at site '{site}'")
         return host
     hosts = ctx.store.list_hosts(site=site)
-    previous = (tracking(ctx, item.vm).get("hosts") or {}).get(site)
+    previous = tracking(ctx, item.vm).hosts.get(site)
     for host in hosts:
         if host.name == previous:
             return host
@@ -316,7 +316,7 @@ def _host_checks(
 
 
 def _same_kind(ctx: Context, item: Item, host: Host) -> None:
-    origin = (tracking(ctx, item.vm).get("kinds") or {}).get(home_of(ctx, item), host.kind)
+    origin = tracking(ctx, item.vm).kinds.get(home_of(ctx, item), host.kind)
     if host.kind != origin:
         raise HypervisorMismatch(host=host.name, kind=host.kind, vm=item.vm, expected=origin)
 
@@ -422,18 +422,18 @@ def _failback_bytes(
     def side(vm: Vm) -> failback.Side:
         return failback.Side(vm, ctx.site(vm.site))
 
-    since = tracking(ctx, item.vm).get("failover") or {}
+    since = tracking(ctx, item.vm).failover
     return failback.estimate(side(source), side(target), since, request.sync)
 
 
 def _plan_test(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
     plan = Plan("test-failover", item.vm, item.active_site, item.standby_site)
     _common_checks(ctx, plan, item, Operation.TEST_FAILOVER, request)
-    drill = tracking(ctx, item.vm).get("drill")
+    drill = tracking(ctx, item.vm).drill
 
     def no_drill() -> None:
-        if drill:
-            raise DrillActive(vm=item.vm, site=drill["site"])
+        if drill is not None:
+            raise DrillActive(vm=item.vm, site=drill.site)
 
     plan.add("no drill running", no_drill)
     _plan_point(ctx, plan, item, request.point)
@@ -563,7 +563,7 @@ def plan_cleanup_test(ctx: Context, item: Item) -> Plan:
     plan = Plan("cleanup-test", item.vm, item.active_site, item.standby_site)
 
     def drill_exists() -> None:
-        if not tracking(ctx, item.vm).get("drill"):
+        if tracking(ctx, item.vm).drill is None:
             raise NoDrill(vm=item.vm)
 
     plan.add("a test failover to clean up", drill_exists)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from siterecovery.context import Context
@@ -137,11 +138,15 @@ def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -
 def _remember_origin(ctx: Context, item: Item, vm: Vm) -> None:
     """Where protection began: failing over toward that site is a failback."""
     host = ctx.store.get_host(name=vm.host)
-    tracking = ctx.store.get_tracking(vm=item.vm)
-    hosts = {**(tracking.get("hosts") or {}), vm.site: vm.host}
-    kinds = {**(tracking.get("kinds") or {}), vm.site: host.kind}
-    home = tracking.get("home") or vm.site
-    ctx.store.merge_tracking(vm=item.vm, home=home, hosts=hosts, kinds=kinds)
+    ctx.store.update_item_tracking(
+        vm=item.vm,
+        change=lambda t: replace(
+            t,
+            home=t.home or vm.site,
+            hosts={**t.hosts, vm.site: vm.host},
+            kinds={**t.kinds, vm.site: host.kind},
+        ),
+    )
 
 
 def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
@@ -158,13 +163,15 @@ def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
     try:
         item = ctx.store.get_item(vm=vm)
         require(item.state, Operation.DISABLE, vm=vm)
-        drill = ctx.store.get_tracking(vm=vm).get("drill")
-        if drill:
-            raise DrillActive(vm=vm, site=drill["site"])
+        drill = ctx.store.item_tracking(vm=vm).drill
+        if drill is not None:
+            raise DrillActive(vm=vm, site=drill.site)
         ctx.store.update_item(vm=vm, state=ItemState.DISABLED)
         kept = _delete_replicas(ctx, item)
         ctx.store.delete_points(ids=[p.id for p in ctx.store.list_points(vm=vm)])
-        ctx.store.merge_tracking(vm=vm, next_seq=1, resume=None, pending_merges=[])
+        ctx.store.update_item_tracking(
+            vm=vm, change=lambda t: replace(t, next_seq=1, resume=None, pending_merges=())
+        )
     finally:
         ownership.release(ctx, vm, owner)
     return {**item_view(ctx, ctx.store.get_item(vm=vm)), "kept_replica_files": kept}
@@ -211,7 +218,7 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
     app = [p for p in points if p.type.value == "app-consistent"]
     down = _unreachable_site(ctx, item)
     state, rpo = health(item, latest, site_down=down is not None)
-    tracking = ctx.store.get_tracking(vm=item.vm)
+    tracking = ctx.store.item_tracking(vm=item.vm)
     return {
         **item.to_dict(),
         "health": state.value,
@@ -220,11 +227,11 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
         "points": len(points),
         "latest_point": latest.to_dict() if latest else None,
         "latest_app_consistent_point": app[-1].to_dict() if app else None,
-        "last_pass": tracking.get("last_pass"),
-        "home_site": tracking.get("home"),
+        "last_pass": dict(tracking.last_pass) if tracking.last_pass is not None else None,
+        "home_site": tracking.home,
         "busy_job": _job_owner(ctx, item.vm),
-        "failover": tracking.get("failover"),
-        "drill": tracking.get("drill"),
+        "failover": tracking.failover.to_json() if tracking.failover else None,
+        "drill": tracking.drill.to_json() if tracking.drill else None,
         "allowed_operations": sorted(op.value for op in _allowed(item)),
     }
 

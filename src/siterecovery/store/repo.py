@@ -8,7 +8,7 @@ here, once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +47,7 @@ from siterecovery.domain.model import (
     Vm,
     utcnow,
 )
+from siterecovery.domain.tracking import ItemTracking
 from siterecovery.store.owner_repo import OwnerRepo
 from siterecovery.store.recovery_repo import RecoveryRepo
 from siterecovery.store.schema import (
@@ -243,7 +244,7 @@ class VaultStore(RecoveryRepo, OwnerRepo):
                     last_error=item.last_error,
                     cycles=item.cycles,
                     last_cycle=item.last_cycle,
-                    tracking={},
+                    tracking=ItemTracking().to_json(),
                     owner=owner,
                     owner_since=utcnow() if owner else None,
                 )
@@ -275,21 +276,32 @@ class VaultStore(RecoveryRepo, OwnerRepo):
                 setattr(row, key, _column_value(value))
             return _item(row)
 
-    def get_tracking(self, *, vm: str) -> dict[str, Any]:
-        """Per-item replication bookkeeping (checkpoints, sync progress)."""
+    def item_tracking(self, *, vm: str) -> ItemTracking:
+        """What the item remembers (checkpoints, sync progress, failover…);
+        ItemNotFound when there is no item."""
         with self.session() as s:
             row = s.get(ItemRow, vm)
             if row is None:
                 raise ItemNotFound(name=vm)
-            return dict(row.tracking or {})
+            return ItemTracking.from_json(row.tracking)
 
-    def merge_tracking(self, *, vm: str, **values: Any) -> dict[str, Any]:
+    def update_item_tracking(
+        self, *, vm: str, change: Callable[[ItemTracking], ItemTracking]
+    ) -> ItemTracking:
+        """Read, ``change`` and write the item's tracking in one transaction under
+        the row's write lock (``FOR UPDATE``; SQLite's is the database's), so
+        concurrent updates, of the same field or others, all survive. ``change``
+        is called once, with the lock held: no I/O in it, and what it raises
+        leaves the row as it was. Typically ``lambda t: replace(t, field=…)``
+        (mypy checks the names; a wrong one is a TypeError). Returns the new state.
+        """
         with self.session() as s:
             row = s.get(ItemRow, vm, with_for_update=True)
             if row is None:
                 raise ItemNotFound(name=vm)
-            row.tracking = {**(row.tracking or {}), **values}
-            return dict(row.tracking)
+            changed = change(ItemTracking.from_json(row.tracking))
+            row.tracking = changed.to_json()
+            return changed
 
     def delete_item(self, *, vm: str) -> None:
         with self.session() as s:
