@@ -155,13 +155,12 @@ def test_attached_daemon_outlives_the_thread_that_started_it(workdir: Path) -> N
     through it from others: the daemon lives as long as the process."""
     qemu_img.create(workdir / "disk.qcow2", 16 * MiB)
     started: list[StorageDaemon] = []
-    starter = threading.Thread(
-        target=lambda: started.append(
-            StorageDaemon.start(
-                workdir / "run", [DiskSpec(NODE, workdir / "disk.qcow2")], detached=False
-            )  # fmt: skip
-        )
-    )
+    spec = DiskSpec(NODE, workdir / "disk.qcow2")
+
+    def start() -> None:
+        started.append(StorageDaemon.start(workdir / "run", [spec], detached=False))
+
+    starter = threading.Thread(target=start)
     starter.start()
     starter.join()
     assert started, "the daemon did not start"

@@ -10,6 +10,11 @@ app-consistent points. Run it as::
         [--rate WRITES_PER_S] [--seed N] [--format] [--journal-size BYTES] \\
         [--follow OTHER_STATE]
 
+or, inside a real guest (disks as block devices or raw files, no libnbd)::
+
+    python -m siterecovery.providers.local.workload --device /dev/vda \\
+        [--device /dev/vdb ...] --control PATH --state PATH [...]
+
 ``--follow`` names the state file of another VM's workload this one depends
 on (an application tier): before each record the workload reads that file and
 links the record to the other's last acknowledged seq (see the journal's links).
@@ -36,7 +41,7 @@ file + rename) at most 4 times a second while it changes, and on exit (then
 with ``"running": false``); ``seq`` there never exceeds what is on disk.
 
 SIGTERM or SIGINT: the record in flight completes, the state is saved, exit 0.
-When the NBD server goes away: a message on stderr and exit 1.
+When the NBD server (or a ``--device``) fails: a message on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.nbd import NbdDevice
+from siterecovery.disk.file import FileDevice
 from siterecovery.domain.errors import GuestError, SiteRecoveryError
 from siterecovery.providers.local.guest import (
     DEFAULT_QUIESCE_TIMEOUT,
@@ -322,9 +327,10 @@ def _answers(path: Path) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """The command line of the workload process."""
+    """The command line of the workload process: the disks are either NBD
+    ``exports`` at ``nbd_socket`` or ``devices`` (files or block devices)."""
 
-    nbd_socket: Path
+    nbd_socket: Path | None
     exports: tuple[str, ...]
     control: Path
     state: Path
@@ -333,13 +339,17 @@ class Options:
     format: bool = False
     journal_size: int = DEFAULT_JOURNAL_SIZE
     follow: Path | None = None
+    devices: tuple[Path, ...] = ()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Options from the command line (argparse exits 2 on a usage error)."""
     parser = argparse.ArgumentParser(prog="python -m siterecovery.providers.local.workload")
-    parser.add_argument("--nbd-socket", type=Path, required=True)
-    parser.add_argument("--exports", required=True, help="export names, disk 0 first: d0,d1")
+    parser.add_argument("--nbd-socket", type=Path, default=None)
+    parser.add_argument("--exports", default="", help="export names, disk 0 first: d0,d1")
+    parser.add_argument(
+        "--device", type=Path, action="append", default=[], help="a disk file, disk 0 first"
+    )
     parser.add_argument("--control", type=Path, required=True)
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="records per second")
@@ -349,11 +359,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--follow", type=Path, default=None, help="state file of a followed VM")
     args = parser.parse_args(argv)
     exports = tuple(name for name in args.exports.split(",") if name)
-    if not exports or args.rate < 0:
-        parser.error("--exports needs at least one name and --rate must be >= 0")
+    if args.device and (args.nbd_socket or exports):
+        parser.error("give either --device or --nbd-socket and --exports, not both")
+    if not args.device and not (args.nbd_socket and exports):
+        parser.error("--nbd-socket and --exports (at least one name) or --device are needed")
+    if args.rate < 0:
+        parser.error("--rate must be >= 0")
     return Options(
         args.nbd_socket, exports, args.control, args.state, args.rate, args.seed,
-        args.format, args.journal_size, args.follow,
+        args.format, args.journal_size, args.follow, tuple(args.device),
     )  # fmt: skip
 
 
@@ -374,14 +388,26 @@ def _run(options: Options, signalled: list[int]) -> int:
     """Connect, open the journal, serve; ``signalled`` fills when SIGTERM/SIGINT come."""
     devices: list[BlockDevice] = []
     try:
-        for export in options.exports:
-            devices.append(NbdDevice.connect(options.nbd_socket, export, writable=True))
+        _open_devices(options, devices)
         writer = _open_writer(devices, options)
         workload = Workload(writer, rate=options.rate, follow=options.follow)
         return _serve(workload, options, signalled)
     finally:
         for device in devices:
             device.close()
+
+
+def _open_devices(options: Options, devices: list[BlockDevice]) -> None:
+    """Append the disks of ``options`` to ``devices``, disk 0 first (the caller
+    closes them, even when one fails to open)."""
+    for path in options.devices:
+        devices.append(FileDevice.open(path, writable=True))
+    if options.nbd_socket is None:
+        return
+    from siterecovery.disk.nbd import NbdDevice  # Lazy: libnbd only where NBD is used.
+
+    for export in options.exports:
+        devices.append(NbdDevice.connect(options.nbd_socket, export, writable=True))
 
 
 def _open_writer(devices: Sequence[BlockDevice], options: Options) -> JournalWriter:
@@ -439,8 +465,10 @@ def _exit_status(workload: Workload, options: Options, stuck: bool) -> int:
         print("workload: the record in flight did not complete; exiting", file=sys.stderr)
         return 1
     if workload.error is not None:
+        disks = options.nbd_socket or ", ".join(map(str, options.devices))
+        what = "the NBD server at" if options.nbd_socket else "the disks"
         print(
-            f"workload: the NBD server at {options.nbd_socket} failed, stopping: {workload.error}",
+            f"workload: {what} {disks} failed, stopping: {workload.error}",
             file=sys.stderr,
             flush=True,
         )

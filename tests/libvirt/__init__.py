@@ -1,0 +1,1 @@
+"""Tests of the libvirt provider's real guest."""
