@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from siterecovery.disk import qemu_img
 from siterecovery.disk.base import Extent
-from siterecovery.disk.checkpoints import PointInTimeView, Tracker
+from siterecovery.disk.checkpoints import CHECK_PREFIX, PointInTimeView, Tracker, freeze_together
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.domain.errors import BitmapInconsistent, DiskError
@@ -305,3 +306,57 @@ def test_a_clean_stop_during_a_view_keeps_the_checkpoints(
     assert tracker.find_view("t1") is None
     assert tracker.cleanup_views() == [view.export]  # Its fleece file was left.
     assert list((workdir / "views").iterdir()) == []
+
+
+def test_a_check_view_and_a_pass_view_of_one_disk_can_come_and_go_at_once(
+    served: Served, live: NbdDevice, workdir: Path
+) -> None:
+    """A live `vm check` (its own prefix) and replication passes freeze and
+    release views of the same node from two threads while the guest writes:
+    every view reads the disk of its instant, and no QMP sequence of one
+    breaks the other's (CI saw 'Permission conflict on node d0' when a fleece
+    was added while another view's backup job was being set up or torn down)."""
+    write(live, 0, 0x11, 2 * MiB)
+    passes = tracker_of(served.daemon, workdir)
+    checks = Tracker(served.daemon.qmp(), NODE, workdir / "checks", served.daemon.nbd_socket,
+                     prefix=CHECK_PREFIX)  # fmt: skip
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        byte = 0
+        while not stop.is_set():
+            byte = (byte + 1) % 250
+            write(live, (byte % 32) * BLOCK, byte + 1, BLOCK)
+
+    def loop(tracker: Tracker, kind: str) -> None:
+        try:
+            for i in range(25):
+                if kind == "pass":
+                    view = tracker.freeze(f"{kind}{i}", new_checkpoint=f"c{i}", since=[])
+                else:
+                    view = freeze_together([(tracker, [])], f"{kind}{i}", new_checkpoint=None)[0]
+                try:
+                    with view.open() as device:
+                        assert device.size == served_size(served)
+                        read(device, 0, BLOCK)
+                finally:
+                    view.release()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=loop, args=(t, k)) for t, k in ((passes, "pass"), (checks, "check"))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads[1:]:
+        thread.join(timeout=300)
+    stop.set()
+    threads[0].join(timeout=30)
+    assert errors == []
+    assert passes.cleanup_views() == [] and checks.cleanup_views() == []
+
+
+def served_size(served: Served) -> int:
+    return qemu_img.info(served.image)["virtual-size"]

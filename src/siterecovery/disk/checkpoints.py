@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -122,8 +123,13 @@ class Tracker:
     """Checkpoints and views of one disk node of one qemu-storage-daemon.
 
     ``work_dir`` holds the temporary fleece images of the views (each grows by
-    what the guest overwrites while the view lives). Not thread-safe: one
-    caller at a time per node. ``prefix`` (:data:`VIEW_PREFIX` or
+    what the guest overwrites while the view lives). One caller at a time per
+    tracker; trackers of one daemon may be used from several threads at once
+    (a pass's and a live check's views of one node): every change they make
+    to the daemon (a view set up or torn down, checkpoints added or dropped)
+    is one step under a per-daemon lock, because two such QMP sequences
+    interleaved fail in qemu ("Permission conflict on node", two
+    copy-before-write filters being inserted at once). ``prefix`` (:data:`VIEW_PREFIX` or
     :data:`CHECK_PREFIX`) keeps two kinds of views of one node apart: each
     tracker sees, finds and cleans up only views of its own prefix.
     """
@@ -195,14 +201,15 @@ class Tracker:
     def drop(self, names: Iterable[str]) -> None:
         """Remove these checkpoints (inconsistent ones too), atomically. Names
         that do not exist are ignored: idempotent."""
-        present = {b.name for b in self.bitmaps()}
-        actions = [
-            _action("block-dirty-bitmap-remove", node=self._node, name=BITMAP_PREFIX + name)
-            for name in dict.fromkeys(names)
-            if name in present
-        ]
-        if actions:
-            self._qmp.execute("transaction", actions=actions)
+        with _serialized(self._qmp):
+            present = {b.name for b in self.bitmaps()}
+            actions = [
+                _action("block-dirty-bitmap-remove", node=self._node, name=BITMAP_PREFIX + name)
+                for name in dict.fromkeys(names)
+                if name in present
+            ]
+            if actions:
+                self._qmp.execute("transaction", actions=actions)
 
     def ensure_tracking(self, name: str) -> str:
         """Make sure a checkpoint of ours records; add ``name`` if none does.
@@ -210,26 +217,30 @@ class Tracker:
         Returns the name of the recording checkpoint. An inconsistent leftover
         named ``name`` is replaced; a consistent stopped one is refused.
         """
-        states = {b.name: b for b in self.bitmaps()}
-        recording = [b.name for b in states.values() if b.recording]
-        if recording:
-            return recording[0]
-        if name in states and not states[name].inconsistent:
-            raise DiskError(detail=f"checkpoint '{name}' of '{self._node}' exists and is stopped")
-        self.drop([name])
-        self._qmp.execute(
-            "block-dirty-bitmap-add", node=self._node, name=BITMAP_PREFIX + name, persistent=True
-        )
-        return name
+        with _serialized(self._qmp):
+            states = {b.name: b for b in self.bitmaps()}
+            recording = [b.name for b in states.values() if b.recording]
+            if recording:
+                return recording[0]
+            if name in states and not states[name].inconsistent:
+                detail = f"checkpoint '{name}' of '{self._node}' exists and is stopped"
+                raise DiskError(detail=detail)
+            self.drop([name])
+            self._qmp.execute(
+                "block-dirty-bitmap-add", node=self._node, name=BITMAP_PREFIX + name,
+                persistent=True,
+            )  # fmt: skip
+            return name
 
     def cleanup_views(self, keep_tags: Iterable[str] = ()) -> list[str]:
         """Release every view of this node except those of ``keep_tags``, with
         whatever is left of views from crashed runs. Returns the view ids
         released. Idempotent."""
         keep = {self._view_id(tag) for tag in keep_tags}
-        stale = sorted(self._all_view_ids() - keep)
-        for view_id in stale:
-            self._release(view_id)
+        with _serialized(self._qmp):
+            stale = sorted(self._all_view_ids() - keep)
+            for view_id in stale:
+                self._release(view_id)
         return stale
 
     # Freezing.
@@ -303,6 +314,10 @@ class Tracker:
 
     def _release(self, view_id: str) -> None:
         """Remove whatever exists of the view, in dependency order. Idempotent."""
+        with _serialized(self._qmp):
+            self._release_parts(view_id)
+
+    def _release_parts(self, view_id: str) -> None:
         if view_id in self._export_ids():
             self._ignore_refusal("block-export-del", id=view_id, mode="hard")
             self._wait_until(lambda: view_id not in self._export_ids(), f"export {view_id}")
@@ -399,6 +414,16 @@ def freeze_together(
     by ``tag``: disks already frozen with it (the transaction is atomic, so
     either all or none were) are only completed and returned.
     """
+    with _serialized(requests[0][0]._qmp):
+        return _freeze_together(requests, tag, new_checkpoint, granularity)
+
+
+def _freeze_together(
+    requests: Sequence[tuple[Tracker, Sequence[str]]],
+    tag: str,
+    new_checkpoint: str | None,
+    granularity: int | None,
+) -> list[PointInTimeView]:
     fresh: list[tuple[Tracker, str, Sequence[str]]] = []
     for tracker, since in requests:
         view_id = tracker._view_id(tag)
@@ -440,6 +465,16 @@ def _start_fleeces(
     # the next freeze with the same tag.
     for tracker, view_id, since in fresh:
         tracker._export(view_id, has_bitmap=bool(since))
+
+
+_locks: dict[str, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _serialized(qmp: QmpClient) -> threading.RLock:
+    """The lock of one daemon's view set-ups and tear-downs in this process."""
+    with _locks_guard:
+        return _locks.setdefault(str(qmp.path), threading.RLock())
 
 
 def _action(kind: str, **data: Any) -> dict[str, Any]:
