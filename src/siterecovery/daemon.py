@@ -17,7 +17,9 @@ Vault directory::
     VAULT/master.key      the master key wrapping every key's material (keys/master.py)
     VAULT/daemon.json     {"url", "pid"} while a daemon runs
     VAULT/logs/daemon.log the daemon's log
-    VAULT/sites/NAME/     site directories of the lab
+    VAULT/agents/NAME/    the lab's site agents (``serve --lab``: agent/local.py),
+                          their logs in VAULT/logs/agent-NAME.log
+    VAULT/sites/NAME/     site directories of a lab served in this process
 
 The directory and ``logs/`` are 0700, every file above 0600 whatever the
 umask: :func:`secure_vault` sets them on every open, and the daemon runs with
@@ -30,14 +32,18 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url
 
 from siterecovery.context import Context
+
+if TYPE_CHECKING:
+    from siterecovery.agent.local import LocalAgents
 from siterecovery.keys.master import MasterKey, write_private
 from siterecovery.store.keys import open_keys
 from siterecovery.store.repo import VaultStore
@@ -162,6 +168,22 @@ def _logging(vault: Path, *, token: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=handlers,
     )
+    # One line per agent call is noise (a pass makes dozens); failures are ours to log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _lab_agents(vault: Path) -> LocalAgents | None:
+    """The lab's agent processes (``VAULT/agents``), unless ``SITERECOVERY_LAB_AGENTS=0``
+    asks for sites served in this process."""
+    from siterecovery.agent.local import LocalAgents
+
+    if os.environ.get("SITERECOVERY_LAB_AGENTS", "1") == "0":
+        return None
+    return LocalAgents(vault / "agents", vault / "logs")
 
 
 def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = False) -> None:
@@ -172,7 +194,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     from siterecovery.jobs.runtime import JobRuntime
     from siterecovery.replication.scheduler import Scheduler
     from siterecovery.services import agents
-    from siterecovery.services.lab import lab_up
+    from siterecovery.services.lab import lab_up, start_agents
 
     os.umask(0o077)  # everything the daemon and its children create is private
     vault = vault.absolute()
@@ -180,6 +202,14 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     token = (vault / "token").read_text().strip()
     _logging(vault, token=token)
     ctx = open_context(vault)
+    lab_agents = _lab_agents(vault) if lab else None
+    if lab_agents is not None:
+        try:
+            start_agents(ctx, lab_agents)  # before the jobs resume: they call them
+        except BaseException:
+            lab_agents.stop()
+            ctx.store.close()
+            raise
     runtime = JobRuntime(ctx, system_database_url=system_database_url(vault))
     runtime.start()
     scheduler = Scheduler(ctx)
@@ -188,7 +218,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     info = vault / "daemon.json"
     try:
         if lab:
-            lab_up(ctx)
+            lab_up(ctx, agents=lab_agents)
         scheduler.start()
         agents.start_monitor(ctx)
         _write_atomically(info, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
@@ -199,10 +229,16 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
         )
         app = create_app(ctx, runtime, token=token)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        # uvicorn stops on SIGTERM, then raises it again with the handler it
+        # found: ours turns it into SystemExit, so the clean-up below runs
+        # (the default action would end the process on the spot).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         server.run(sockets=[sock])
     finally:
         info.unlink(missing_ok=True)
         agents.stop_monitor(ctx)
         scheduler.stop()
         runtime.stop()
+        if lab_agents is not None:
+            lab_agents.stop()
         ctx.store.close()
