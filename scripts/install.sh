@@ -11,11 +11,14 @@ done
 /usr/bin/python3 -c "import nbd, venv" >/dev/null 2>&1 || need_apt=1
 [ -x /usr/lib/postgresql/15/bin/pg_ctl ] || need_apt=1  # the PostgreSQL vault tests
 [ -x /usr/bin/chromium ] || need_apt=1  # the portal's browser tests (never `playwright install`)
+/usr/bin/python3 -c "import libvirt" >/dev/null 2>&1 || need_apt=1  # the libvirt provider
+command -v libvirtd >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    qemu-utils qemu-system-x86 nbdkit python3-libnbd libnbd-bin python3-venv python3-dev rsync postgresql chromium >/dev/null
+    qemu-utils qemu-system-x86 nbdkit python3-libnbd libnbd-bin python3-venv python3-dev rsync postgresql chromium \
+    libvirt-daemon-system libvirt-clients python3-libvirt >/dev/null
 fi
 
 # libnbd's Python module exists only as a Debian package: the venv is made from

@@ -31,6 +31,7 @@ adapter that calls them.
     │   ├── QmpTimeout                     io          a QMP monitor stayed silent
     │   ├── WireError, DecryptionFailed    io          the sync protocol between sites
     ├── GuestError                         io          the guest agent (workload) failed
+    ├── HypervisorError                    io          libvirt refused or cannot be reached
     ├── KeyUnreadable                      io          the vault master key cannot open a key
     ├── ActionFailed                       io          a recovery plan's script failed
     ├── ChildJobFailed                     io          a VM's job inside a plan's job failed
@@ -571,6 +572,24 @@ class GuestError(SiteRecoveryError):
     code = "GUEST_AGENT_ERROR"
     category = Category.IO
     template = "{detail}"
+
+
+class HypervisorError(SiteRecoveryError):
+    """A hypervisor host (libvirt) cannot be reached or refused a request.
+
+    Fields: ``uri`` (the libvirt connection URI), ``action`` (what was asked),
+    ``detail`` (libvirt's own message) and ``hint`` (what to check, may be empty).
+    Raised only by ``providers/libvirt/connection.py``, where libvirt's errors
+    are translated.
+    """
+
+    code = "HYPERVISOR_ERROR"
+    category = Category.IO
+    template = "libvirt at {uri}: cannot {action}: {detail}{hint_text}"
+
+    def __init__(self, *, uri: str, action: str, detail: str, hint: str = "") -> None:
+        hint_text = f"; {hint}" if hint else ""
+        super().__init__(uri=uri, action=action, detail=detail, hint=hint, hint_text=hint_text)
 
 
 class KeyNotFound(NotFound):

@@ -21,6 +21,7 @@ union of every bitmap present: nothing written by the guest is ever skipped.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,13 +31,15 @@ from datetime import datetime
 from typing import Any
 
 from siterecovery.context import Context
-from siterecovery.domain.errors import BitmapInconsistent, DiskFull
+from siterecovery.domain.errors import BitmapInconsistent, DiskFull, SiteRecoveryError
 from siterecovery.domain.model import Item, PointType, RecoveryPoint, Site, Vm, utcnow
 from siterecovery.domain.tracking import LastCheckpoint, PendingMerge
 from siterecovery.points.retention import points_to_drop
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.wire_policy import transfer_of
 from siterecovery.sites.base import FrozenDisks, SiteAgent, Transfer, end_after_failure
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
@@ -120,7 +123,11 @@ class PassRun:
         try:
             yield
         except BaseException:
-            self.source.release(self.vm, self.options.tag, drop_older=False)
+            try:
+                self.source.release(self.vm, self.options.tag, drop_older=False)
+            except SiteRecoveryError as e:  # the error reported is the one that ended the pass
+                log.warning("could not release %s at site %s after a failed pass: %s",
+                            self.vm.name, self.source.name, e)  # fmt: skip
             raise
 
     def finish(
