@@ -66,13 +66,16 @@ Data region: disk 0 from the data offset to its end, every other disk whole
   with ``SeedSequence([seed, seq])`` (``random_raw``), as little-endian u64
   (NumPy keeps bit-generator streams stable across releases, NEP 19).
 
-Write protocol (:meth:`JournalWriter.append`): the data write completes, then
-the record slot is written, then the data disk and disk 0 are flushed, then
-the record is acknowledged. So any point-in-time image of the block layer (what
-a qemu snapshot or a copy of a quiesced guest captures) holds every record up
-to some ``last_seq`` and at most the data (whole or part) of record
-``last_seq + 1`` without its record. (There is no flush between the data and
-the record write: a power loss below a volatile cache may reorder them.)
+Write protocol (:meth:`JournalWriter.append`): the data is written and its
+disk flushed, then the record slot is written and disk 0 flushed, then the
+record is acknowledged. So any point-in-time image of the block layer (what a
+qemu snapshot or a copy of a quiesced guest captures), and what a disk holds
+after its storage daemon was killed, holds every record up to some
+``last_seq`` and at most the data (whole or part) of record ``last_seq + 1``
+without its record. (The flush between the data and the record is needed: a
+qcow2 daemon killed with unflushed writes may keep the record, in an allocated
+cluster, and lose the data's new cluster, whose table update was still in its
+cache; seen in CI as an inconsistent point after a crashed VM.)
 
 Links: a workload that *follows* another (the lab's db01 follows web01) reads
 the other's acknowledged seq before each record and stores it as the link. Two
@@ -414,7 +417,7 @@ class JournalWriter:
         self._devices[0].readinto(0, memoryview(bytearray(512)))
 
     def append(self, link: tuple[int, int] = (0, 0)) -> Record:
-        """Write the next record's data, then its slot, then flush; return it.
+        """Write the next record's data and flush it, then its slot and flush; return it.
 
         ``link`` is ``(tag, seq)`` of the record of another workload this one
         depends on. When this returns, the record is durable (acknowledged).
@@ -425,11 +428,10 @@ class JournalWriter:
         record = replace(planned, link_tag=link[0], link_seq=link[1])
         data = record_data(superblock.seed, record.seq, record.length)
         self._devices[record.disk].write(record.offset, data.data)
+        self._devices[record.disk].flush()  # the data is durable before its record
         slot = record.pack(superblock.workload_id)
         self._devices[0].write(superblock.slot_offset(record.seq), memoryview(slot))
-        self._devices[record.disk].flush()
-        if record.disk != 0:
-            self._devices[0].flush()
+        self._devices[0].flush()
         self._last = record.seq
         return record
 
