@@ -103,21 +103,7 @@ def test_a_new_daemon_whose_monitor_stays_silent_is_replaced(
     with served.open() as device:
         device.write(0, data)
     served.daemon.stop()
-    real_spawn = StorageDaemon._spawn.__func__  # type: ignore[attr-defined]
-    silenced: list[int] = []
-
-    def spawn(cls: type[StorageDaemon], run_dir: Path, detached: bool) -> StorageDaemon:
-        daemon = real_spawn(cls, run_dir, detached)
-        if not silenced:
-            deadline = time.monotonic() + 10
-            while not daemon.qmp_socket.exists() and time.monotonic() < deadline:
-                time.sleep(0.005)
-            os.kill(daemon.pid, signal.SIGSTOP)
-            silenced.append(daemon.pid)
-        return daemon
-
-    monkeypatch.setattr(qsd, "HANDSHAKE_TIMEOUT", 0.5)
-    monkeypatch.setattr(StorageDaemon, "_spawn", classmethod(spawn))
+    silenced = _silence_spawns(monkeypatch, handshake=0.5, first_only=True)
     daemon = StorageDaemon.start(served.daemon.run_dir, [DiskSpec(NODE, served.image)])
     try:
         assert silenced and daemon.pid != silenced[0]
@@ -133,20 +119,7 @@ def test_a_daemon_that_never_answers_is_an_error_that_leaves_nothing_running(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served.daemon.stop()
-    real_spawn = StorageDaemon._spawn.__func__  # type: ignore[attr-defined]
-    spawned: list[int] = []
-
-    def spawn(cls: type[StorageDaemon], run_dir: Path, detached: bool) -> StorageDaemon:
-        daemon = real_spawn(cls, run_dir, detached)
-        deadline = time.monotonic() + 10
-        while not daemon.qmp_socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(daemon.pid, signal.SIGSTOP)
-        spawned.append(daemon.pid)
-        return daemon
-
-    monkeypatch.setattr(qsd, "HANDSHAKE_TIMEOUT", 0.3)
-    monkeypatch.setattr(StorageDaemon, "_spawn", classmethod(spawn))
+    spawned = _silence_spawns(monkeypatch, handshake=0.3, first_only=False)
     run_dir = served.daemon.run_dir
     with pytest.raises(DiskError, match="never answered on QMP") as caught:
         StorageDaemon.start(run_dir, [DiskSpec(NODE, served.image)])
@@ -154,6 +127,29 @@ def test_a_daemon_that_never_answers_is_an_error_that_leaves_nothing_running(
     assert not any(_alive(pid) for pid in spawned)
     assert "sent no greeting" in str(caught.value)
     assert StorageDaemon.attach(run_dir) is None and not (run_dir / "qsd.pid").exists()
+
+
+def _silence_spawns(
+    monkeypatch: pytest.MonkeyPatch, *, handshake: float, first_only: bool
+) -> list[int]:
+    """Make new daemons (the first only, or every one) stop with SIGSTOP once
+    their monitor socket exists, with a ``handshake`` timeout; their pids."""
+    real_spawn = StorageDaemon._spawn.__func__  # type: ignore[attr-defined]
+    silenced: list[int] = []
+
+    def spawn(cls: type[StorageDaemon], run_dir: Path, detached: bool) -> StorageDaemon:
+        daemon = real_spawn(cls, run_dir, detached)
+        if not (first_only and silenced):
+            deadline = time.monotonic() + 10
+            while not daemon.qmp_socket.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(daemon.pid, signal.SIGSTOP)
+            silenced.append(daemon.pid)
+        return daemon
+
+    monkeypatch.setattr(qsd, "HANDSHAKE_TIMEOUT", handshake)
+    monkeypatch.setattr(StorageDaemon, "_spawn", classmethod(spawn))
+    return silenced
 
 
 def _alive(pid: int) -> bool:
