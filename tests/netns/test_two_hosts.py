@@ -81,6 +81,26 @@ def replicate(engine: Engine) -> dict[str, Any]:
     return report
 
 
+def pass_in_background(engine: Engine) -> tuple[threading.Thread, dict[str, Any]]:
+    """``POST /items/VM/replicate`` in a started thread, on a client of its own;
+    the dict gets its ``seconds``, ``response`` and when it ``ended``."""
+    outcome: dict[str, Any] = {}
+
+    def run_pass() -> None:
+        client = engine.new_client()
+        try:
+            outcome["seconds"], outcome["response"] = engine.timed(
+                "POST", f"/items/{VM}/replicate", client=client
+            )
+            outcome["ended"] = time.monotonic()
+        finally:
+            client.close()
+
+    passing = threading.Thread(target=run_pass)
+    passing.start()
+    return passing, outcome
+
+
 def points(engine: Engine) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = engine.call("GET", f"/items/{VM}/points")
     return found
@@ -266,20 +286,7 @@ def test_target_agent_killed_mid_pass(sites: Sites) -> None:
     time.sleep(3)  # enough guest writes for a pass of several seconds at 1 MiB/s
     lab.rate("prim", MiB)
 
-    outcome: dict[str, Any] = {}
-
-    def run_pass() -> None:
-        client = engine.new_client()
-        try:
-            outcome["seconds"], outcome["response"] = engine.timed(
-                "POST", f"/items/{VM}/replicate", client=client
-            )
-            outcome["ended"] = time.monotonic()
-        finally:
-            client.close()
-
-    passing = threading.Thread(target=run_pass)
-    passing.start()
+    passing, outcome = pass_in_background(engine)
     partial = chain_dir(cloud) / "p000002.qcow2.partial"
     wait_for("the pass's partial point at cloud", partial.exists)
     time.sleep(1.0)
@@ -374,20 +381,7 @@ def test_link_cut_under_a_pass_ends_it_and_lets_the_failover_through(sites: Site
     time.sleep(3)  # guest writes, for a pass of several seconds at 1 MiB/s
     lab.rate("prim", MiB)
 
-    outcome: dict[str, Any] = {}
-
-    def run_pass() -> None:
-        client = engine.new_client()
-        try:
-            outcome["seconds"], outcome["response"] = engine.timed(
-                "POST", f"/items/{VM}/replicate", client=client
-            )
-            outcome["ended"] = time.monotonic()
-        finally:
-            client.close()
-
-    passing = threading.Thread(target=run_pass)
-    passing.start()
+    passing, outcome = pass_in_background(engine)
     partial = chain_dir(cloud) / "p000002.qcow2.partial"
     wait_for("the pass's partial point at cloud", partial.exists)
     time.sleep(1.0)
