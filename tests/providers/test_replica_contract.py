@@ -106,6 +106,24 @@ def test_a_partial_point_is_resumed_or_discarded(store, tmp_path: Path) -> None:
     assert _image(replicas, site, fresh) == _reference(tmp_path, base + half + rest)
 
 
+def test_a_point_sealed_but_never_recorded_is_replaced_not_built_upon(
+    store, tmp_path: Path
+) -> None:
+    """A pass that died between its seal and its record left a sealed point the
+    vault never numbered; the next pass gets the same number: its point is on
+    the last recorded parent, and the stray point is gone (a point backed by
+    itself, or on a stray, would be a corrupt chain)."""
+    replicas, site = store
+    base = [(0, os.urandom(MiB))]
+    recorded = _point(replicas, site, 1, base)
+    _point(replicas, site, 2, [(3 * MiB, os.urandom(MiB))])  # sealed, then the pass died
+    again = [(6 * MiB, os.urandom(MiB))]
+    name = _point(replicas, site, 2, again)
+    assert replicas.chain(site, ITEM, DISK) == [recorded, name]
+    assert _image(replicas, site, name) == _reference(tmp_path, base + again)
+    assert _image(replicas, site, recorded) == _reference(tmp_path, base)
+
+
 def test_merge_folds_a_point_into_its_parent_and_is_idempotent(store, tmp_path: Path) -> None:
     replicas, site = store
     writes = [[(i * MiB, os.urandom(MiB))] for i in range(3)]

@@ -70,8 +70,18 @@ def test_items_points_and_tracking(store: VaultStore) -> None:
             point=RecoveryPoint(
                 f"web01-{seq:06d}", "web01", "cloud", seq, T0 + timedelta(seconds=seq),
                 PointType.CRASH_CONSISTENT, {"d0": f"p{seq:06d}.qcow2"},
-            )
+            ),
+            tracking=lambda t, seq=seq: replace(t, next_seq=seq + 1),
         )  # fmt: skip
+    assert store.item_tracking(vm="web01").next_seq == store.next_point_seq(vm="web01") == 4
+    # A number already given is refused with the tracking unchanged (one transaction).
+    taken = RecoveryPoint("web01-000003", "web01", "cloud", 3, T0, PointType.CRASH_CONSISTENT, {})
+    with pytest.raises(AlreadyExists):
+        store.add_point(point=taken, tracking=lambda t: replace(t, next_seq=99))
+    assert store.item_tracking(vm="web01").next_seq == 4
+    # A vault whose tracking fell behind its points numbers past the newest point.
+    store.update_item_tracking(vm="web01", change=lambda t: replace(t, next_seq=2))
+    assert store.next_point_seq(vm="web01") == 4
     store.delete_points(ids=["web01-000001"])
     store.update_point_files(point_id="web01-000002", files={"d0": "p000001.qcow2"})
     points = store.list_points(vm="web01")

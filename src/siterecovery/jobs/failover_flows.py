@@ -256,10 +256,12 @@ def _adopt_base(vm: str) -> dict[str, Any]:
     old = vm_at(ctx, vm, item.standby_site)
     if old is None:
         return {"base": "the existing replica chain" if _has_chain(ctx, item) else None}
-    seq = ctx.store.item_tracking(vm=vm).next_seq
+    seq = ctx.store.next_point_seq(vm=vm)
+    # Idempotent for one seq: a crash before the vault forgets the VM adopts again.
     ctx.site(item.standby_site).adopt_vm(old, vm, seq)
-    ctx.store.delete_vm(name=vm, site=item.standby_site)
-    ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, next_seq=seq + 1))
+    ctx.store.delete_vm(
+        name=vm, site=item.standby_site, tracking=lambda t: replace(t, next_seq=seq + 1)
+    )
     return {"base": f"VM {vm} at {item.standby_site}", "file": f"p{seq:06d}.qcow2"}
 
 

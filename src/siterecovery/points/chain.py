@@ -76,6 +76,16 @@ class ReplicaChain:
             partial.rename(final)
         return final
 
+    def discard_from(self, seq: int) -> list[Path]:
+        """Remove the sealed files of ``seq`` and later; returns them. The vault
+        gives a number to one point only, in the transaction that records it: a
+        file at or past the next number was sealed by a pass that died before
+        its point was recorded, and is not a point."""
+        doomed = [p for p in self.sealed() if _seq_of(p) >= seq]
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        return doomed
+
     def discard_partials(self, *, keep: int | None = None) -> None:
         """Remove abandoned partial files (all but the one of cycle ``keep``)."""
         if not self.directory.is_dir():
@@ -102,6 +112,12 @@ def merge_into_parent(child: Path, parent: Path, grandchild: Path | None) -> Non
     if grandchild is not None and _backing_name(grandchild) != parent.name:
         qemu_img.rebase_unsafe(grandchild, parent)
     child.unlink(missing_ok=True)
+
+
+def _seq_of(path: Path) -> int:
+    found = _SEALED.match(path.name)
+    assert found is not None, path
+    return int(found.group(1))
 
 
 def _backing_name(path: Path) -> str | None:

@@ -41,7 +41,11 @@ class ReplicaStore(Protocol):
 
         A partial point of the same ``seq`` on the same parent is kept and
         reopened (a resumed sync continues where it stopped); any other partial
-        point is discarded. The device is flushed when the context exits
+        point is discarded, and so is every sealed point numbered ``seq`` or
+        later: the vault numbers a point in the transaction that records it, so
+        those were sealed by a pass that died before its record and are not
+        points (the new point's parent is the newest one before ``seq``). The
+        device is flushed when the context exits
         without an error. Raises DiskFull when the store has no space left.
         """
         ...

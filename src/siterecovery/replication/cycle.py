@@ -109,7 +109,7 @@ class PassRun:
         target_site = ctx.store.get_site(name=item.standby_site)
         vm = ctx.store.get_vm(name=vm_name, site=item.active_site)
         _finish_pending_merges(ctx, vm_name)
-        seq = ctx.store.item_tracking(vm=vm_name).next_seq
+        seq = ctx.store.next_point_seq(vm=vm_name)
         return cls(
             ctx, item, vm, source_site, target_site, ctx.site(source_site),
             ctx.site(target_site), options, seq, time.monotonic(),
@@ -226,15 +226,13 @@ def _seal(
         workload_seq=sealing.workload_seq,
         common=sealing.common,
     )
-    ctx.store.add_point(point=point)
     last = LastCheckpoint(point=point.id, tag=options.tag, site=item.active_site)
-    ctx.store.update_item_tracking(
-        vm=item.vm,
-        change=lambda t: replace(
+    return ctx.store.add_point(
+        point=point,
+        tracking=lambda t: replace(
             t, next_seq=seq + 1, resume=None, last_pass=disks, last_checkpoint=last
         ),
     )
-    return point
 
 
 def apply_retention(ctx: Context, item: Item, site: Site) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, delete, event, select
+from sqlalchemy import Engine, create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,6 +61,10 @@ from siterecovery.store.schema import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+TrackingChange = Callable[[ItemTracking], ItemTracking]
+"""A change of an item's tracking: ``lambda t: replace(t, field=…)``."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -201,8 +205,12 @@ class VaultStore(RecoveryRepo, OwnerRepo):
             s.add(_vm_row(vm))
         return vm
 
-    def delete_vm(self, *, name: str, site: str) -> None:
+    def delete_vm(self, *, name: str, site: str, tracking: TrackingChange | None = None) -> None:
+        """Forget the VM; with ``tracking``, change the tracking of the item of
+        the same name in the same transaction (the VM's disk became the item's)."""
         with self.session() as s:
+            if tracking is not None:
+                _change_tracking(s, name, tracking)
             s.execute(delete(VmRow).where(VmRow.name == name, VmRow.site == site))
 
     def find_vms(self, *, name: str | None = None, site: str | None = None) -> list[Vm]:
@@ -285,9 +293,7 @@ class VaultStore(RecoveryRepo, OwnerRepo):
                 raise ItemNotFound(name=vm)
             return ItemTracking.from_json(row.tracking)
 
-    def update_item_tracking(
-        self, *, vm: str, change: Callable[[ItemTracking], ItemTracking]
-    ) -> ItemTracking:
+    def update_item_tracking(self, *, vm: str, change: TrackingChange) -> ItemTracking:
         """Read, ``change`` and write the item's tracking in one transaction under
         the row's write lock (``FOR UPDATE``; SQLite's is the database's), so
         concurrent updates, of the same field or others, all survive. ``change``
@@ -296,12 +302,7 @@ class VaultStore(RecoveryRepo, OwnerRepo):
         (mypy checks the names; a wrong one is a TypeError). Returns the new state.
         """
         with self.session() as s:
-            row = s.get(ItemRow, vm, with_for_update=True)
-            if row is None:
-                raise ItemNotFound(name=vm)
-            changed = change(ItemTracking.from_json(row.tracking))
-            row.tracking = changed.to_json()
-            return changed
+            return _change_tracking(s, vm, change)
 
     def delete_item(self, *, vm: str) -> None:
         with self.session() as s:
@@ -309,8 +310,23 @@ class VaultStore(RecoveryRepo, OwnerRepo):
 
     # Recovery points.
 
-    def add_point(self, *, point: RecoveryPoint) -> RecoveryPoint:
+    def next_point_seq(self, *, vm: str) -> int:
+        """The number of the item's next point: its tracking's ``next_seq``, or
+        past its newest recorded point if that is further (a vault written by a
+        version that recorded the two apart)."""
         with self.session() as s:
+            row = s.get(ItemRow, vm)
+            if row is None:
+                raise ItemNotFound(name=vm)
+            newest = s.scalar(select(func.max(PointRow.seq)).where(PointRow.vm == vm))
+            return max(ItemTracking.from_json(row.tracking).next_seq, (newest or 0) + 1)
+
+    def add_point(self, *, point: RecoveryPoint, tracking: TrackingChange) -> RecoveryPoint:
+        """Record ``point`` and change its item's tracking (at least its
+        ``next_seq``) in one transaction: a crash leaves both or neither, so a
+        number is never given to a second point."""
+        with self.session() as s:
+            _change_tracking(s, point.vm, tracking)
             s.add(
                 PointRow(
                     id=point.id,
@@ -429,6 +445,16 @@ class VaultStore(RecoveryRepo, OwnerRepo):
             row.state = state
             if detail:
                 row.detail = {**(row.detail or {}), **detail}
+
+
+def _change_tracking(s: Session, vm: str, change: TrackingChange) -> ItemTracking:
+    """Apply ``change`` to ``vm``'s tracking under the row's write lock."""
+    row = s.get(ItemRow, vm, with_for_update=True)
+    if row is None:
+        raise ItemNotFound(name=vm)
+    changed = change(ItemTracking.from_json(row.tracking))
+    row.tracking = changed.to_json()
+    return changed
 
 
 def _column_value(value: Any) -> Any:

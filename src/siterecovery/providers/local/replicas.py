@@ -34,6 +34,7 @@ class LocalReplicaStore:
     def begin(self, site: Site, item: str, disk: str, seq: int, size: int) -> Iterator[BlockDevice]:
         chain = self._chain(site, item, disk, size)
         chain.discard_partials(keep=seq)
+        chain.discard_from(seq)
         partial = chain.begin(seq, backing=chain.head())
         with _served(self._run(site, f"writer-{item}-{disk}"), partial, writable=True) as dev:
             yield dev
