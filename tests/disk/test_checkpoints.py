@@ -10,9 +10,10 @@ import pytest
 
 from siterecovery.disk import qemu_img
 from siterecovery.disk.base import Extent
-from siterecovery.disk.checkpoints import CHECK_PREFIX, PointInTimeView, Tracker, freeze_together
+from siterecovery.disk.checkpoints import PointInTimeView, Tracker, freeze_together
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
+from siterecovery.disk.tracking import CHECK_PREFIX
 from siterecovery.domain.errors import BitmapInconsistent, DiskError
 
 from .support import NODE, KiB, MiB, Served, StartQsd, digest, pattern, read, sha, write

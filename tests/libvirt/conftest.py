@@ -25,6 +25,9 @@ import pytest
 
 from siterecovery.providers.libvirt.guest_image import GuestImage, build_guest
 
+from .libvirtd import LibvirtHost, mounts_of, running_hosts, skip_unless_libvirt
+from .support import connect
+
 BOOT_TIMEOUT = 180.0
 """Seconds a TCG boot may take to acknowledge its first record (a loaded host)."""
 _SEQ = re.compile(rb"sr-workload seq=(\d+)")
@@ -191,3 +194,28 @@ def boot(guest_image: GuestImage, tmp_path: Path) -> Iterator[Callable[..., Gues
     yield start
     for guest in guests:
         guest.kill()
+
+
+# Private libvirt hosts ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_libvirt_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LibvirtHost]]:
+    """Two private libvirtds, ``east`` and ``west``, for the whole module."""
+    skip_unless_libvirt()
+    root = tmp_path_factory.mktemp("lv")
+    with running_hosts(root, ["east", "west"]) as hosts:
+        yield hosts
+    assert mounts_of(root) == []  # Nothing was ever mounted out here.
+
+
+@pytest.fixture(scope="module")
+def libvirt_host(two_libvirt_hosts: list[LibvirtHost]) -> LibvirtHost:
+    return two_libvirt_hosts[0]
+
+
+@pytest.fixture
+def conn(libvirt_host: LibvirtHost) -> Iterator[Any]:
+    """A connection to ``libvirt_host``, closed after the test."""
+    with connect(libvirt_host) as opened:
+        yield opened

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from siterecovery.disk.file import FileDevice
-from siterecovery.domain.errors import GuestError, InvalidInput
+from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.model import VmPower
 from siterecovery.providers.libvirt.domains import (
     DirectBoot,
@@ -36,14 +34,12 @@ from siterecovery.providers.libvirt.domains import (
     power_of,
     switches,
 )
-from siterecovery.providers.libvirt.guest_image import GuestImage, detect_accel
-from siterecovery.providers.local import journal
+from siterecovery.providers.libvirt.guest_image import GuestImage
 
-from .libvirtd import LibvirtHost, mounts_of, running_hosts, skip_unless_libvirt
+from .libvirtd import LibvirtHost, mounts_of
+from .support import boot_lab_guest, connect, journal_of, shut_down, wait_until, workload_status
 
 MiB = 2**20
-AGENT_TIMEOUT = 180.0
-"""Seconds a TCG boot may take until the guest's workload answers (a loaded host)."""
 
 # The XML, without a daemon ---------------------------------------------------------
 
@@ -132,35 +128,6 @@ def test_libvirt_states_map_to_power() -> None:
 
 
 # Private daemons -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def two_libvirt_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LibvirtHost]]:
-    """Two private libvirtds, ``east`` and ``west``, for the whole module."""
-    skip_unless_libvirt()
-    root = tmp_path_factory.mktemp("lv")
-    with running_hosts(root, ["east", "west"]) as hosts:
-        yield hosts
-    assert mounts_of(root) == []  # Nothing was ever mounted out here.
-
-
-@pytest.fixture(scope="module")
-def libvirt_host(two_libvirt_hosts: list[LibvirtHost]) -> LibvirtHost:
-    return two_libvirt_hosts[0]
-
-
-def connect(host: LibvirtHost) -> Any:
-    """Our connection to ``host`` (imported here: the XML tests need no libvirt)."""
-    from siterecovery.providers.libvirt.connection import connect as open_connection
-
-    return open_connection(host.uri)
-
-
-@pytest.fixture
-def conn(libvirt_host: LibvirtHost) -> Iterator[Any]:
-    """A connection to ``libvirt_host``, closed after the test."""
-    with connect(libvirt_host) as opened:
-        yield opened
 
 
 def test_two_private_daemons_answer(two_libvirt_hosts: list[LibvirtHost]) -> None:
@@ -298,97 +265,6 @@ def test_a_generated_domain_is_defined_as_specified(
 
 
 # The lab guest through libvirt (TCG) -----------------------------------------------
-
-
-def lab_domain(host: LibvirtHost, image: GuestImage, name: str, *, seed: int) -> DomainSpec:
-    """The lab guest as a domain: direct kernel boot, a new qcow2 disk in the host's
-    directory, the guest agent channel and a serial console log (the guest's init
-    needs a console: without a serial port its agent cannot write and it powers off)."""
-    disk = host.dir / "lib" / "images" / f"{name}.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    return DomainSpec(
-        name=name,
-        memory=256 * MiB,
-        virt_type="kvm" if detect_accel(image) == "kvm" else "qemu",
-        machine="q35",
-        disks=(DiskSpec("vda", disk),),
-        nics=(NicSpec("52:54:00:5e:00:01", "sr-lab"),),
-        guest_agent=True,
-        boot=DirectBoot(image.kernel, image.initramfs, image.cmdline(rate=20, seed=seed)),
-        console_log=host.dir / f"{name}-console.log",
-    )
-
-
-def ensure_lab_network(conn: Any) -> None:
-    """An isolated network (a bridge, no IP, hence no dnsmasq: not installed here)."""
-    if "sr-lab" not in switches(conn):
-        conn.define_network("<network><name>sr-lab</name><bridge name='srlab0'/></network>")
-
-
-def wait_until(what: Callable[[], Any], description: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        with_value = what()
-        if with_value:
-            return with_value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{description} not within {timeout} s")
-        time.sleep(0.1)
-
-
-def workload_status(domain: Any) -> dict[str, Any] | None:
-    """``sr-status`` through libvirt's agent channel; None until the workload runs."""
-    try:
-        status: dict[str, Any] = domain.agent_command("sr-status", timeout=5)
-    except GuestError:
-        return None
-    return status if status["seq"] >= 1 else None
-
-
-def journal_of(disk: Path, work: Path) -> journal.CheckReport:
-    """The journal check ``vm check`` runs, on a raw copy of a stopped domain's disk."""
-    raw = work / f"{disk.stem}-copy.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)], check=True
-    )
-    try:
-        with FileDevice.open(raw) as device:
-            return journal.check([device])
-    finally:
-        raw.unlink()
-
-
-def boot_lab_guest(
-    conn: Any, host: LibvirtHost, image: GuestImage, name: str, seed: int
-) -> tuple[Any, float]:
-    """Define and start the lab guest; the domain, and seconds from define until
-    the guest agent answered ``guest-ping`` (the workload answers soon after)."""
-    ensure_lab_network(conn)
-    spec = lab_domain(host, image, name, seed=seed)
-    started = time.monotonic()
-    domain = conn.define(domain_xml(spec))
-    domain.start()
-
-    def pinged() -> bool:
-        assert domain.state() == "running", (host.dir / f"{name}-console.log").read_text()
-        try:
-            return bool(domain.agent_command("guest-ping", timeout=5) == {})
-        except GuestError:
-            return False
-
-    wait_until(pinged, "guest-ping", AGENT_TIMEOUT)
-    to_agent = time.monotonic() - started
-    wait_until(lambda: workload_status(domain), "the workload's first record", AGENT_TIMEOUT)
-    return domain, to_agent
-
-
-def shut_down(domain: Any) -> float:
-    """Power off through the guest agent (the lab guest has no ACPI handler: the
-    power button is ignored); seconds until libvirt reports it shut off."""
-    started = time.monotonic()
-    domain.shutdown(agent=True)
-    wait_until(lambda: domain.state() == "shutoff", "shut off", 60.0)
-    return time.monotonic() - started
 
 
 @pytest.mark.guest

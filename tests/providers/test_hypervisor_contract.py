@@ -22,15 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.disk.checkpoints import Tracker
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.file import FileDevice, create_raw
-from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qsd import StorageDaemon
 from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import DiskDef, OsType, Site, SiteRole, Vm, VmPower
 from siterecovery.providers.base import Hypervisor
-from siterecovery.providers.local.provider import LocalProvider
+from siterecovery.providers.local.provider import LocalHypervisor, LocalProvider
 from siterecovery.providers.replicas import ReplicaStore
 
 MiB = 1 << 20
@@ -50,17 +48,26 @@ class Lab:
         with self.vms.disk_access(self.site, vm) as access:
             found = {}
             for disk in vm.disks:
-                with NbdDevice.connect(access.nbd_socket, access.nodes[disk.name]) as device:
+                with access.open(disk.name) as device:
                     found[disk.name] = disk_digest(device)
             return found
 
     def write(self, vm: Vm, disk: str, offset: int, data: bytes) -> None:
         with (
             self.vms.disk_access(self.site, vm) as access,
-            NbdDevice.connect(access.nbd_socket, access.nodes[disk], writable=True) as device,
+            access.open(disk, writable=True) as device,
         ):
             device.write(offset, memoryview(data))
             device.flush()
+
+
+    def crash(self, vm: Vm) -> None:
+        """What a host crash does to the running VM: its disk server is SIGKILLed."""
+        assert isinstance(self.vms, LocalHypervisor)
+        daemon = StorageDaemon.attach(self.vms._vm_run(self.site, vm))
+        assert daemon is not None
+        os.kill(daemon.pid, signal.SIGKILL)
+        _wait_gone(daemon.pid)
 
 
 @pytest.fixture(params=["local"])
@@ -140,7 +147,7 @@ def test_a_vm_on_a_point_reads_the_point_and_never_changes_it(lab: Lab, tmp_path
         assert disk_digest(device) == _reference(tmp_path, written)  # the point is intact
     # Its writes were tracked from the first one, by the failover's checkpoint.
     with lab.vms.disk_access(lab.site, vm) as access:
-        tracker = Tracker(access.qmp, access.nodes["d0"], access.work_dir, access.nbd_socket)
+        tracker = access.trackers()["d0"]
         (bitmap,) = [b for b in tracker.bitmaps() if b.name == "fo1"]
         assert not bitmap.inconsistent and MiB <= bitmap.count <= 2 * MiB
     assert lab.vms.reads_through(lab.site, vm) == {base}
@@ -155,16 +162,14 @@ def test_a_checkpoint_is_consistent_after_a_clean_stop_never_after_a_crash(lab: 
     lab.vms.stop_vm(lab.site, vm)
     lab.vms.start_vm(lab.site, vm)
     with lab.vms.disk_access(lab.site, vm) as access:
-        tracker = Tracker(access.qmp, access.nodes["d0"], access.work_dir, access.nbd_socket)
+        tracker = access.trackers()["d0"]
         (clean,) = [b for b in tracker.bitmaps() if b.name == "cp1"]
         assert not clean.inconsistent and clean.count >= 256 << 10
-        qsd_pid = _daemon_pid(access.qmp.path)
     lab.write(vm, "d0", MiB, os.urandom(64 << 10))
-    os.kill(qsd_pid, signal.SIGKILL)  # a host crash
-    _wait_gone(qsd_pid)
+    lab.crash(vm)
     lab.vms.start_vm(lab.site, vm)
     with lab.vms.disk_access(lab.site, vm) as access:
-        tracker = Tracker(access.qmp, access.nodes["d0"], access.work_dir, access.nbd_socket)
+        tracker = access.trackers()["d0"]
         crashed = [b for b in tracker.bitmaps() if b.name == "cp1"]
         # Lost, or flagged: a crash never leaves a bitmap that looks trustworthy.
         assert not crashed or crashed[0].inconsistent
@@ -221,12 +226,6 @@ def test_the_guest_agent_quiesces_and_reports_its_last_record(lab: Lab) -> None:
     guest.thaw()  # idempotent
     lab.vms.stop_vm(lab.site, vm)
     assert int(lab.vms.guest_state(lab.site, vm)["seq"]) >= seq
-
-
-def _daemon_pid(qmp_socket: Path) -> int:
-    daemon = StorageDaemon.attach(qmp_socket.parent)
-    assert daemon is not None
-    return daemon.pid
 
 
 def _wait_gone(pid: int) -> None:

@@ -15,7 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 from siterecovery.agent.registry import Args, Emit, Operations
-from siterecovery.sites.base import Image, PointRef, Receipt, Since, Transfer, vm_from_dict
+from siterecovery.sites.base import (
+    Image,
+    PointRef,
+    Receipt,
+    Since,
+    Transfer,
+    host_from_dict,
+    vm_from_dict,
+)
 from siterecovery.sites.local import InProcessAgent
 
 TRANSFERS = (
@@ -47,6 +55,8 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
         "set_inconsistent": lambda a: site.set_inconsistent(vm(a), bool(a["value"])),
         "delete_vm": lambda a: site.delete_vm(vm(a)),
         "power": lambda a: site.power(vm(a)).value,
+        "add_host": lambda a: site.add_host(host_from_dict(a["host"])),
+        "discover": lambda a: site.discover(host_from_dict(a["host"])),
         "start_vm": lambda a: site.start_vm(vm(a)),
         "stop_vm": lambda a: site.stop_vm(vm(a), timeout=float(a.get("timeout", 30.0))),
         "guest_state": lambda a: site.guest_state(vm(a)),

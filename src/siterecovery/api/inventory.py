@@ -32,6 +32,8 @@ class HostIn(Body):
     switches: list[str] = Field(default_factory=list)
     kind: str | None = None
     connected: bool = True
+    uri: str | None = None
+    """libvirt URI of a kvm host (``qemu:///system``, ``qemu+ssh://hv01/system``)."""
 
 
 class SitePatch(Body):
@@ -104,8 +106,8 @@ def set_host(ctx: Ctx, name: str, body: HostPatch) -> dict[str, Any]:
 
 
 @router.get("/vms")
-def list_vms(ctx: Ctx, site: str | None = None) -> list[dict[str, Any]]:
-    return inventory.list_vms(ctx, site=site)
+def list_vms(ctx: Ctx, site: str | None = None, host: str | None = None) -> list[dict[str, Any]]:
+    return inventory.list_vms(ctx, site=site, host=host)
 
 
 @router.post("/vms", status_code=201)

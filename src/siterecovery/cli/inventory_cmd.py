@@ -137,16 +137,25 @@ def host_add(
     connected: Annotated[
         bool, typer.Option("--connected/--disconnected", help="Whether the host is reachable.")
     ] = True,
+    uri: Annotated[
+        str | None,
+        typer.Option(
+            "--uri",
+            metavar="URI",
+            help="libvirt URI of a kvm host (qemu:///system, qemu+ssh://HOST/system).",
+        ),
+    ] = None,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Add a hypervisor host to a site."""
+    """Add a hypervisor host to a site (a kvm host: its switches come from libvirt)."""
     body = {
         "site": site,
         "name": name,
         "switches": switches,
         "kind": kind,
         "connected": connected,
+        "uri": uri,
     }
     with Session.of(ctx, vault, json_out) as session:
         session.emit(session.client.post("/hosts", body), render.host)
@@ -216,11 +225,22 @@ def vm_create(
 
 @vm_app.command("list")
 def vm_list(
-    ctx: typer.Context, site: SiteOpt = None, vault: VaultOpt = None, json_out: JsonOpt = False
+    ctx: typer.Context,
+    site: SiteOpt = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            metavar="HOST",
+            help="Only this host's VMs; a kvm host also lists its domains not yet managed.",
+        ),
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """List the VMs with their power state."""
     with Session.of(ctx, vault, json_out) as session:
-        session.emit(session.client.get("/vms", site=site), render.vms)
+        session.emit(session.client.get("/vms", site=site, host=host), render.vms)
 
 
 @vm_app.command("show")

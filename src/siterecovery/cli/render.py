@@ -247,9 +247,10 @@ VM_COLUMNS: list[Column] = [
     ("POWER", key("power")),
     ("DISKS", key("disks", disks_text)),
     ("NICS", key("nics")),
+    ("MANAGED", key("managed")),
 ]
 VM_FIELDS: list[Column] = [
-    *VM_COLUMNS[1:],
+    *(c for c in VM_COLUMNS[1:] if c[0] != "MANAGED"),
     ("cpus", key("cpus")),
     ("memory MiB", key("memory_mib")),
     ("workload", key("workload")),

@@ -40,36 +40,15 @@ from siterecovery.disk import qemu_img
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qmp import QmpClient
 from siterecovery.disk.qsd import StorageDaemon
+from siterecovery.disk.tracking import VIEW_PREFIX, BitmapState
 from siterecovery.domain.errors import BitmapInconsistent, DiskError, QmpError
 
 BITMAP_PREFIX = "sr-"
 """qemu names of our checkpoint bitmaps start with this."""
 
-VIEW_PREFIX = "srv"
-"""qemu names of the parts of our views start with this."""
-
-CHECK_PREFIX = "srk"
-"""... and of views that only read (a check), which touch no checkpoint: a
-replication pass's cleanup of its own views leaves them alone."""
-
 TEARDOWN_TIMEOUT = 120.0
 """Seconds a view's export or job has to go away (generous: a loaded host)."""
 _POLL = 0.01
-
-
-@dataclass(frozen=True, slots=True)
-class BitmapState:
-    """One checkpoint of ours as the daemon reports it.
-
-    ``name`` is the checkpoint name (without :data:`BITMAP_PREFIX`); ``count`` is
-    the number of bytes marked dirty (0 when inconsistent).
-    """
-
-    name: str
-    recording: bool
-    persistent: bool
-    inconsistent: bool
-    count: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,9 @@ class Host:
     switches: tuple[str, ...]
     connected: bool = True
     kind: str = "local"
+    uri: str | None = None
+    """How the site's agent reaches the hypervisor (libvirt: ``qemu:///system``,
+    ``qemu+ssh://…``); None for the local kind."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "switches": list(self.switches)}

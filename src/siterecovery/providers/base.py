@@ -14,30 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from siterecovery.disk.qmp import QmpClient
+from siterecovery.disk.tracking import DiskAccess
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.providers.replicas import ReplicaStore
-
-
-@dataclass(frozen=True, slots=True)
-class DiskAccess:
-    """Block-level access to the disks of one VM through a qemu-storage-daemon.
-
-    ``nodes`` maps a disk name to its block node (also its NBD export name);
-    ``work_dir`` is where point-in-time views may keep temporary files.
-    ``running`` tells whether the VM's own daemon serves them (guest active)
-    or a transient one opened for this access.
-    """
-
-    qmp: QmpClient
-    nbd_socket: Path
-    nodes: dict[str, str]
-    work_dir: Path
-    running: bool
 
 
 class GuestAgent(Protocol):
@@ -57,8 +39,8 @@ class GuestAgent(Protocol):
 class Hypervisor(Protocol):
     """What runs a site's VMs: define them (blank, or on a point of the site's
     replica store), start, stop, delete, power, the guest agent, and block
-    access to their disks with change tracking (``disk_access``: QMP for
-    checkpoints and point-in-time views, NBD for the bytes).
+    access to their disks with change tracking (``disk_access``: a
+    :class:`~siterecovery.disk.tracking.DiskAccess`, whatever serves them).
 
     Methods are idempotent where they say so and thread-safe per VM. It is
     used inside one site (an agent, or the embedded default's process): the

@@ -23,6 +23,7 @@ from siterecovery.domain.errors import (
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, OsType, Site, Vm, VmPower
 from siterecovery.domain.values import check_name, parse_role, parse_size
+from siterecovery.providers.hosts import LIBVIRT_KIND
 from siterecovery.services import agents
 
 MAX_DISKS = 8
@@ -113,17 +114,35 @@ def add_host(
     switches: list[str],
     kind: str | None = None,
     connected: bool = True,
+    uri: str | None = None,
 ) -> Host:
-    """A host of ``site``; ``kind`` is its hypervisor (the provider's own by default)."""
+    """A host of ``site``; ``kind`` is its hypervisor (the provider's own by default).
+
+    A ``kvm`` host is a libvirt connection (``uri``): the site's agent connects
+    to it before anything is recorded, checks each switch asked for among its
+    networks and bridges, and takes them all when none is asked for.
+    """
     check_name("name", name)
     for switch in switches:
         check_name("switch", switch)
     owner = ctx.store.get_site(name=site)
+    kind = kind or ("kvm" if uri else None)
     kind = kind or ("local" if owner.provider == AGENT_PROVIDER else ctx.provider(owner).kind)
     if kind not in HYPERVISOR_KINDS:
         raise InvalidInput(field="kind", reason=f"'{kind}' is not one of {HYPERVISOR_KINDS}")
-    host = Host(owner.name, name, tuple(switches), connected=connected, kind=kind)
-    return ctx.store.add_host(host=host)
+    if kind == LIBVIRT_KIND and not uri:
+        raise InvalidInput(
+            field="uri", reason="a kvm host is a libvirt URI: add --uri qemu:///system"
+        )
+    if uri is not None and kind != LIBVIRT_KIND:
+        raise InvalidInput(field="uri", reason=f"only a kvm host has a URI, not a {kind} host")
+    if uri is not None and (len(uri) > 512 or not uri.strip() or any(c.isspace() for c in uri)):
+        raise InvalidInput(field="uri", reason="a libvirt URI such as qemu+ssh://hv01/system")
+    if any(h.name == name for h in ctx.store.list_hosts()):
+        raise AlreadyExists(kind="host", name=name)
+    host = Host(owner.name, name, tuple(switches), connected=connected, kind=kind, uri=uri)
+    found = ctx.site(owner).add_host(host)
+    return ctx.store.add_host(host=replace(host, switches=tuple(found)))
 
 
 def set_site(ctx: Context, *, name: str, max_rate: str | int) -> Site:
@@ -236,13 +255,50 @@ def vm_view(ctx: Context, vm: Vm) -> dict[str, Any]:
     return view
 
 
-def list_vms(ctx: Context, *, site: str | None = None) -> list[dict[str, Any]]:
-    """Every VM (of ``site``). A VM whose site's agent does not answer (cached
-    as unreachable by the daemon's health monitor, or failing now) is listed
-    with power ``unknown`` and the error, never hiding the others: in a
-    disaster the list is what the administrator looks at first."""
+def list_vms(
+    ctx: Context, *, site: str | None = None, host: str | None = None
+) -> list[dict[str, Any]]:
+    """Every VM (of ``site``, of ``host``). A VM whose site's agent does not
+    answer (cached as unreachable by the daemon's health monitor, or failing
+    now) is listed with power ``unknown`` and the error, never hiding the
+    others: in a disaster the list is what the administrator looks at first.
+
+    With a kvm ``host``, the host itself is asked: its domains that the vault
+    does not know are listed too, ``managed: false`` (they can be protected).
+    """
     if site is not None:
         ctx.store.get_site(name=site)
+    found = ctx.store.get_host(name=host) if host is not None else None
+    views = [
+        {**view, "managed": True}
+        for view in _vault_vms(ctx, site)
+        if found is None or view["host"] == found.name
+    ]
+    if found is not None and (site is None or found.site == site):
+        known = {view["name"] for view in views if view["site"] == found.site}
+        views += [_discovered(d, found) for d in ctx.site(found.site).discover(found)
+                  if d["name"] not in known]  # fmt: skip
+    return views
+
+
+def _discovered(domain: dict[str, Any], host: Host) -> dict[str, Any]:
+    """A domain of a host that the vault does not know, in a VM's shape."""
+    return {
+        "name": domain["name"],
+        "site": host.site,
+        "host": host.name,
+        "os": "unknown",
+        "power": domain["power"],
+        "disks": [{"name": d["target"], "size": d["size"] or 0} for d in domain["disks"]],
+        "nics": [n["switch"] for n in domain["nics"] if n["switch"]],
+        "cpus": domain["cpus"],
+        "memory_mib": domain["memory_mib"],
+        "managed": False,
+        "domain": domain,
+    }
+
+
+def _vault_vms(ctx: Context, site: str | None) -> list[dict[str, Any]]:
     views = []
     for vm in ctx.store.find_vms(site=site):
         health = agents.site_health(ctx, vm.site)

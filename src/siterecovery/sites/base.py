@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from siterecovery.domain.errors import SiteRecoveryError
-from siterecovery.domain.model import DiskDef, OsType, Vm, VmPower
+from siterecovery.domain.model import DiskDef, Host, OsType, Vm, VmPower
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,17 @@ Progress = Callable[[int, int], None]
 Checkpoint = Callable[[int], None]
 """``checkpoint(offset)``: everything below ``offset`` is written and flushed at
 the target; the caller persists it so that a restarted transfer resumes there."""
+
+
+def host_from_dict(data: dict[str, Any]) -> Host:
+    return Host(
+        site=str(data["site"]),
+        name=str(data["name"]),
+        switches=tuple(str(s) for s in data.get("switches", ())),
+        connected=bool(data.get("connected", True)),
+        kind=str(data.get("kind", "local")),
+        uri=data.get("uri"),
+    )
 
 
 def vm_to_dict(vm: Vm) -> dict[str, Any]:
@@ -285,6 +296,18 @@ class SiteAgent(Protocol):
 
     def set_inconsistent(self, vm: Vm, value: bool) -> None:
         """Mark (or clear) the VM's disks as mid-sync: it refuses to start."""
+        ...
+
+    def add_host(self, host: Host) -> list[str]:
+        """Check that the site reaches ``host`` (a libvirt host: it connects)
+        and remember how; returns the host's switches (those asked for, each
+        checked on the host; none asked for: all it has). Idempotent; a host
+        it cannot reach changes nothing."""
+        ...
+
+    def discover(self, host: Host) -> list[dict[str, Any]]:
+        """The VMs ``host`` defines or runs, whether siterecovery manages them
+        or not ([] for a host whose VMs only the vault knows)."""
         ...
 
     def delete_vm(self, vm: Vm) -> None:

@@ -19,11 +19,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from siterecovery.disk.base import BlockDevice
-from siterecovery.disk.checkpoints import CHECK_PREFIX, PointInTimeView, Tracker, freeze_together
-from siterecovery.disk.nbd import NbdDevice
+from siterecovery.disk.tracking import CHECK_PREFIX, DiskAccess, View
 from siterecovery.domain.errors import InvalidInput
 from siterecovery.domain.model import Site
-from siterecovery.providers.base import DiskAccess, Hypervisor
+from siterecovery.providers.base import Hypervisor
 from siterecovery.providers.replicas import ReplicaStore
 from siterecovery.sites.base import Image
 
@@ -61,12 +60,7 @@ def open_image(
         access = stack.enter_context(vms.disk_access(site, vm))
         if not access.running or guest is not None:
             # Nothing writes to a stopped VM's disks, nor to a quiesced guest's.
-            devices = {
-                d.name: stack.enter_context(
-                    NbdDevice.connect(access.nbd_socket, access.nodes[d.name])
-                )
-                for d in vm.disks
-            }
+            devices = {d.name: stack.enter_context(access.open(d.name)) for d in vm.disks}
             what = "stopped VM" if not access.running else "quiesced VM"
             yield devices, {"site": site.name, "image": what}
             return
@@ -81,15 +75,12 @@ def _frozen(access: DiskAccess, disks: list[str]) -> Iterator[dict[str, BlockDev
     Reads of one daemon take turns (the lock), so the views a read finds
     under its prefix when it starts are leftovers of a crashed one.
     """
-    trackers = [
-        Tracker(access.qmp, access.nodes[d], access.work_dir, access.nbd_socket,
-                prefix=CHECK_PREFIX)
-        for d in disks
-    ]  # fmt: skip
-    with _lock(str(access.qmp.path)), ExitStack() as stack:
+    found = access.trackers(prefix=CHECK_PREFIX)
+    trackers = [found[d] for d in disks]
+    with _lock(access.key), ExitStack() as stack:
         for tracker in trackers:
             tracker.cleanup_views()
-        views: list[PointInTimeView] = freeze_together(
+        views: list[View] = access.freeze(
             [(tracker, []) for tracker in trackers], CHECK_TAG, new_checkpoint=None
         )
         for view in views:

@@ -39,14 +39,14 @@ from typing import Any, Protocol
 from siterecovery import __version__
 from siterecovery.agent.tls import client_context
 from siterecovery.disk.base import BlockDevice, Extent
-from siterecovery.disk.checkpoints import BitmapState, PointInTimeView, Tracker, freeze_together
 from siterecovery.disk.digest import block_digests, disk_digest, integrity_proof
-from siterecovery.disk.nbd import NbdDevice
+from siterecovery.disk.tracking import BitmapState, ChangeTracker, DiskAccess, View
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice, TokenBucket, default_burst
 from siterecovery.domain.errors import DiskError, InternalError
-from siterecovery.domain.model import Site, Vm, VmPower
+from siterecovery.domain.model import Host, Site, Vm, VmPower
 from siterecovery.keys import SecretKey
-from siterecovery.providers.base import DiskAccess, GuestAgent, Hypervisor, Provider
+from siterecovery.providers import hosts
+from siterecovery.providers.base import GuestAgent, Hypervisor, Provider
 from siterecovery.providers.local import journal
 from siterecovery.providers.replicas import ReplicaStore
 from siterecovery.replication.extents import UnionDirtyDevice
@@ -92,10 +92,10 @@ class _Session:
     tag: str
     access: DiskAccess
     stack: ExitStack
-    views: dict[str, PointInTimeView] = field(default_factory=dict)
+    views: dict[str, View] = field(default_factory=dict)
 
-    def trackers(self, vm: Vm) -> dict[str, Tracker]:
-        return _trackers(self.access, vm)
+    def trackers(self) -> dict[str, ChangeTracker]:
+        return self.access.trackers()
 
 
 class WireEndpoint(Protocol):
@@ -165,6 +165,14 @@ class InProcessAgent:
 
     def replace_disks(self, vm: Vm) -> None:
         self.vms.replace_disks(self.site, vm)
+
+    def add_host(self, host: Host) -> list[str]:
+        found = hosts.probe(host)
+        hosts.HostBook(self.site.path).put(hosts.HostEntry(host.name, host.kind, host.uri))
+        return found
+
+    def discover(self, host: Host) -> list[dict[str, Any]]:
+        return hosts.discover(host)
 
     def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
         self.vms.stop_vm(self.site, vm)
@@ -359,7 +367,7 @@ class InProcessAgent:
             del self._sessions[vm.name]
         try:
             if drop_older:
-                for name, tracker in session.trackers(vm).items():
+                for name, tracker in session.trackers().items():
                     tracker.drop([b.name for b in tracker.bitmaps() if b.name != tag])
                     if name in session.views:
                         session.views[name].release()
@@ -379,10 +387,7 @@ class InProcessAgent:
         try:
             access = stack.enter_context(self.vms.disk_access(self.site, vm))
             devices = {
-                d.name: stack.enter_context(
-                    NbdDevice.connect(access.nbd_socket, access.nodes[d.name], writable=True)
-                )
-                for d in vm.disks
+                d.name: stack.enter_context(access.open(d.name, writable=True)) for d in vm.disks
             }
         except BaseException:
             stack.close()
@@ -411,19 +416,19 @@ class InProcessAgent:
 
     def written_since(self, vm: Vm, checkpoint: str, tag: str) -> dict[str, Extents] | None:
         with self.vms.disk_access(self.site, vm) as access:
-            return views.written_since(_trackers(access, vm), checkpoint, tag)
+            return views.written_since(access, checkpoint, tag)
 
     def freeze_view(
         self, vm: Vm, tag: str, *, since: Since, granularity: int | None = None
     ) -> FrozenView:
         session = self._session(vm, tag)
-        frozen = views.freeze_view(session.trackers(vm), tag, since, granularity)
+        frozen = views.freeze_view(session.access, tag, since, granularity)
         session.views = dict(frozen.views)
         return frozen.state
 
     def measure(self, vm: Vm, *, since: str | None) -> dict[str, Any]:
         with self.vms.disk_access(self.site, vm) as access:
-            return views.measure(access, _trackers(access, vm), since)
+            return views.measure(access, since)
 
     # Reading images --------------------------------------------------------------------
 
@@ -505,7 +510,7 @@ class InProcessAgent:
             ) from e
 
 
-def named_mode(mode: str, view: PointInTimeView) -> SyncMode:
+def named_mode(mode: str, view: View) -> SyncMode:
     """A failback's mode: ``tracked`` needs the view's bitmap, else checksums."""
     chosen = SyncMode(mode)
     if chosen is SyncMode.TRACKED and not view.has_bitmap:
@@ -513,14 +518,7 @@ def named_mode(mode: str, view: PointInTimeView) -> SyncMode:
     return chosen
 
 
-def _trackers(access: DiskAccess, vm: Vm) -> dict[str, Tracker]:
-    return {
-        d.name: Tracker(access.qmp, access.nodes[d.name], access.work_dir, access.nbd_socket)
-        for d in vm.disks
-    }
-
-
-def choose_mode(*, initial: bool, has_parent: bool, view: PointInTimeView) -> SyncMode:
+def choose_mode(*, initial: bool, has_parent: bool, view: View) -> SyncMode:
     if not has_parent:
         return SyncMode.FULL
     if initial:
@@ -550,7 +548,7 @@ def quiesced(guests: list[GuestAgent | None]) -> Iterator[list[int | None]]:
 
 def _freeze_disks(session: _Session, vm: Vm, tag: str, initial: bool) -> dict[str, str]:
     """Views of every disk at one instant (one QMP transaction for all of them)."""
-    trackers = session.trackers(vm)
+    trackers = session.trackers()
     found = {name: tracker.find_view(tag) for name, tracker in trackers.items()}
     if all(view is not None for view in found.values()):
         session.views = {name: view for name, view in found.items() if view}
@@ -567,7 +565,7 @@ def _freeze_disks(session: _Session, vm: Vm, tag: str, initial: bool) -> dict[st
         reasons[name] = tracking_state(initial, bitmaps)
         since = [b.name for b in bitmaps] if reasons[name] == "bitmap" else []
         requests.append((tracker, since))
-    views = freeze_together(requests, tag, new_checkpoint=tag)
+    views = session.access.freeze(requests, tag, new_checkpoint=tag)
     session.views = dict(zip(trackers, views, strict=True))
     return reasons
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from siterecovery.agent.client import AgentClient
 from siterecovery.domain.errors import AgentUnreachable, SiteRecoveryError, SyncCancelled
-from siterecovery.domain.model import Vm, VmPower
+from siterecovery.domain.model import Host, Vm, VmPower
 from siterecovery.sites.base import (
     Checkpoint,
     Extents,
@@ -89,6 +89,12 @@ class RemoteAgent:
 
     def delete_vm(self, vm: Vm) -> None:
         self._call("delete_vm", vm=vm_to_dict(vm))
+
+    def add_host(self, host: Host) -> list[str]:
+        return [str(s) for s in self._call("add_host", host=host.to_dict())]
+
+    def discover(self, host: Host) -> list[dict[str, Any]]:
+        return [dict(d) for d in self._call("discover", host=host.to_dict())]
 
     def power(self, vm: Vm) -> VmPower:
         return VmPower(self._call("power", vm=vm_to_dict(vm)))

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from siterecovery.disk.checkpoints import PointInTimeView, Tracker, freeze_together
-from siterecovery.disk.nbd import NbdDevice
-from siterecovery.providers.base import DiskAccess
+from siterecovery.disk.tracking import ChangeTracker, DiskAccess, View
 from siterecovery.sites.base import Extents, FrozenView, Since
 
 
@@ -27,18 +25,17 @@ from siterecovery.sites.base import Extents, FrozenView, Since
 class Frozen:
     """The views of every disk, and what :class:`FrozenView` says of them."""
 
-    views: dict[str, PointInTimeView]
+    views: dict[str, View]
     state: FrozenView
 
 
-def freeze_view(
-    trackers: dict[str, Tracker], tag: str, since: Since, granularity: int | None
-) -> Frozen:
+def freeze_view(access: DiskAccess, tag: str, since: Since, granularity: int | None) -> Frozen:
     """The views of ``tag``: an earlier attempt's when every disk still has
     one, else new ones. Saved offsets hold only for the data they were taken
     from (``resumed``), so new views resume only when the checkpoint the lost
     views started recorded nothing (a stopped VM whose transient daemon went
     away cleanly: its disks did not change)."""
+    trackers = access.trackers()
     usable = {name: _since(tracker, since) for name, tracker in trackers.items()}
     tracked = since.checkpoint is not None and all(u is not None for u in usable.values())
     found = {name: t.find_view(tag) for name, t in trackers.items()}
@@ -55,12 +52,12 @@ def freeze_view(
         tracker.cleanup_views(keep_tags=(tag,))
     checkpoint = _free_name(tag, names)
     requests = [(t, (usable[n] or []) if tracked else []) for n, t in trackers.items()]
-    fresh = freeze_together(requests, tag, new_checkpoint=checkpoint, granularity=granularity)
+    fresh = access.freeze(requests, tag, new_checkpoint=checkpoint, granularity=granularity)
     views = dict(zip(trackers, fresh, strict=True))
     return Frozen(views, FrozenView(checkpoint, unchanged, names, tracked))
 
 
-def _since(tracker: Tracker, since: Since) -> list[str] | None:
+def _since(tracker: ChangeTracker, since: Since) -> list[str] | None:
     if since.checkpoint is None:
         return None
     if since.older is not None:
@@ -68,7 +65,9 @@ def _since(tracker: Tracker, since: Since) -> list[str] | None:
     return usable_since(tracker, since.checkpoint)
 
 
-def _newer_than(tracker: Tracker, checkpoint: str, older: tuple[str, ...]) -> list[str] | None:
+def _newer_than(
+    tracker: ChangeTracker, checkpoint: str, older: tuple[str, ...]
+) -> list[str] | None:
     """The bitmaps started by ``checkpoint``'s freeze or later, if all are consistent."""
     bitmaps = [b for b in tracker.bitmaps() if b.name not in set(older)]
     names = [b.name for b in bitmaps]
@@ -77,7 +76,7 @@ def _newer_than(tracker: Tracker, checkpoint: str, older: tuple[str, ...]) -> li
     return names
 
 
-def usable_since(tracker: Tracker, checkpoint: str | None) -> list[str] | None:
+def usable_since(tracker: ChangeTracker, checkpoint: str | None) -> list[str] | None:
     """Every bitmap of ours when they are all consistent and include ``checkpoint``
     (their union then covers every write since it), else None."""
     bitmaps = tracker.bitmaps()
@@ -87,19 +86,17 @@ def usable_since(tracker: Tracker, checkpoint: str | None) -> list[str] | None:
     return names
 
 
-def written_since(
-    trackers: dict[str, Tracker], checkpoint: str, tag: str
-) -> dict[str, Extents] | None:
+def written_since(access: DiskAccess, checkpoint: str, tag: str) -> dict[str, Extents] | None:
     """Extents written since ``checkpoint``, per disk, or None if unknown."""
     found: dict[str, Extents] = {}
     reader = tag + "t"
-    for name, tracker in trackers.items():
+    for name, tracker in access.trackers().items():
         tracker.cleanup_views()
         tracker.drop([reader])  # left by an interrupted attempt
         since = usable_since(tracker, checkpoint)
         if since is None:
             return None
-        view = tracker.freeze(reader, new_checkpoint=reader, since=since)
+        (view,) = access.freeze([(tracker, since)], reader, new_checkpoint=reader)
         with view.open() as device:
             found[name] = [(e.start, e.length) for e in device.dirty_extents() if e.dirty]
         view.release()
@@ -107,13 +104,12 @@ def written_since(
     return found
 
 
-def measure(
-    access: DiskAccess, trackers: dict[str, Tracker], since: str | None
-) -> dict[str, object]:
+def measure(access: DiskAccess, since: str | None) -> dict[str, object]:
     """Allocated bytes, bytes marked since ``since`` (None: unknown), and per bitmap."""
     allocated = 0
-    for node in access.nodes.values():
-        with NbdDevice.connect(access.nbd_socket, node) as device:
+    trackers = access.trackers()
+    for disk in trackers:
+        with access.open(disk) as device:
             allocated += sum(e.length for e in device.extents() if not e.zero)
     bitmaps: dict[str, int] = {}
     marked: int | None = 0
@@ -129,7 +125,7 @@ def measure(
     return {"allocated": allocated, "since": marked, "bitmaps": bitmaps}
 
 
-def _unchanged(trackers: dict[str, Tracker], checkpoint: str) -> bool:
+def _unchanged(trackers: dict[str, ChangeTracker], checkpoint: str) -> bool:
     """Whether ``checkpoint`` records, consistent and empty, on every disk:
     nothing was written since the freeze that started it."""
     return all(
@@ -147,7 +143,7 @@ def _free_name(tag: str, taken: list[str]) -> str:
     return name
 
 
-def _recording(trackers: dict[str, Tracker], tag: str) -> str:
+def _recording(trackers: dict[str, ChangeTracker], tag: str) -> str:
     """The checkpoint a found view's freeze started (the newest recording name
     of ``tag``: ``tag``, then ``tag``r1, r2…)."""
     names = {b.name for t in trackers.values() for b in t.bitmaps() if b.recording}

@@ -170,6 +170,7 @@ class VaultStore(RecoveryRepo, OwnerRepo):
                     switches=list(host.switches),
                     connected=host.connected,
                     kind=host.kind,
+                    uri=host.uri,
                 )
             )
         return host
@@ -477,6 +478,7 @@ def _host(row: HostRow) -> Host:
         switches=tuple(row.switches),
         connected=row.connected,
         kind=row.kind,
+        uri=row.uri,
     )
 
 

@@ -52,6 +52,7 @@ class HostRow(Base):
     switches: Mapped[list[Any]] = mapped_column(JSON)
     connected: Mapped[bool] = mapped_column(Boolean, default=True)
     kind: Mapped[str] = mapped_column(String(32), default="local")
+    uri: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class VmRow(Base):

@@ -37,10 +37,12 @@ from pathlib import Path
 from siterecovery.disk import qemu_img
 from siterecovery.disk.checkpoints import BITMAP_PREFIX
 from siterecovery.disk.qsd import DiskSpec, StorageDaemon
+from siterecovery.disk.tracking import DiskAccess
 from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import Site, Vm, VmPower
-from siterecovery.providers.base import DiskAccess, GuestAgent, register
+from siterecovery.providers.base import GuestAgent, register
 from siterecovery.providers.local import guest
+from siterecovery.providers.local.access import QsdDiskAccess
 from siterecovery.providers.local.paths import run_root
 from siterecovery.providers.local.replicas import LocalReplicaStore
 
@@ -164,7 +166,7 @@ class LocalHypervisor:
         daemon = StorageDaemon.attach(self._vm_run(site, vm))
         if daemon is not None:
             # Fast path: the running VM's own daemon serves the disks.
-            yield DiskAccess(daemon.qmp(), daemon.nbd_socket, nodes, work_dir, True)
+            yield QsdDiskAccess(daemon.qmp(), daemon.nbd_socket, nodes, work_dir, True)
             return
         # Slow path: a transient daemon (or the one an engine that died mid-access
         # left, with its views), stopped cleanly (SIGTERM) afterwards.
@@ -173,7 +175,7 @@ class LocalHypervisor:
             if transient is None:
                 transient = StorageDaemon.start(self._access_run(site, vm), self._specs(site, vm))
             try:
-                yield DiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
+                yield QsdDiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
             finally:
                 transient.stop()
 

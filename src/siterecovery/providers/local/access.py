@@ -1,0 +1,57 @@
+"""The local provider's :class:`~siterecovery.disk.tracking.DiskAccess`: a VM's
+disks served by one qemu-storage-daemon (the running VM's own, or a transient
+one), change tracking by its persistent dirty bitmaps and views by fleecing
+(:mod:`siterecovery.disk.checkpoints`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from siterecovery.disk.checkpoints import Tracker, freeze_together
+from siterecovery.disk.nbd import NbdDevice
+from siterecovery.disk.qmp import QmpClient
+from siterecovery.disk.tracking import VIEW_PREFIX, ChangeTracker, View
+from siterecovery.domain.errors import InternalError
+
+
+@dataclass(frozen=True, slots=True)
+class QsdDiskAccess:
+    """``nodes`` maps a disk name to its block node (also its NBD export);
+    ``work_dir`` holds the views' temporary fleece images."""
+
+    qmp: QmpClient
+    nbd_socket: Path
+    nodes: dict[str, str]
+    work_dir: Path
+    running: bool
+
+    @property
+    def key(self) -> str:
+        return str(self.qmp.path)
+
+    def open(self, disk: str, *, writable: bool = False) -> NbdDevice:
+        return NbdDevice.connect(self.nbd_socket, self.nodes[disk], writable=writable)
+
+    def trackers(self, *, prefix: str = VIEW_PREFIX) -> dict[str, ChangeTracker]:
+        return {
+            disk: Tracker(self.qmp, node, self.work_dir, self.nbd_socket, prefix=prefix)
+            for disk, node in self.nodes.items()
+        }
+
+    def freeze(
+        self,
+        requests: Sequence[tuple[ChangeTracker, Sequence[str]]],
+        tag: str,
+        *,
+        new_checkpoint: str | None,
+        granularity: int | None = None,
+    ) -> list[View]:
+        own: list[tuple[Tracker, Sequence[str]]] = []
+        for tracker, since in requests:
+            if not isinstance(tracker, Tracker) or tracker.nbd_socket != self.nbd_socket:
+                raise InternalError(detail=f"a tracker of another disk server: {tracker!r}")
+            own.append((tracker, since))
+        views = freeze_together(own, tag, new_checkpoint=new_checkpoint, granularity=granularity)
+        return list(views)
