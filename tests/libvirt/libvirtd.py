@@ -105,7 +105,8 @@ class LibvirtHost:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Spawn the daemon and wait until it answers a connection."""
         mounts = " && ".join(
-            f"mount --bind {self.dir / sub} {target}" for sub, target in BINDS.items()
+            f"mkdir -p {target} && mount --bind {self.dir / sub} {target}"
+            for sub, target in BINDS.items()
         )
         script = f"{mounts} && exec libvirtd -p {self.dir / 'libvirtd.pid'}"
         log = open(self.dir / "libvirtd.log", "ab")  # noqa: SIM115 (the daemon keeps it)

@@ -60,7 +60,6 @@ class Lab:
             device.write(offset, memoryview(data))
             device.flush()
 
-
     def crash(self, vm: Vm) -> None:
         """What a host crash does to the running VM: its disk server is SIGKILLed."""
         assert isinstance(self.vms, LocalHypervisor)

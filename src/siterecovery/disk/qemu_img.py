@@ -123,6 +123,16 @@ def remove_bitmap(path: Path, name: str) -> None:
     _run("bitmap", "--remove", str(path), name)
 
 
+def merge_bitmaps(path: Path, target: str, sources: list[str], *, enable: bool = False) -> None:
+    """Merge the bitmaps ``sources`` of a closed image into its bitmap ``target``,
+    which then records when ``enable``, in one qemu-img run."""
+    args = ["bitmap"]
+    for source in sources:
+        args += ["--merge", source]
+    args += ["--enable"] if enable else []
+    _run(*args, str(path), target)
+
+
 def commit(top: Path, *, keep_top: bool = True) -> None:
     """Write ``top``'s data into its backing file; ``keep_top`` keeps it intact."""
     _run("commit", "-q", *(["-d"] if keep_top else []), str(top))

@@ -78,7 +78,8 @@ class ChangeTracker(Protocol):
     tracker; the trackers of one VM may be used from several threads."""
 
     def bitmaps(self) -> list[BitmapState]:
-        """Our checkpoints on the disk, oldest first."""
+        """Our checkpoints on the disk (in no promised order: callers go by name
+        and by ``recording``)."""
         ...
 
     def find_view(self, tag: str) -> View | None:
@@ -117,8 +118,14 @@ class DiskAccess(Protocol):
         ...
 
     def open(self, disk: str, *, writable: bool = False) -> AbstractContextManager[BlockDevice]:
-        """A connection to the disk itself (a stopped or quiesced VM, or a
-        failback's target)."""
+        """A connection to the disk itself: a stopped VM's (a failback's target,
+        a check). A running VM's disks may refuse it (libvirt: they are read
+        through a view, :meth:`freeze`)."""
+        ...
+
+    def allocated(self, disk: str) -> int:
+        """Bytes of the disk that hold data (an estimate's input: a dry run, the
+        phase-2 prediction), without reading it."""
         ...
 
     def trackers(self, *, prefix: str = VIEW_PREFIX) -> dict[str, ChangeTracker]:

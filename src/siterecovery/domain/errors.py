@@ -446,6 +446,20 @@ class BitmapInconsistent(DiskError):
     )
 
 
+class DiskViewBusy(DiskError):
+    """The hypervisor runs one point-in-time view job per VM and another view
+    holds it (libvirt: one backup job per domain). Fields: ``vm``, ``holder``
+    (the job's export names) and ``uri``."""
+
+    code = "DISK_VIEW_BUSY"
+    template = (
+        "the disks of '{vm}' on {uri} are already being read by another view ({holder}): "
+        "the hypervisor allows one at a time; wait for that pass or check to end and run "
+        "it again (if nothing of siterecovery reads them, end it with "
+        "`virsh -c {uri} domjobabort {vm}`)"
+    )
+
+
 class DiskFull(DiskError):
     """A write failed because the filesystem it goes to is full (ENOSPC).
 

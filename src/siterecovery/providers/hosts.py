@@ -12,13 +12,18 @@ and :func:`discover` lists its domains, ours or not.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from siterecovery.disk.tracking import DiskAccess
 from siterecovery.domain.errors import InvalidInput
-from siterecovery.domain.model import Host
+from siterecovery.domain.model import Host, Site, Vm, VmPower
 from siterecovery.keys.master import write_private
+from siterecovery.providers.base import GuestAgent, Hypervisor
 
 HOSTS_FILE = "hosts.json"
 LIBVIRT_KIND = "kvm"
@@ -126,3 +131,77 @@ def discover(host: Host) -> list[dict[str, Any]]:
         }
         for d in found
     ]
+
+
+class HostRouter:
+    """A site's :class:`~siterecovery.providers.base.Hypervisor`: each call goes
+    to the hypervisor of the VM's host's kind (``kvm``: ``libvirt()``, made at
+    the first such call; any other kind: the site provider's own, ``default``).
+    A VM's host is looked up in the site's :class:`HostBook`; a host it does
+    not list is of the default kind (the lab's local hosts)."""
+
+    def __init__(self, default: Hypervisor, libvirt: Callable[[], Hypervisor]) -> None:
+        self.kind = default.kind
+        self._default = default
+        self._make_libvirt = libvirt
+        self._libvirt: Hypervisor | None = None
+        self._guard = threading.Lock()
+
+    def of(self, site: Site, vm: Vm) -> Hypervisor:
+        """The hypervisor that runs ``vm``."""
+        entry = HostBook(site.path).get(vm.host)
+        if entry is None or entry.kind != LIBVIRT_KIND:
+            return self._default
+        with self._guard:
+            if self._libvirt is None:
+                self._libvirt = self._make_libvirt()
+            return self._libvirt
+
+    def create_vm(
+        self,
+        site: Site,
+        vm: Vm,
+        *,
+        bases: dict[str, Path] | None = None,
+        checkpoint: str | None = None,
+    ) -> None:
+        self.of(site, vm).create_vm(site, vm, bases=bases, checkpoint=checkpoint)
+
+    def replace_disks(self, site: Site, vm: Vm) -> None:
+        self.of(site, vm).replace_disks(site, vm)
+
+    def add_checkpoint(self, site: Site, vm: Vm, checkpoint: str) -> None:
+        self.of(site, vm).add_checkpoint(site, vm, checkpoint)
+
+    def delete_vm(self, site: Site, vm: Vm) -> None:
+        self.of(site, vm).delete_vm(site, vm)
+
+    def start_vm(self, site: Site, vm: Vm) -> None:
+        self.of(site, vm).start_vm(site, vm)
+
+    def stop_vm(self, site: Site, vm: Vm, *, timeout: float = 30.0) -> None:
+        self.of(site, vm).stop_vm(site, vm, timeout=timeout)
+
+    def power(self, site: Site, vm: Vm) -> VmPower:
+        return self.of(site, vm).power(site, vm)
+
+    def disk_access(self, site: Site, vm: Vm) -> AbstractContextManager[DiskAccess]:
+        return self.of(site, vm).disk_access(site, vm)
+
+    def guest(self, site: Site, vm: Vm) -> GuestAgent | None:
+        return self.of(site, vm).guest(site, vm)
+
+    def guest_state(self, site: Site, vm: Vm) -> dict[str, object]:
+        return self.of(site, vm).guest_state(site, vm)
+
+    def is_inconsistent(self, site: Site, vm: Vm) -> bool:
+        return self.of(site, vm).is_inconsistent(site, vm)
+
+    def set_inconsistent(self, site: Site, vm: Vm, value: bool) -> None:
+        self.of(site, vm).set_inconsistent(site, vm, value)
+
+    def disk_image(self, site: Site, vm: Vm, disk: str) -> Path:
+        return self.of(site, vm).disk_image(site, vm, disk)
+
+    def reads_through(self, site: Site, vm: Vm) -> set[Path]:
+        return self.of(site, vm).reads_through(site, vm)

@@ -58,14 +58,19 @@ def open_image(
             guest.quiesce(timeout=300.0)
             stack.callback(guest.thaw)
         access = stack.enter_context(vms.disk_access(site, vm))
-        if not access.running or guest is not None:
-            # Nothing writes to a stopped VM's disks, nor to a quiesced guest's.
+        if not access.running:
+            # Nothing writes to a stopped VM's disks.
             devices = {d.name: stack.enter_context(access.open(d.name)) for d in vm.disks}
-            what = "stopped VM" if not access.running else "quiesced VM"
-            yield devices, {"site": site.name, "image": what}
+            yield devices, {"site": site.name, "image": "stopped VM"}
             return
+        # A running VM is read through views of one instant (a hypervisor may
+        # offer its running disks no other way); a quiesced guest goes on as
+        # soon as they are taken.
         views = stack.enter_context(_frozen(access, [d.name for d in vm.disks]))
-        yield views, {"site": site.name, "image": "point-in-time view of the running VM"}
+        if guest is not None:
+            guest.thaw()
+        what = "quiesced VM" if guest is not None else "running VM"
+        yield views, {"site": site.name, "image": f"point-in-time view of the {what}"}
 
 
 @contextmanager

@@ -27,6 +27,7 @@ transfer's value being the bucket's rate).
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import threading
 import time
@@ -68,6 +69,9 @@ from siterecovery.sites.base import (
 from siterecovery.sites.images import open_image
 from siterecovery.wire.client import RemoteDevice
 
+VIRT_TYPE_ENV = "SITERECOVERY_LIBVIRT_VIRT_TYPE"
+"""Forces the domain type of new libvirt VMs (``kvm``, or ``qemu``: TCG);
+unset, each host's capabilities decide."""
 CHECKPOINT_EVERY = 8 << 20  # bytes between persisted offsets of a resumable sync
 LOCAL = "local:"
 
@@ -131,7 +135,9 @@ class InProcessAgent:
         self.name = site.name
         self.site = site
         self.provider = provider
-        self.vms: Hypervisor = provider.hypervisor
+        # Each VM runs on its host's hypervisor: the provider's, or libvirt for
+        # a kvm host (providers/hosts.py).
+        self.vms: Hypervisor = hosts.HostRouter(provider.hypervisor, libvirt=_libvirt)
         self.replicas: ReplicaStore = provider.replicas
         self.wire = wire
         self._sessions: dict[str, _Session] = {}
@@ -508,6 +514,14 @@ class InProcessAgent:
                 f"'{self.name}' exited during the pass ({e}); no point was sealed: "
                 "start the VM again, its next pass compares checksums"
             ) from e
+
+
+def _libvirt() -> Hypervisor:
+    """The hypervisor of the site's kvm hosts, made at the first call for one
+    (libvirt-python is imported then: a site without a kvm host needs none)."""
+    from siterecovery.providers.libvirt.hypervisor import LibvirtHypervisor
+
+    return LibvirtHypervisor(virt_type=os.environ.get(VIRT_TYPE_ENV) or None)
 
 
 def named_mode(mode: str, view: View) -> SyncMode:

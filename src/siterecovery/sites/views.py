@@ -88,29 +88,36 @@ def usable_since(tracker: ChangeTracker, checkpoint: str | None) -> list[str] | 
 
 def written_since(access: DiskAccess, checkpoint: str, tag: str) -> dict[str, Extents] | None:
     """Extents written since ``checkpoint``, per disk, or None if unknown."""
-    found: dict[str, Extents] = {}
     reader = tag + "t"
-    for name, tracker in access.trackers().items():
+    trackers = access.trackers()
+    requests = []
+    for tracker in trackers.values():
         tracker.cleanup_views()
         tracker.drop([reader])  # left by an interrupted attempt
         since = usable_since(tracker, checkpoint)
         if since is None:
             return None
-        (view,) = access.freeze([(tracker, since)], reader, new_checkpoint=reader)
-        with view.open() as device:
-            found[name] = [(e.start, e.length) for e in device.dirty_extents() if e.dirty]
-        view.release()
-        tracker.drop([reader])
+        requests.append((tracker, since))
+    # One freeze for every disk: a hypervisor's checkpoint may span the VM's
+    # disks (libvirt's do), so ``reader`` is made once.
+    views = access.freeze(requests, reader, new_checkpoint=reader)
+    found: dict[str, Extents] = {}
+    try:
+        for name, view in zip(trackers, views, strict=True):
+            with view.open() as device:
+                found[name] = [(e.start, e.length) for e in device.dirty_extents() if e.dirty]
+    finally:
+        for view in views:
+            view.release()
+        for tracker in trackers.values():
+            tracker.drop([reader])
     return found
 
 
 def measure(access: DiskAccess, since: str | None) -> dict[str, object]:
     """Allocated bytes, bytes marked since ``since`` (None: unknown), and per bitmap."""
-    allocated = 0
     trackers = access.trackers()
-    for disk in trackers:
-        with access.open(disk) as device:
-            allocated += sum(e.length for e in device.extents() if not e.zero)
+    allocated = sum(access.allocated(disk) for disk in trackers)
     bitmaps: dict[str, int] = {}
     marked: int | None = 0
     for tracker in trackers.values():

@@ -27,7 +27,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped, import-not-found, unused-ignore]
 import libvirt_qemu  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
-from siterecovery.domain.errors import GuestError, HypervisorError, VmNotFound
+from siterecovery.domain.errors import BitmapInconsistent, GuestError, HypervisorError, VmNotFound
 
 CONNECT_HINT = (
     "check that libvirtd runs on that host and that the URI is right "
@@ -208,11 +208,21 @@ class Domain:
     def disk_capacity(self, target: str) -> int | None:
         """The virtual size in bytes of the disk at ``target`` (``vda``), or None when
         libvirt cannot tell (image missing, network disk of a stopped domain)."""
+        info = self._block_info(target)
+        return None if info is None else info[0]
+
+    def disk_allocation(self, target: str) -> int | None:
+        """Bytes of the disk at ``target`` backed by storage (a qcow2: its
+        highest allocated offset; libvirt's ``allocation``), or None when unknown."""
+        info = self._block_info(target)
+        return None if info is None else info[1]
+
+    def _block_info(self, target: str) -> tuple[int, int, int] | None:
         try:
-            capacity, _allocation, _physical = self._raw.blockInfo(target, 0)
+            capacity, allocation, physical = self._raw.blockInfo(target, 0)
         except libvirt.libvirtError:
             return None
-        return int(capacity)
+        return int(capacity), int(allocation), int(physical)
 
     def start(self) -> None:
         """Boot a defined, stopped domain."""
@@ -272,3 +282,84 @@ class Domain:
         with self._call("list checkpoints"):
             found = self._raw.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
             return [str(checkpoint.getName()) for checkpoint in found]
+
+    def checkpoint_tree(self) -> list[tuple[str, str | None]]:
+        """Every checkpoint as ``(name, parent name or None)``, parents before
+        their children."""
+        with self._call("list checkpoints"):
+            found = self._raw.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
+            return [(str(c.getName()), _parent_name(c)) for c in found]
+
+    def checkpoint_xml(self, name: str, *, size: bool = False) -> str | None:
+        """The XML of checkpoint ``name`` (None when it does not exist); with
+        ``size``, each disk's ``size`` attribute: bytes changed since it (a
+        running domain only: libvirt asks qemu)."""
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE if size else 0
+        with self._call(f"read checkpoint '{name}'"):
+            checkpoint = self._checkpoint(name)
+            return None if checkpoint is None else str(checkpoint.getXMLDesc(flags))
+
+    def delete_checkpoint(self, name: str, *, metadata_only: bool = False) -> None:
+        """Delete checkpoint ``name`` and its bitmaps (an older checkpoint's
+        bitmap still covers every change since it). ``metadata_only`` forgets
+        it without touching the images: for a checkpoint whose bitmap qemu lost
+        (libvirt refuses the full delete then). Idempotent."""
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY if metadata_only else 0
+        with self._call(f"delete checkpoint '{name}'"):
+            checkpoint = self._checkpoint(name)
+            if checkpoint is not None:
+                checkpoint.delete(flags)
+
+    def _checkpoint(self, name: str) -> Any:
+        try:
+            return self._raw.checkpointLookupByName(name, 0)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return None
+            raise
+
+    def backup_begin(self, backup_xml: str, checkpoint_xml: str | None = None) -> None:
+        """Start a backup job (``virDomainBackupBegin``); with ``checkpoint_xml``,
+        that checkpoint is created at the same instant. One job per domain (a
+        second waits ~30 s for libvirt's job lock, then fails: check
+        :meth:`backup_xml` first). An incremental backup from a checkpoint
+        whose bitmap is broken raises BitmapInconsistent."""
+        try:
+            self._raw.backupBegin(backup_xml, checkpoint_xml, 0)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
+                raise BitmapInconsistent(disk=self.name, checkpoint="") from error
+            raise _translate(error, self.uri, "begin a backup", self.name, False) from error
+
+    def backup_xml(self) -> str | None:
+        """The XML of the domain's active backup job, or None when there is none."""
+        try:
+            return str(self._raw.backupGetXMLDesc(0))
+        except libvirt.libvirtError as error:
+            if error.get_error_code() in _NO_JOB:
+                return None
+            raise _translate(error, self.uri, "read the backup job", self.name, False) from error
+
+    def abort_job(self) -> bool:
+        """Abort the domain's active job (a backup ends, its NBD exports go
+        away); False when no job was active. Idempotent."""
+        try:
+            self._raw.abortJob()
+        except libvirt.libvirtError as error:
+            if error.get_error_code() in _NO_JOB:
+                return False
+            raise _translate(error, self.uri, "abort the job", self.name, False) from error
+        return True
+
+
+_NO_JOB = (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID)
+"""What libvirt says when a domain has no backup job (or no job to abort)."""
+
+
+def _parent_name(checkpoint: Any) -> str | None:
+    try:
+        return str(checkpoint.getParent(0).getName())
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            return None
+        raise

@@ -34,6 +34,10 @@ class QsdDiskAccess:
     def open(self, disk: str, *, writable: bool = False) -> NbdDevice:
         return NbdDevice.connect(self.nbd_socket, self.nodes[disk], writable=writable)
 
+    def allocated(self, disk: str) -> int:
+        with self.open(disk) as device:
+            return sum(e.length for e in device.extents() if not e.zero)
+
     def trackers(self, *, prefix: str = VIEW_PREFIX) -> dict[str, ChangeTracker]:
         return {
             disk: Tracker(self.qmp, node, self.work_dir, self.nbd_socket, prefix=prefix)
