@@ -12,19 +12,22 @@ with every record the cloud guest acknowledged.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from siterecovery.providers.libvirt.domains import DiskSpec, NicSpec, domain_xml, parse_domain
 from siterecovery.providers.libvirt.guest_image import GuestImage, detect_accel
 
 from ..conftest import Daemon
 from ..failover.support import item, job, step
 from .libvirtd import LibvirtHost
-from .support import AGENT_TIMEOUT, connect, ensure_lab_network, wait_until
+from .support import AGENT_TIMEOUT, connect, ensure_lab_network, lab_domain, wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -147,3 +150,76 @@ def test_a_libvirt_vm_is_protected_failed_over_and_failed_back(
         + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
         + f"; point seq {point['workload_seq']}, failback last seq {last}"
     )
+
+
+def test_a_domain_its_owner_defined_is_adopted_protected_and_comes_back_home(
+    engine: Daemon, two_libvirt_hosts: list[LibvirtHost], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """`protect` of a domain siterecovery did not create: it is taken in with
+    its disk where its owner put it and its hardware (an e1000 NIC), fails over
+    to the other host with the same hardware, and fails back into that very
+    disk file."""
+    east, west = two_libvirt_hosts
+    spec = lab_domain(east, guest_image, "erp02", seed=11)
+    spec = replace(spec, nics=(NicSpec("52:54:00:5e:00:22", "sr-lab", "e1000"),))
+    owner_disk = spec.disks[0].path
+    (tmp_path / "erp02.xml").write_text(domain_xml(spec))
+    east.virsh("define", str(tmp_path / "erp02.xml"))
+    east.virsh("start", "erp02")
+    _seq_at_least(east, "erp02", 5)
+    listed = {v["name"]: v for v in engine.call("GET", "/vms", params={"host": "kvm01"})}
+    assert listed["erp02"]["managed"] is False
+
+    job(
+        engine, engine.call("POST", "/items", json={"vm": "erp02", "to": "cloud", "interval": "1h"})
+    )
+    adopted = engine.call("GET", "/vms/erp02", params={"site": "onprem"})
+    assert (adopted["nic_models"], adopted["nics"]) == (["e1000"], ["sr-lab"])
+    assert adopted["disks"] == [{"name": "d0", "size": 64 << 20, "bus": "virtio"}]
+    assert adopted["workload"] is True  # it boots the lab guest
+    point = engine.call("POST", "/items/erp02/replicate", json={"app_consistent": True})["point"]
+
+    job(engine, engine.call("POST", "/items/erp02/failover",
+                            json={"type": "unplanned", "host": "kvm02"}))  # fmt: skip
+    with connect(west) as conn:
+        copy = parse_domain(conn.domain("erp02").xml())
+    assert [n.model for n in copy.nics] == ["e1000"] and copy.disks[0].bus == "virtio"
+    assert copy.disks[0].path != owner_disk  # an overlay of the point at the cloud site
+    _seq_at_least(west, "erp02", point["workload_seq"] + 10)
+    job(engine, engine.call("POST", "/items/erp02/commit", json={}))
+
+    failback = {"type": "planned", "sync": "delta"}
+    started = engine.call("POST", "/items/erp02/failover", json=failback)
+    job(engine, started, "awaiting-completion")
+    engine.call("POST", f"/jobs/{started['job']}/complete")
+    done = job(engine, started)
+    last = step(done, "stop-source")["acknowledged_seq"]
+    assert done["result"]["integrity"]["equal"] is True
+    with connect(east) as conn:
+        home = parse_domain(conn.domain("erp02").xml())
+    assert home.disks[0].path == owner_disk  # back in its owner's file
+    assert _seq_at_least(east, "erp02", last + 1) > last
+    live = engine.call("GET", "/vms/erp02/check", params={"site": "onprem"})
+    assert live["consistent"] and live["last_seq"] >= last, live
+
+
+def test_a_domain_on_a_raw_disk_is_refused_and_nothing_is_recorded(
+    engine: Daemon, two_libvirt_hosts: list[LibvirtHost], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    east = two_libvirt_hosts[0]
+    raw = tmp_path / "raw01.img"
+    raw.write_bytes(b"")
+    os.truncate(raw, 64 << 20)
+    spec = replace(
+        lab_domain(east, guest_image, "raw01", seed=12),
+        disks=(DiskSpec("vda", raw, "virtio", "raw"),),
+    )
+    (tmp_path / "raw01.xml").write_text(domain_xml(spec))
+    east.virsh("define", str(tmp_path / "raw01.xml"))
+    status, error = engine.error(
+        "POST", "/items", json={"vm": "raw01", "to": "cloud", "interval": "1h"}
+    )
+    assert (status, error["code"]) == (400, "INVALID_INPUT"), error
+    assert "qemu-img convert" in error["message"]
+    assert "raw01" not in {v["name"] for v in engine.call("GET", "/vms")}
+    assert "raw01" not in {i["vm"] for i in engine.call("GET", "/items")}

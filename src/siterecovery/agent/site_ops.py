@@ -57,6 +57,7 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
         "power": lambda a: site.power(vm(a)).value,
         "add_host": lambda a: site.add_host(host_from_dict(a["host"])),
         "discover": lambda a: site.discover(host_from_dict(a["host"])),
+        "adopt_domain": lambda a: site.adopt_domain(host_from_dict(a["host"]), a["name"]).to_dict(),
         "start_vm": lambda a: site.start_vm(vm(a)),
         "stop_vm": lambda a: site.stop_vm(vm(a), timeout=float(a.get("timeout", 30.0))),
         "guest_state": lambda a: site.guest_state(vm(a)),

@@ -131,6 +131,12 @@ def start_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
     return inventory.start_vm(ctx, name=name, site=site)
 
 
+@router.post("/vms/{name}/adopt", status_code=201)
+def adopt_vm(ctx: Ctx, name: str, host: str | None = None) -> dict[str, Any]:
+    """Take in a domain defined on a kvm host by its owner (ready to protect)."""
+    return inventory.vm_view(ctx, inventory.adopt_vm(ctx, name=name, host=host))
+
+
 @router.post("/vms/{name}/stop")
 def stop_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
     return inventory.stop_vm(ctx, name=name, site=site)

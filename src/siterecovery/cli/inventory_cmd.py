@@ -243,6 +243,25 @@ def vm_list(
         session.emit(session.client.get("/vms", site=site, host=host), render.vms)
 
 
+@vm_app.command("adopt")
+def vm_adopt(
+    ctx: typer.Context,
+    name: NameArg,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", metavar="HOST", help="The kvm host of the domain (if several)."),
+    ] = None,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Take in a domain defined on a kvm host (its disks stay where they are);
+    `protect NAME` does it too when no VM has that name."""
+    with Session.of(ctx, vault, json_out) as session:
+        path = f"/vms/{segment(name)}/adopt"
+        answer = session.client.request("POST", path, params={"host": host} if host else None)
+        session.emit(answer, render.vm)
+
+
 @vm_app.command("show")
 def vm_show(
     ctx: typer.Context,

@@ -101,10 +101,13 @@ class Host:
 
 @dataclass(frozen=True, slots=True)
 class DiskDef:
-    """One virtual disk of a VM: ``name`` is its node/export name (``d0``, ``d1``…)."""
+    """One virtual disk of a VM: ``name`` is its node/export name (``d0``, ``d1``…);
+    ``bus`` how the guest sees it (``virtio``, ``scsi``, ``sata``, ``ide``): a
+    failed-over copy keeps it."""
 
     name: str
     size: int
+    bus: str = "virtio"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,12 +129,16 @@ class Vm:
     names the latest acknowledged record of the VM ``workload_link`` at the same
     site (db01's rows refer to web01's), so a cross-VM check can tell whether
     two images are consistent with each other."""
+    nic_models: tuple[str, ...] = ()
+    """The model of each NIC (``virtio``, ``e1000``…), in ``nics``' order; empty:
+    virtio. A failed-over copy keeps them (the guest's drivers expect them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
             "disks": [d.to_dict() for d in self.disks],
             "nics": list(self.nics),
+            "nic_models": list(self.nic_models),
         }
 
 

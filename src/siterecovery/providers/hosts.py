@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from siterecovery.disk.tracking import DiskAccess
 from siterecovery.domain.errors import InvalidInput
@@ -133,6 +133,16 @@ def discover(host: Host) -> list[dict[str, Any]]:
     ]
 
 
+class DomainHypervisor(Hypervisor, Protocol):
+    """A hypervisor whose hosts hold domains defined by their owners, which it
+    can take in as VMs (libvirt)."""
+
+    def adopt(self, site: Site, host: str, name: str) -> Vm:
+        """The existing domain ``name`` of ``host`` as a VM of the site, its disks
+        where they are. Idempotent; InvalidInput when it cannot be tracked."""
+        ...
+
+
 class HostRouter:
     """A site's :class:`~siterecovery.providers.base.Hypervisor`: each call goes
     to the hypervisor of the VM's host's kind (``kvm``: ``libvirt()``, made at
@@ -140,11 +150,11 @@ class HostRouter:
     A VM's host is looked up in the site's :class:`HostBook`; a host it does
     not list is of the default kind (the lab's local hosts)."""
 
-    def __init__(self, default: Hypervisor, libvirt: Callable[[], Hypervisor]) -> None:
+    def __init__(self, default: Hypervisor, libvirt: Callable[[], DomainHypervisor]) -> None:
         self.kind = default.kind
         self._default = default
         self._make_libvirt = libvirt
-        self._libvirt: Hypervisor | None = None
+        self._libvirt: DomainHypervisor | None = None
         self._guard = threading.Lock()
 
     def of(self, site: Site, vm: Vm) -> Hypervisor:
@@ -152,6 +162,18 @@ class HostRouter:
         entry = HostBook(site.path).get(vm.host)
         if entry is None or entry.kind != LIBVIRT_KIND:
             return self._default
+        return self._domains()
+
+    def adopt(self, site: Site, host: str, name: str) -> Vm:
+        """Take in the domain ``name`` that the owner of kvm ``host`` defined."""
+        entry = HostBook(site.path).get(host)
+        if entry is None or entry.kind != LIBVIRT_KIND:
+            raise InvalidInput(
+                field="host", reason=f"host {host} is not a kvm host of site {site.name}"
+            )
+        return self._domains().adopt(site, host, name)
+
+    def _domains(self) -> DomainHypervisor:
         with self._guard:
             if self._libvirt is None:
                 self._libvirt = self._make_libvirt()

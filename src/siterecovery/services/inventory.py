@@ -19,6 +19,7 @@ from siterecovery.domain.errors import (
     InvalidInput,
     SitePathRefused,
     VmBusy,
+    VmNotFound,
 )
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, OsType, Site, Vm, VmPower
@@ -279,6 +280,31 @@ def list_vms(
         views += [_discovered(d, found) for d in ctx.site(found.site).discover(found)
                   if d["name"] not in known]  # fmt: skip
     return views
+
+
+def adopt_vm(ctx: Context, *, name: str, host: str | None = None) -> Vm:
+    """Take in a domain that the owner of a kvm host defined (``host``, or the
+    one kvm host that has a domain of that name): it becomes a VM of the
+    host's site, its disks where they are, ready to protect."""
+    if ctx.store.find_vms(name=name):
+        raise AlreadyExists(kind="VM", name=name)
+    hosts = [ctx.store.get_host(name=host)] if host else ctx.store.list_hosts()
+    kvm = [h for h in hosts if h.kind == LIBVIRT_KIND]
+    if host is not None and not kvm:
+        raise InvalidInput(
+            field="host", reason=f"host {host} is not a kvm host (add one with --uri)"
+        )
+    holders = [h for h in kvm if name in {d["name"] for d in ctx.site(h.site).discover(h)}]
+    if not holders:
+        raise VmNotFound(name=name)
+    if len(holders) > 1:
+        names = ", ".join(h.name for h in holders)
+        raise InvalidInput(
+            field="host", reason=f"hosts {names} each have a domain '{name}': name one"
+        )
+    (owner,) = holders
+    vm = ctx.site(owner.site).adopt_domain(owner, name)
+    return ctx.store.add_vm(vm=vm)
 
 
 def _discovered(domain: dict[str, Any], host: Host) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from siterecovery.domain.errors import (
     PointNotFound,
     SameSite,
     VmCopyAtTarget,
+    VmNotFound,
 )
 from siterecovery.domain.lifecycle import ALLOWED, ItemState, Operation, require
 from siterecovery.domain.model import (
@@ -27,7 +28,7 @@ from siterecovery.domain.model import (
     utcnow,
 )
 from siterecovery.domain.values import check_name, check_positive, parse_duration, parse_size
-from siterecovery.services import agents, keys, ownership
+from siterecovery.services import agents, inventory, keys, ownership
 from siterecovery.store.owner_repo import is_job
 
 Submit = Callable[..., Any]
@@ -89,7 +90,13 @@ def protect(ctx: Context, *, vm: str, to: str, policy: Policy, submit: Submit) -
             target=existing.standby_site,
         )
     # A disabled item's VM runs where it last ran (its other copy may linger).
-    source_vm = ctx.store.get_vm(name=vm, site=existing.active_site if existing else None)
+    try:
+        source_vm = ctx.store.get_vm(name=vm, site=existing.active_site if existing else None)
+    except VmNotFound:
+        if existing is not None:
+            raise
+        # A domain that the owner of a kvm host defined: taken in first.
+        source_vm = inventory.adopt_vm(ctx, name=vm)
     if target.name == source_vm.site:
         raise SameSite(vm=vm, site=source_vm.site)
     if ctx.store.find_vms(name=vm, site=target.name):

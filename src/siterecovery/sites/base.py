@@ -57,12 +57,16 @@ def vm_from_dict(data: dict[str, Any]) -> Vm:
         site=str(data["site"]),
         host=str(data["host"]),
         os=OsType(data["os"]),
-        disks=tuple(DiskDef(str(d["name"]), int(d["size"])) for d in data["disks"]),
+        disks=tuple(
+            DiskDef(str(d["name"]), int(d["size"]), str(d.get("bus", "virtio")))
+            for d in data["disks"]
+        ),
         nics=tuple(str(n) for n in data["nics"]),
         cpus=int(data.get("cpus", 1)),
         memory_mib=int(data.get("memory_mib", 512)),
         workload=bool(data.get("workload", True)),
         workload_link=data.get("workload_link"),
+        nic_models=tuple(str(m) for m in data.get("nic_models", ())),
     )
 
 
@@ -308,6 +312,11 @@ class SiteAgent(Protocol):
     def discover(self, host: Host) -> list[dict[str, Any]]:
         """The VMs ``host`` defines or runs, whether siterecovery manages them
         or not ([] for a host whose VMs only the vault knows)."""
+        ...
+
+    def adopt_domain(self, host: Host, name: str) -> Vm:
+        """Take in the domain ``name`` that the owner of the kvm ``host`` defined
+        (its disks stay where they are); the VM to record. Idempotent."""
         ...
 
     def delete_vm(self, vm: Vm) -> None:

@@ -47,7 +47,7 @@ from siterecovery.domain.errors import DiskError, InternalError
 from siterecovery.domain.model import Host, Site, Vm, VmPower
 from siterecovery.keys import SecretKey
 from siterecovery.providers import hosts
-from siterecovery.providers.base import GuestAgent, Hypervisor, Provider
+from siterecovery.providers.base import GuestAgent, Provider
 from siterecovery.providers.local import journal
 from siterecovery.providers.replicas import ReplicaStore
 from siterecovery.replication.extents import UnionDirtyDevice
@@ -137,7 +137,7 @@ class InProcessAgent:
         self.provider = provider
         # Each VM runs on its host's hypervisor: the provider's, or libvirt for
         # a kvm host (providers/hosts.py).
-        self.vms: Hypervisor = hosts.HostRouter(provider.hypervisor, libvirt=_libvirt)
+        self.vms = hosts.HostRouter(provider.hypervisor, libvirt=_libvirt)
         self.replicas: ReplicaStore = provider.replicas
         self.wire = wire
         self._sessions: dict[str, _Session] = {}
@@ -179,6 +179,9 @@ class InProcessAgent:
 
     def discover(self, host: Host) -> list[dict[str, Any]]:
         return hosts.discover(host)
+
+    def adopt_domain(self, host: Host, name: str) -> Vm:
+        return self.vms.adopt(self.site, host.name, name)
 
     def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
         self.vms.stop_vm(self.site, vm)
@@ -516,7 +519,7 @@ class InProcessAgent:
             ) from e
 
 
-def _libvirt() -> Hypervisor:
+def _libvirt() -> hosts.DomainHypervisor:
     """The hypervisor of the site's kvm hosts, made at the first call for one
     (libvirt-python is imported then: a site without a kvm host needs none)."""
     from siterecovery.providers.libvirt.hypervisor import LibvirtHypervisor

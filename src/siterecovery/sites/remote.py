@@ -30,6 +30,7 @@ from siterecovery.sites.base import (
     Since,
     SiteInfo,
     Transfer,
+    vm_from_dict,
     vm_to_dict,
 )
 
@@ -95,6 +96,9 @@ class RemoteAgent:
 
     def discover(self, host: Host) -> list[dict[str, Any]]:
         return [dict(d) for d in self._call("discover", host=host.to_dict())]
+
+    def adopt_domain(self, host: Host, name: str) -> Vm:
+        return vm_from_dict(self._call("adopt_domain", host=host.to_dict(), name=name))
 
     def power(self, vm: Vm) -> VmPower:
         return VmPower(self._call("power", vm=vm_to_dict(vm)))

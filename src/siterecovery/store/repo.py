@@ -494,6 +494,7 @@ def _vm_row(vm: Vm) -> VmRow:
         disks=[d.to_dict() for d in vm.disks],
         workload=vm.workload,
         workload_link=vm.workload_link,
+        nic_models=list(vm.nic_models),
     )
 
 
@@ -503,12 +504,16 @@ def _vm(row: VmRow) -> Vm:
         site=row.site,
         host=row.host,
         os=OsType(row.os),
-        disks=tuple(DiskDef(name=d["name"], size=int(d["size"])) for d in row.disks),
+        disks=tuple(
+            DiskDef(name=d["name"], size=int(d["size"]), bus=d.get("bus", "virtio"))
+            for d in row.disks
+        ),
         nics=tuple(row.nics),
         cpus=row.cpus,
         memory_mib=row.memory_mib,
         workload=row.workload,
         workload_link=row.workload_link,
+        nic_models=tuple(row.nic_models or ()),
     )
 
 

@@ -67,6 +67,7 @@ class VmRow(Base):
     disks: Mapped[list[Any]] = mapped_column(JSON)
     workload: Mapped[bool] = mapped_column(Boolean)
     workload_link: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    nic_models: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class ItemRow(Base):

@@ -56,12 +56,14 @@ from siterecovery.domain.errors import (
     GuestError,
     HostNotFound,
     HypervisorError,
+    InvalidInput,
     SwitchMissing,
     VmBusy,
     VmInconsistent,
     VmNotFound,
 )
-from siterecovery.domain.model import Site, Vm, VmPower
+from siterecovery.domain.model import DiskDef, OsType, Site, Vm, VmPower
+from siterecovery.keys.master import write_private
 from siterecovery.providers.hosts import HostBook
 from siterecovery.providers.libvirt.connection import Connection, Domain, connect
 from siterecovery.providers.libvirt.domains import (
@@ -86,6 +88,8 @@ log = logging.getLogger(__name__)
 MiB = 2**20
 POLL = 0.2
 """Seconds between two looks at a stopping domain's state."""
+ADOPTED_FILE = "adopted.json"
+"""``SITE/vms/VM/adopted.json``: an adopted domain's disks, where its owner put them."""
 _STOPPED_SEQ = "sr-workload stopped seq="
 """The lab guest's last console line, with its final acknowledged seq."""
 
@@ -300,7 +304,7 @@ class LibvirtHypervisor:
         domain = self._find(self._conn(site, vm), vm)
         if domain is not None and domain.state() != "shutoff":
             # Fast path: libvirt serves the running domain's disks (pull-mode backups).
-            yield LibvirtDiskAccess(domain, self._targets(vm), work_dir)
+            yield LibvirtDiskAccess(domain, self._targets(site, vm), work_dir)
             return
         # Slow path: a transient qemu-storage-daemon on the images (or the one an
         # engine that died mid-access left), as the local provider's; libvirt's
@@ -321,7 +325,70 @@ class LibvirtHypervisor:
         return self.disk_path(site, vm, disk)
 
     def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
+        adopted = self._adopted(site, vm).get(disk)
+        if adopted is not None:
+            return Path(adopted["path"])
         return self._vm_dir(site, vm) / "disks" / f"{disk}.qcow2"
+
+    # Adoption ------------------------------------------------------------------------
+
+    def adopt(self, site: Site, host: str, name: str) -> Vm:
+        """Make the existing domain ``name`` of ``host`` (defined by its owner,
+        not by us) a VM of the site, its disks left where they are
+        (``SITE/vms/NAME/adopted.json`` records them). Its hardware is kept in
+        the VM (vCPUs, memory, each disk's bus, each NIC's switch and model) so
+        that a failed-over copy has the same. Every disk must be a qcow2 file:
+        change tracking lives in qcow2 bitmaps. Idempotent; refused with
+        InvalidInput (nothing written) for a disk that cannot be tracked."""
+        probe = Vm(name=name, site=site.name, host=host, os=OsType.LINUX, disks=(), nics=())
+        domain = self._domain(site, probe)
+        spec = parse_domain(domain.xml(inactive=True))
+        for disk in spec.disks:
+            if disk.path is None or disk.format != "qcow2" or str(disk.path).startswith("/dev/"):
+                raise InvalidInput(
+                    field="vm",
+                    reason=(
+                        f"disk {disk.target} of domain '{name}' is {disk.format} at "
+                        f"{disk.path or 'the network'}: only qcow2 files are tracked; convert it "
+                        f"(`qemu-img convert -O qcow2 ...`) and point the domain at the copy"
+                    ),
+                )
+        if any(nic.switch is None for nic in spec.nics):
+            raise InvalidInput(
+                field="vm", reason=f"a NIC of domain '{name}' is on no network or bridge"
+            )
+        vm = Vm(
+            name=name, site=site.name, host=host, os=OsType.LINUX,
+            disks=tuple(
+                DiskDef(f"d{i}", domain.disk_capacity(d.target) or 0, d.bus)
+                for i, d in enumerate(spec.disks)
+            ),
+            nics=tuple(str(n.switch) for n in spec.nics),
+            nic_models=tuple(n.model or "virtio" for n in spec.nics),
+            cpus=spec.vcpus, memory_mib=spec.memory // MiB, workload=self._is_lab_guest(spec),
+        )  # fmt: skip
+        vm_dir = self._vm_dir(site, vm)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "domain": name,
+            "disks": {
+                f"d{i}": {"path": str(d.path), "target": d.target} for i, d in enumerate(spec.disks)
+            },
+        }
+        write_private(vm_dir / ADOPTED_FILE, (json.dumps(record, indent=2) + "\n").encode())
+        (vm_dir / "vm.json").write_text(json.dumps(vm.to_dict(), indent=2) + "\n")
+        return vm
+
+    def _is_lab_guest(self, spec: DomainSpec) -> bool:
+        """Whether the domain boots the lab guest's kernel (its init runs the
+        journal workload: a lab VM, whose copies boot it too)."""
+        if spec.boot is None:
+            return False
+        try:
+            image = self._guest_image()
+        except GuestError:
+            return False
+        return Path(spec.boot.kernel) == Path(image.kernel)
 
     def reads_through(self, site: Site, vm: Vm) -> set[Path]:
         found: set[Path] = set()
@@ -363,9 +430,10 @@ class LibvirtHypervisor:
             image = self._guest_image()
             rate = float(os.environ.get("SITERECOVERY_WORKLOAD_RATE", "20"))
             boot = DirectBoot(image.kernel, image.initramfs, image.cmdline(rate=rate))
+        buses = {d.name: d.bus for d in vm.disks}
         disks = tuple(
-            DiskSpec(target, self.disk_path(site, vm, disk))
-            for disk, target in self._targets(vm).items()
+            DiskSpec(target, self.disk_path(site, vm, disk), buses[disk])
+            for disk, target in self._targets(site, vm).items()
         )
         return DomainSpec(
             name=vm.name, vcpus=vm.cpus, memory=vm.memory_mib * MiB, disks=disks, nics=nics,
@@ -394,15 +462,32 @@ class LibvirtHypervisor:
         missing = [switch for switch in vm.nics if switch not in networks]
         if missing:
             raise SwitchMissing(host=vm.host, switch=missing[0], vm=vm.name)
-        return tuple(NicSpec(None, networks[switch]) for switch in vm.nics)
+        models = list(vm.nic_models) + ["virtio"] * (len(vm.nics) - len(vm.nic_models))
+        return tuple(
+            NicSpec(None, networks[switch], model)
+            for switch, model in zip(vm.nics, models, strict=False)
+        )
 
     def _images(self, site: Site, vm: Vm) -> dict[str, Path]:
         """Guest device -> image of each disk, in the VM's order."""
-        return {t: self.disk_path(site, vm, disk) for disk, t in self._targets(vm).items()}
+        return {t: self.disk_path(site, vm, disk) for disk, t in self._targets(site, vm).items()}
 
-    def _targets(self, vm: Vm) -> dict[str, str]:
-        """Disk name -> guest device (vda, vdb...), in the VM's order."""
-        return {disk.name: _target(index) for index, disk in enumerate(vm.disks)}
+    def _targets(self, site: Site, vm: Vm) -> dict[str, str]:
+        """Disk name -> guest device (vda, vdb... ; an adopted domain's own), in
+        the VM's order."""
+        adopted = self._adopted(site, vm)
+        return {
+            disk.name: adopted[disk.name]["target"] if disk.name in adopted else _target(index)
+            for index, disk in enumerate(vm.disks)
+        }
+
+    def _adopted(self, site: Site, vm: Vm) -> dict[str, dict[str, str]]:
+        """An adopted domain's disks where they were (``adopted.json``), {} for ours."""
+        try:
+            doc = json.loads((self._vm_dir(site, vm) / ADOPTED_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        return {str(k): dict(v) for k, v in doc["disks"].items()}
 
     def _is_ours(self, site: Site, vm: Vm, domain: Domain) -> bool:
         """Whether the domain's disks are this VM's images (else a domain of the
