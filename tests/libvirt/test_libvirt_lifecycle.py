@@ -13,6 +13,7 @@ with every record the cloud guest acknowledged.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -223,3 +224,42 @@ def test_a_domain_on_a_raw_disk_is_refused_and_nothing_is_recorded(
     assert "qemu-img convert" in error["message"]
     assert "raw01" not in {v["name"] for v in engine.call("GET", "/vms")}
     assert "raw01" not in {i["vm"] for i in engine.call("GET", "/items")}
+
+
+def test_a_crashed_domain_is_never_trusted_its_next_pass_is_a_checksum_pass(
+    engine: Daemon, two_libvirt_hosts: list[LibvirtHost]
+) -> None:
+    """qemu SIGKILLed under a running domain (a host crash): its bitmaps may
+    miss writes. After the restart the pass says why it cannot trust them and
+    compares checksums instead; the pass after that is tracked again; every
+    point is consistent."""
+    east = two_libvirt_hosts[0]
+    body = {"name": "app03", "host": "kvm01", "disks": ["64M"], "switch": "sr-lab"}
+    engine.call("POST", "/vms", json=body)
+    _seq_at_least(east, "app03", 5)
+    protect = {"vm": "app03", "to": "cloud", "interval": "1h"}
+    job(engine, engine.call("POST", "/items", json=protect))
+    tracked = engine.call("POST", "/items/app03/replicate", json={"app_consistent": True})
+    assert tracked["disks"]["d0"]["tracking"] == "bitmap", tracked
+
+    with connect(east) as conn:
+        pids = set(east.qemu_pids())
+        conn.domain("app03")  # still there
+    (pid,) = [p for p in pids if b"app03" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _domain_state(east, "app03") == "shutoff", "app03 crashed", 60.0)
+    engine.call("POST", "/vms/app03/start", params={"site": "onprem"})
+    _seq_at_least(east, "app03", 1)
+
+    after_crash = engine.call("POST", "/items/app03/replicate", json={"app_consistent": True})
+    disk = after_crash["disks"]["d0"]
+    assert disk["tracking"] in ("inconsistent-bitmap", "no-bitmap"), disk
+    assert disk["mode"] == "checksum", disk
+    assert disk["bytes_written"] < 32 << 20  # only the blocks that differ
+    again = engine.call("POST", "/items/app03/replicate", json={"app_consistent": True})
+    assert (again["disks"]["d0"]["tracking"], again["disks"]["d0"]["mode"]) == (
+        "bitmap", "tracked",
+    )  # fmt: skip
+    for point in engine.call("GET", "/items/app03/points"):
+        checked = engine.call("GET", "/vms/app03/check", params={"point": point["id"]})
+        assert checked["consistent"], (point, checked)
