@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -263,3 +264,28 @@ def test_a_crashed_domain_is_never_trusted_its_next_pass_is_a_checksum_pass(
     for point in engine.call("GET", "/items/app03/points"):
         checked = engine.call("GET", "/vms/app03/check", params={"point": point["id"]})
         assert checked["consistent"], (point, checked)
+
+
+def test_a_hyperv_disk_imports_to_a_libvirt_domain(
+    engine: Daemon, two_libvirt_hosts: list[LibvirtHost], tmp_path: Path
+) -> None:
+    """`vm import --disk FILE.vhdx` on a kvm host: a domain defined on that
+    host, shut off, whose disk reads exactly as the VHDX."""
+    east = two_libvirt_hosts[0]
+    raw = tmp_path / "hv.raw"
+    raw.write_bytes(os.urandom(4 << 20) + bytes(60 << 20))
+    vhdx = tmp_path / "hv.vhdx"
+    subprocess.run(["qemu-img", "convert", "-O", "vhdx", str(raw), str(vhdx)], check=True)
+    vm = engine.call(
+        "POST", "/vms/import",
+        json={"name": "hv01-imp", "host": "kvm01", "disks": [str(vhdx)], "switch": "sr-lab"},
+    )  # fmt: skip
+    assert (vm["host"], vm["power"], vm["disks"][0]["size"]) == ("kvm01", "stopped", 64 << 20)
+    with connect(east) as conn:
+        domain = conn.domain("hv01-imp")
+        assert domain.state() == "shutoff"
+        disk = parse_domain(domain.xml()).disks[0].path
+    assert disk is not None
+    converted = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(converted)], check=True)
+    assert converted.read_bytes() == raw.read_bytes()

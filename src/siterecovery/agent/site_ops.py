@@ -57,6 +57,10 @@ def register(ops: Operations, site: InProcessAgent, *, transfers: bool = True) -
         "power": lambda a: site.power(vm(a)).value,
         "add_host": lambda a: site.add_host(host_from_dict(a["host"])),
         "discover": lambda a: site.discover(host_from_dict(a["host"])),
+        "import_vm": lambda a: site.import_vm(vm(a), [str(f) for f in a["files"]]).to_dict(),
+        "export_point": lambda a: site.export_point(
+            PointRef.from_dict(a["point"]), str(a["fmt"]), str(a["to"])
+        ),
         "adopt_domain": lambda a: site.adopt_domain(host_from_dict(a["host"]), a["name"]).to_dict(),
         "start_vm": lambda a: site.start_vm(vm(a)),
         "stop_vm": lambda a: site.stop_vm(vm(a), timeout=float(a.get("timeout", 30.0))),

@@ -10,7 +10,7 @@ from pydantic import Field
 from siterecovery.api.deps import Ctx
 from siterecovery.api.models import Body, Size
 from siterecovery.domain.errors import InvalidInput
-from siterecovery.services import agents, inventory, lab, protection
+from siterecovery.services import agents, images, inventory, lab, protection
 
 router = APIRouter()
 
@@ -129,6 +129,23 @@ def delete_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
 @router.post("/vms/{name}/start")
 def start_vm(ctx: Ctx, name: str, site: str | None = None) -> dict[str, Any]:
     return inventory.start_vm(ctx, name=name, site=site)
+
+
+class ImportIn(Body):
+    name: str
+    host: str
+    disks: list[str]
+    """Images at the host's site: VHDX, VHD, VMDK, qcow2 or raw."""
+    switch: str | None = None
+    os: str = "linux"
+    cpus: int = 1
+    memory_mib: int = 512
+
+
+@router.post("/vms/import", status_code=201)
+def import_vm(ctx: Ctx, body: ImportIn) -> dict[str, Any]:
+    """A new VM from another hypervisor's disk images (converted at its site)."""
+    return images.import_vm(ctx, **body.model_dump())
 
 
 @router.post("/vms/{name}/adopt", status_code=201)

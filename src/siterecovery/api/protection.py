@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from siterecovery.api.deps import Ctx, Runtime
 from siterecovery.api.models import Body, Duration, Size
 from siterecovery.replication.scheduler import replicate_now
-from siterecovery.services import jobs, protection
+from siterecovery.services import images, jobs, protection
 
 router = APIRouter()
 
@@ -99,6 +99,18 @@ def replicate(ctx: Ctx, vm: str, body: ReplicateIn | None = None) -> dict[str, A
 @router.get("/items/{vm}/points")
 def points(ctx: Ctx, vm: str) -> list[dict[str, Any]]:
     return protection.list_points(ctx, vm=vm)
+
+
+class ExportIn(Body):
+    format: str
+    """raw, qcow2, vhdx, vpc (VHD), vmdk or vmdk-stream (streamOptimized)."""
+    to: str
+    """An absolute path at the point's site, not there yet."""
+
+
+@router.post("/items/{vm}/points/{point}/export", status_code=201)
+def export_point(ctx: Ctx, vm: str, point: str, body: ExportIn) -> dict[str, Any]:
+    return images.export_point(ctx, vm=vm, point=point, fmt=body.format, to=body.to)
 
 
 @router.get("/jobs")

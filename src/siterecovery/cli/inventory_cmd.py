@@ -243,6 +243,34 @@ def vm_list(
         session.emit(session.client.get("/vms", site=site, host=host), render.vms)
 
 
+@vm_app.command("import")
+def vm_import(
+    ctx: typer.Context,
+    name: NameArg,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Host that will run it.")],
+    disks: Annotated[
+        list[str],
+        typer.Option(
+            "--disk",
+            metavar="FILE",
+            help="An image at the host's site: .vhdx, .vhd, .vmdk, .qcow2 or raw (repeatable).",
+        ),
+    ],
+    switch: Annotated[
+        str | None, typer.Option("--switch", metavar="NAME", help="Its NIC's switch.")
+    ] = None,
+    cpus: Annotated[int, typer.Option("--cpus", help="vCPUs.")] = 1,
+    memory: Annotated[int, typer.Option("--memory-mib", help="Memory in MiB.")] = 512,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make a VM of a Hyper-V or VMware VM's disks (converted with qemu-img)."""
+    body = {"name": name, "host": host, "disks": disks, "switch": switch, "cpus": cpus,
+            "memory_mib": memory}  # fmt: skip
+    with Session.of(ctx, vault, json_out) as session:
+        session.emit(session.client.post("/vms/import", body), render.vm)
+
+
 @vm_app.command("adopt")
 def vm_adopt(
     ctx: typer.Context,

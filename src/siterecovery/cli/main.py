@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "item": ("protection_cmd", "item_app", True),
     "disable": ("protection_cmd", "disable", False),
     "points": ("protection_cmd", "list_points", False),
+    "point": ("protection_cmd", "point_app", True),
     "failover": ("failover_cmd", "failover", False),
     "complete": ("failover_cmd", "complete", False),
     "commit": ("failover_cmd", "commit", False),

@@ -207,3 +207,32 @@ def list_points(
     """List the retained recovery points of a protected VM, oldest first."""
     with Session.of(ctx, vault, json_out) as session:
         session.emit(session.client.get(f"/items/{segment(vm)}/points"), render.points)
+
+
+point_app = typer.Typer(help="Export a recovery point.", no_args_is_help=True)
+
+
+@point_app.command("export")
+def export_point(
+    ctx: typer.Context,
+    vm: VmArg,
+    point: Annotated[str, typer.Argument(metavar="POINT", help="Point id (`points VM`).")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="raw, qcow2, vhdx, vpc (VHD), vmdk or vmdk-stream (streamOptimized).",
+        ),
+    ],
+    to: Annotated[
+        str, typer.Option("--to", metavar="FILE", help="A new file at the point's site.")
+    ],
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a recovery point's disks in another hypervisor's format."""
+    body = {"format": fmt, "to": to}
+    with Session.of(ctx, vault, json_out) as session:
+        answer = session.client.post(f"/items/{segment(vm)}/points/{segment(point)}/export", body)
+        session.emit(answer, render.exported)

@@ -316,6 +316,20 @@ hosts = lister(HOST_COLUMNS, "Hosts", "no hosts; add one with `siterecovery host
 vms = lister(VM_COLUMNS, "VMs", "no VMs; create one with `siterecovery vm create`")
 items = lister(ITEM_COLUMNS, "Replicated items", "no replicated items; `siterecovery protect`")
 points = lister(POINT_COLUMNS, "Recovery points", "no recovery points yet")
+EXPORT_COLUMNS: list[Column] = [
+    ("DISK", key("disk")),
+    ("FORMAT", key("format")),
+    ("FILE", key("path")),
+    ("BYTES", key("bytes")),
+]
+
+
+def exported(doc: Any) -> None:
+    """A point export: one row per file written at the point's site."""
+    title = f"point {doc.get('point')} of {doc.get('vm')} at site {doc.get('site')}"
+    print_all(table(doc.get("files") or [], EXPORT_COLUMNS, title=title))
+
+
 jobs = lister(JOB_COLUMNS, "Jobs", "no jobs")
 site = shower(SITE_COLUMNS[1:], lambda d: f"site {d.get('name')}")
 host = shower(HOST_COLUMNS, lambda d: f"host {d.get('name')}")

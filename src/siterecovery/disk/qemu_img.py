@@ -165,6 +165,10 @@ def map_allocated(path: Path) -> list[Extent]:
     return extents
 
 
-def convert(src: Path, dst: Path, *, src_fmt: str, dst_fmt: str) -> None:
-    """Copy ``src`` into a new image ``dst`` of format ``dst_fmt`` (sparse)."""
-    _run("convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst))
+def convert(
+    src: Path, dst: Path, *, src_fmt: str, dst_fmt: str, options: tuple[str, ...] = ()
+) -> None:
+    """Copy ``src`` (with its backing chain) into a new image ``dst`` of format
+    ``dst_fmt`` (sparse); ``options`` are the format's ``-o`` options."""
+    extra = ["-o", ",".join(options)] if options else []
+    _run("convert", "-f", src_fmt, "-O", dst_fmt, *extra, str(src), str(dst))

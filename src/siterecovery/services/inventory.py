@@ -233,14 +233,14 @@ def _new_vm(
         name=name,
         site=owner.site,
         host=owner.name,
-        os=_os(os),
+        os=os_type(os),
         disks=tuple(DiskDef(name=f"d{i}", size=s) for i, s in enumerate(sizes)),
         nics=(nic,) if nic else (),
         workload=workload,
     )
 
 
-def _os(value: str) -> OsType:
+def os_type(value: str) -> OsType:
     try:
         return OsType(value)
     except ValueError:

@@ -314,6 +314,19 @@ class SiteAgent(Protocol):
         or not ([] for a host whose VMs only the vault knows)."""
         ...
 
+    def import_vm(self, vm: Vm, files: list[str]) -> Vm:
+        """A new VM ``vm`` (its ``disks`` left empty) whose disks are the images
+        ``files`` at the site (VHDX, VHD, VMDK, qcow2 or raw), converted into
+        its own; the VM with its disks. Every file is checked before anything
+        is written; a failure leaves no VM."""
+        ...
+
+    def export_point(self, point: PointRef, fmt: str, to: str) -> list[dict[str, Any]]:
+        """Write the point's image of each disk to ``to`` at the site (a disk
+        other than the first to ``to`` with ``-DISK`` before its suffix) in
+        format ``fmt``; each file appears only complete and none is replaced."""
+        ...
+
     def adopt_domain(self, host: Host, name: str) -> Vm:
         """Take in the domain ``name`` that the owner of the kvm ``host`` defined
         (its disks stay where they are); the VM to record. Idempotent."""

@@ -33,18 +33,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from siterecovery import __version__
 from siterecovery.agent.tls import client_context
+from siterecovery.disk import formats, qemu_img
 from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.digest import block_digests, disk_digest, integrity_proof
 from siterecovery.disk.tracking import BitmapState, ChangeTracker, DiskAccess, View
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice, TokenBucket, default_burst
-from siterecovery.domain.errors import DiskError, InternalError
-from siterecovery.domain.model import Host, Site, Vm, VmPower
+from siterecovery.domain.errors import AlreadyExists, DiskError, InternalError
+from siterecovery.domain.model import DiskDef, Host, Site, Vm, VmPower
 from siterecovery.keys import SecretKey
 from siterecovery.providers import hosts
 from siterecovery.providers.base import GuestAgent, Provider
@@ -182,6 +184,43 @@ class InProcessAgent:
 
     def adopt_domain(self, host: Host, name: str) -> Vm:
         return self.vms.adopt(self.site, host.name, name)
+
+    def import_vm(self, vm: Vm, files: list[str]) -> Vm:
+        sources = [(Path(f), formats.detect(Path(f))) for f in files]
+        sized = replace(vm, disks=tuple(
+            DiskDef(f"d{i}", qemu_img.virtual_size(path)) for i, (path, _) in enumerate(sources)
+        ))  # fmt: skip
+        targets = [self.vms.disk_image(self.site, sized, d.name) for d in sized.disks]
+        taken = [t for t in targets if t.exists()]
+        if taken:
+            raise AlreadyExists(kind="VM disk", name=str(taken[0]))
+        try:
+            for (path, fmt), target in zip(sources, targets, strict=True):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                formats.write_image(path, fmt, target.absolute(), formats.EXPORTS["qcow2"])
+            self.vms.create_vm(self.site, sized)
+        except BaseException:
+            self.vms.delete_vm(self.site, sized)
+            raise
+        return sized
+
+    def export_point(self, point: PointRef, fmt: str, to: str) -> list[dict[str, Any]]:
+        chosen = formats.export_format(fmt)
+        disks = sorted(point.files.items())
+        first = Path(to)
+        paths = [
+            first if i == 0 else first.with_name(f"{first.stem}-{disk}{first.suffix}")
+            for i, (disk, _) in enumerate(disks)
+        ]
+        for path in paths:
+            formats.check_new(path)
+        written = []
+        for (disk, name), path in zip(disks, paths, strict=True):
+            image = self.replicas.point_image(self.site, point.item, disk, name)
+            formats.write_image(image, "qcow2", path, chosen)
+            written.append({"disk": disk, "path": str(path), "format": fmt,
+                            "bytes": path.stat().st_blocks * 512})  # fmt: skip
+        return written
 
     def adopt_vm(self, vm: Vm, item: str, seq: int) -> None:
         self.vms.stop_vm(self.site, vm)

@@ -97,6 +97,13 @@ class RemoteAgent:
     def discover(self, host: Host) -> list[dict[str, Any]]:
         return [dict(d) for d in self._call("discover", host=host.to_dict())]
 
+    def import_vm(self, vm: Vm, files: list[str]) -> Vm:
+        return vm_from_dict(self._call("import_vm", vm=vm_to_dict(vm), files=files))
+
+    def export_point(self, point: PointRef, fmt: str, to: str) -> list[dict[str, Any]]:
+        found = self._call("export_point", point=point.to_dict(), fmt=fmt, to=to)
+        return [dict(f) for f in found]
+
     def adopt_domain(self, host: Host, name: str) -> Vm:
         return vm_from_dict(self._call("adopt_domain", host=host.to_dict(), name=name))
 
