@@ -28,7 +28,7 @@ from siterecovery.providers.libvirt.guest_image import GuestImage, detect_accel
 
 from ..conftest import Daemon
 from ..failover.support import item, job, step
-from .libvirtd import LibvirtHost
+from .libvirtd import LibvirtHost, running_hosts
 from .support import AGENT_TIMEOUT, connect, ensure_lab_network, lab_domain, wait_until
 
 pytestmark = pytest.mark.guest
@@ -44,6 +44,8 @@ def engine(
     for host in two_libvirt_hosts:
         with connect(host) as conn:
             ensure_lab_network(conn)
+    with connect(two_libvirt_hosts[1]) as conn:  # the drills' isolated network
+        conn.define_network("<network><name>sr-drill</name><bridge name='srdrill0'/></network>")
     virt_type = "kvm" if detect_accel(guest_image) == "kvm" else "qemu"
     daemon = Daemon(tmp_path_factory.mktemp("lifecycle") / "vault")
     daemon.start(lab=True, env={"SITERECOVERY_LIBVIRT_VIRT_TYPE": virt_type})
@@ -289,3 +291,80 @@ def test_a_hyperv_disk_imports_to_a_libvirt_domain(
     converted = tmp_path / "back.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(converted)], check=True)
     assert converted.read_bytes() == raw.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def north(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtHost]:
+    """A third private libvirtd: the alternate host at site onprem."""
+    with running_hosts(tmp_path_factory.mktemp("lv3"), ["north"]) as (host,):
+        with connect(host) as conn:
+            ensure_lab_network(conn)
+        yield host
+
+
+def test_drill_change_point_and_a_full_failback_to_a_new_domain_on_another_host(
+    engine: Daemon, two_libvirt_hosts: list[LibvirtHost], north: LibvirtHost
+) -> None:
+    """The rest of the lifecycle on libvirt: a drill on an isolated network while
+    replication goes on, an unplanned failover to an older point changed to the
+    latest before commit, and, the original VM lost, a full failback that
+    defines a new domain on another host (--create-vm), then reprotect."""
+    east, west = two_libvirt_hosts
+    engine.call("POST", "/hosts", json={"site": "onprem", "name": "kvm03", "uri": north.uri})
+    body = {"name": "app04", "host": "kvm01", "disks": ["64M"], "switch": "sr-lab"}
+    engine.call("POST", "/vms", json=body)
+    _seq_at_least(east, "app04", 5)
+    protect = {"vm": "app04", "to": "cloud", "interval": "1h"}
+    job(engine, engine.call("POST", "/items", json=protect))
+    older = engine.call("POST", "/items/app04/replicate", json={"app_consistent": True})["point"]
+
+    drill = job(engine, engine.call("POST", "/items/app04/failover",
+                                    json={"type": "test", "switch": "sr-drill"}))  # fmt: skip
+    assert drill["result"]["drill"]["vm"] == "app04-test"
+    with connect(west) as conn:
+        test_vm = parse_domain(conn.domain("app04-test").xml())
+    assert [n.switch for n in test_vm.nics] == ["sr-drill"]
+    _seq_at_least(west, "app04-test", older["workload_seq"] + 5)  # the drill's guest runs
+    _seq_at_least(east, "app04", older["workload_seq"] + 10)
+    latest = engine.call("POST", "/items/app04/replicate", json={"app_consistent": True})["point"]
+    assert latest["seq"] > older["seq"]  # replication went on during the drill
+    job(engine, engine.call("POST", "/items/app04/cleanup-test"))
+    with connect(west) as conn:
+        assert "app04-test" not in {d.name for d in conn.domains()}
+
+    to_older = {"type": "unplanned", "point": older["id"], "host": "kvm02"}
+    job(engine, engine.call("POST", "/items/app04/failover", json=to_older))
+    assert _seq_at_least(west, "app04", older["workload_seq"] + 1) > older["workload_seq"]
+    to_latest = {**to_older, "point": latest["id"]}
+    changed = job(engine, engine.call("POST", "/items/app04/failover", json=to_latest))
+    assert item(engine, "app04")["failover"]["point"] == latest["id"]
+    assert step(changed, "remove-previous-failover")["deleted"] == "app04@cloud"
+    _seq_at_least(west, "app04", latest["workload_seq"] + 5)
+    job(engine, engine.call("POST", "/items/app04/commit", json={}))
+
+    engine.call("DELETE", "/vms/app04", params={"site": "onprem"})  # the original is lost
+    with connect(east) as conn:
+        assert "app04" not in {d.name for d in conn.domains()}
+    back = {"type": "planned", "sync": "full", "host": "kvm03", "create_vm": True}
+    done = job(engine, engine.call("POST", "/items/app04/failover", json=back))
+    assert step(done, "prepare-target")["created"] is True
+    assert done["result"]["integrity"]["equal"] is True
+    last = step(done, "stop-source")["acknowledged_seq"]
+    assert _domain_state(north, "app04") == "running"
+    assert _seq_at_least(north, "app04", last + 1) > last
+    live = engine.call("GET", "/vms/app04/check", params={"site": "onprem"})
+    assert live["consistent"] and live["last_seq"] >= last, live
+    job(engine, engine.call("POST", "/items/app04/commit", json={}))
+    with connect(west) as conn:
+        assert "app04" not in {d.name for d in conn.domains()}  # commit undefined it
+    reprotected = job(engine, engine.call("POST", "/items/app04/reprotect", json={}))
+    assert item(engine, "app04")["state"] == "protected", reprotected
+    report = engine.call("POST", "/items/app04/replicate", json={"app_consistent": True})
+    assert report["disks"]["d0"]["tracking"] == "bitmap", report
+
+    # A host that stops answering hides no other VM from the list.
+    north.stop()
+    listed = {(v["name"], v["site"]): v for v in engine.call("GET", "/vms")}
+    lost = listed[("app04", "onprem")]
+    assert (lost["power"], lost["unreachable"]["code"]) == ("unknown", "HYPERVISOR_ERROR")
+    assert listed[("web01", "onprem")]["power"] == "running"  # a lab VM on a local host

@@ -42,16 +42,29 @@ from siterecovery.sites.base import Image, PointRef
 
 
 def _create_on_point(
-    ctx: Context, vm: str, at: str, point_id: str, host: str, *, name: str, checkpoint: str
+    ctx: Context,
+    vm: str,
+    at: str,
+    point_id: str,
+    host: str,
+    *,
+    name: str,
+    checkpoint: str,
+    switch: str | None = None,
 ) -> Vm:
-    """A VM at site ``at`` whose disks are overlays on the point's chain files."""
+    """A VM at site ``at`` whose disks are overlays on the point's chain files;
+    with ``switch``, its one NIC is there and nowhere else (a drill's isolated
+    network: the copy is made on it, never on the production one)."""
     existing = vm_at(ctx, name, at)
     if existing is not None:
         return existing
     source = next((v for v in ctx.store.find_vms(name=vm) if v.site != at), None)
     if source is None:
         raise VmNotFound(name=vm, site=None)
-    created = Vm(**{**vm_fields(source), "name": name, "site": at, "host": host})
+    fields = {**vm_fields(source), "name": name, "site": at, "host": host}
+    if switch is not None:
+        fields.update(nics=(switch,), nic_models=source.nic_models[:1])
+    created = Vm(**fields)
     point = find_point(ctx, vm=vm, point_id=point_id)
     ctx.site(at).create_vm(created, point=PointRef(vm, point.files), checkpoint=checkpoint)
     ctx.store.add_vm(vm=created)
@@ -291,11 +304,9 @@ def _drill_vm(job_id: str, vm: str, point: str, host: str, switch: str) -> dict[
     name = f"{vm}-test"
     drill = DrillState(vm=name, site=item.standby_site, point=point, job=job_id)
     ctx.store.update_item_tracking(vm=vm, change=lambda t: replace(t, pinned=(point,), drill=drill))
-    made = _create_on_point(ctx, vm, item.standby_site, point, host, name=name, checkpoint="drill")
-    if made.nics != (switch,):
-        ctx.store.delete_vm(name=made.name, site=made.site)
-        made = Vm(**{**vm_fields(made), "nics": (switch,)})
-        ctx.store.add_vm(vm=made)
+    made = _create_on_point(
+        ctx, vm, item.standby_site, point, host, name=name, checkpoint="drill", switch=switch
+    )
     return {**made.to_dict(), "at": began}
 
 

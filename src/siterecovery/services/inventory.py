@@ -16,6 +16,7 @@ from siterecovery.context import AGENT_PROVIDER, Context
 from siterecovery.domain.errors import (
     AgentUnreachable,
     AlreadyExists,
+    HypervisorError,
     InvalidInput,
     SitePathRefused,
     VmBusy,
@@ -334,12 +335,13 @@ def _vault_vms(ctx: Context, site: str | None) -> list[dict[str, Any]]:
             continue
         try:
             views.append(vm_view(ctx, vm))
-        except AgentUnreachable as e:
+        except (AgentUnreachable, HypervisorError) as e:
+            # Its site's agent, or its host's hypervisor, does not answer.
             views.append(_unknown(vm, e))
     return views
 
 
-def _unknown(vm: Vm, error: AgentUnreachable) -> dict[str, Any]:
+def _unknown(vm: Vm, error: AgentUnreachable | HypervisorError) -> dict[str, Any]:
     return {**vm.to_dict(), "power": "unknown", "guest": {}, "unreachable": error.to_dict()}
 
 
