@@ -31,7 +31,9 @@ test-netns: install
 
 # Real Linux guests (tests/libvirt, marker guest): the lab guest built from
 # Debian packages (apt-get download; cached in ~/.cache/siterecovery/guest) and
-# booted under TCG; ~2 min on 2 cores, ~30 s more for a cold build.
+# booted under TCG in private libvirtd hosts: the building blocks, the tracking
+# contract, the hypervisor and the lifecycle through the engine on kvm hosts;
+# ~10 min on 2 cores, ~30 s more for a cold build.
 test-guest: install
 	$(VENV)/pytest -q -m guest tests/libvirt
 

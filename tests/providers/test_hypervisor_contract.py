@@ -1,7 +1,9 @@
 """The Hypervisor contract, run against every implementation.
 
-Every hypervisor (``params`` of the ``vms`` fixture: the local one today —
-qemu-storage-daemon VMs —, libvirt next) must pass the same tests, with
+Every hypervisor (``params`` of the ``any_lab`` fixture: the local one —
+qemu-storage-daemon VMs — and libvirt, marker ``guest``; the ``lab``
+fixture's tests write into a running VM's disks from outside, which only the
+local one allows) must pass the same tests, with
 bytes checked by digests: a new VM's disks read as zeroes, or as exactly the
 point they are based on (which the VM's writes never change); what a running
 VM wrote is there after a clean stop; a checkpoint tracks every write from
@@ -38,10 +40,9 @@ SIZE = 8 * MiB
 class Lab:
     """One implementation under test: its hypervisor, replica store and site."""
 
-    def __init__(self, provider: LocalProvider, site: Site) -> None:
-        self.provider = provider
-        self.vms: Hypervisor = provider.hypervisor
-        self.replicas: ReplicaStore = provider.replicas
+    def __init__(self, vms: Hypervisor, replicas: ReplicaStore, site: Site) -> None:
+        self.vms = vms
+        self.replicas = replicas
         self.site = site
 
     def digests(self, vm: Vm) -> dict[str, str]:
@@ -69,16 +70,51 @@ class Lab:
         _wait_gone(daemon.pid)
 
 
-@pytest.fixture(params=["local"])
-def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+@pytest.fixture(scope="module")
+def kvm_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private libvirtd with a network ``lan`` (tests/libvirt/libvirtd.py)."""
+    from tests.libvirt.libvirtd import running_hosts, skip_unless_libvirt
+    from tests.libvirt.support import connect
+
+    skip_unless_libvirt()
+    with running_hosts(tmp_path_factory.mktemp("lvc"), ["contract"]) as (host,):
+        with connect(host) as conn:
+            conn.define_network("<network><name>lan</name><bridge name='srlan0'/></network>")
+        yield host.uri
+
+
+def _lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
     site = Site(name="hv", provider="local", path=str(tmp_path / "site"), role=SiteRole.CLOUD)
     provider = LocalProvider()
     provider.prepare_site(site)
-    made = Lab(provider, site)
+    vms: Hypervisor = provider.hypervisor
+    if request.param == "libvirt":
+        # hv01 is a kvm host of the site: the router sends its VMs to libvirt.
+        from siterecovery.providers.hosts import HostBook, HostEntry, HostRouter
+        from siterecovery.providers.libvirt.guest_image import build_guest, detect_accel
+        from siterecovery.providers.libvirt.hypervisor import LibvirtHypervisor
+
+        HostBook(site.path).put(HostEntry("hv01", "kvm", request.getfixturevalue("kvm_uri")))
+        virt = "kvm" if detect_accel(build_guest()) == "kvm" else "qemu"
+        vms = HostRouter(provider.hypervisor, libvirt=lambda: LibvirtHypervisor(virt_type=virt))
+    made = Lab(vms, provider.replicas, site)
     yield made
     for vm_dir in (tmp_path / "site" / "vms").glob("*"):
-        name = vm_dir.name
-        made.vms.delete_vm(site, _vm(name))
+        made.vms.delete_vm(site, _vm(vm_dir.name))
+
+
+@pytest.fixture(params=["local"])
+def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+    """The implementations whose running VMs' disks a test may write into from
+    outside (libvirt's are the guest's own: tests/libvirt/test_libvirt_hypervisor.py
+    proves the same with the guest's writes)."""
+    yield from _lab(request, tmp_path)
+
+
+@pytest.fixture(params=["local", pytest.param("libvirt", marks=pytest.mark.guest)])
+def any_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+    """Every implementation (libvirt: a private libvirtd, the lab guest under TCG)."""
+    yield from _lab(request, tmp_path)
 
 
 def _vm(name: str, *, disks: int = 1, workload: bool = False, size: int = SIZE) -> Vm:
@@ -99,14 +135,14 @@ def _reference(tmp_path: Path, writes: list[tuple[int, bytes]], name: str = "ref
 
 
 def test_a_new_vm_is_stopped_with_blank_disks_and_create_is_idempotent(
-    lab: Lab, tmp_path: Path
+    any_lab: Lab, tmp_path: Path
 ) -> None:
     vm = _vm("a", disks=2)
-    lab.vms.create_vm(lab.site, vm)
-    lab.vms.create_vm(lab.site, vm)
-    assert lab.vms.power(lab.site, vm) is VmPower.STOPPED
+    any_lab.vms.create_vm(any_lab.site, vm)
+    any_lab.vms.create_vm(any_lab.site, vm)
+    assert any_lab.vms.power(any_lab.site, vm) is VmPower.STOPPED
     blank = _reference(tmp_path, [])
-    assert lab.digests(vm) == {"d0": blank, "d1": blank}
+    assert any_lab.digests(vm) == {"d0": blank, "d1": blank}
 
 
 def test_what_a_running_vm_wrote_is_there_after_a_clean_stop(lab: Lab, tmp_path: Path) -> None:
@@ -175,45 +211,47 @@ def test_a_checkpoint_is_consistent_after_a_clean_stop_never_after_a_crash(lab: 
 
 
 def test_an_inconsistent_vm_refuses_to_start_and_replaced_disks_are_blank(
-    lab: Lab, tmp_path: Path
+    any_lab: Lab, tmp_path: Path
 ) -> None:
     vm = _vm("e")
-    lab.vms.create_vm(lab.site, vm)
-    lab.write(vm, "d0", 0, os.urandom(MiB))
-    lab.vms.set_inconsistent(lab.site, vm, True)
-    assert lab.vms.is_inconsistent(lab.site, vm)
-    assert lab.vms.power(lab.site, vm) is VmPower.INCONSISTENT
+    any_lab.vms.create_vm(any_lab.site, vm)
+    any_lab.write(vm, "d0", 0, os.urandom(MiB))
+    any_lab.vms.set_inconsistent(any_lab.site, vm, True)
+    assert any_lab.vms.is_inconsistent(any_lab.site, vm)
+    assert any_lab.vms.power(any_lab.site, vm) is VmPower.INCONSISTENT
     with pytest.raises(VmInconsistent):
-        lab.vms.start_vm(lab.site, vm)
-    lab.vms.replace_disks(lab.site, vm)
-    assert lab.digests(vm) == {"d0": _reference(tmp_path, [])}
-    lab.vms.set_inconsistent(lab.site, vm, False)
-    lab.vms.start_vm(lab.site, vm)
-    assert lab.vms.power(lab.site, vm) is VmPower.RUNNING
+        any_lab.vms.start_vm(any_lab.site, vm)
+    any_lab.vms.replace_disks(any_lab.site, vm)
+    assert any_lab.digests(vm) == {"d0": _reference(tmp_path, [])}
+    any_lab.vms.set_inconsistent(any_lab.site, vm, False)
+    any_lab.vms.start_vm(any_lab.site, vm)
+    assert any_lab.vms.power(any_lab.site, vm) is VmPower.RUNNING
 
 
-def test_adopted_disks_become_a_point_and_delete_is_idempotent(lab: Lab, tmp_path: Path) -> None:
+def test_adopted_disks_become_a_point_and_delete_is_idempotent(
+    any_lab: Lab, tmp_path: Path
+) -> None:
     vm = _vm("f")
-    lab.vms.create_vm(lab.site, vm)
+    any_lab.vms.create_vm(any_lab.site, vm)
     data = (4 * MiB, os.urandom(MiB))
-    lab.write(vm, "d0", *data)
-    image = lab.vms.disk_image(lab.site, vm, "d0")
-    lab.vms.stop_vm(lab.site, vm)
-    name = lab.replicas.adopt(lab.site, "f", "d0", 5, image)
-    assert lab.replicas.adopt(lab.site, "f", "d0", 5, image) == name  # idempotent
-    lab.vms.delete_vm(lab.site, vm)
-    lab.vms.delete_vm(lab.site, vm)
-    assert lab.replicas.chain(lab.site, "f", "d0") == [name]
-    with lab.replicas.open_point(lab.site, "f", "d0", name) as device:
+    any_lab.write(vm, "d0", *data)
+    image = any_lab.vms.disk_image(any_lab.site, vm, "d0")
+    any_lab.vms.stop_vm(any_lab.site, vm)
+    name = any_lab.replicas.adopt(any_lab.site, "f", "d0", 5, image)
+    assert any_lab.replicas.adopt(any_lab.site, "f", "d0", 5, image) == name  # idempotent
+    any_lab.vms.delete_vm(any_lab.site, vm)
+    any_lab.vms.delete_vm(any_lab.site, vm)
+    assert any_lab.replicas.chain(any_lab.site, "f", "d0") == [name]
+    with any_lab.replicas.open_point(any_lab.site, "f", "d0", name) as device:
         assert disk_digest(device) == _reference(tmp_path, [data])
 
 
-def test_the_guest_agent_quiesces_and_reports_its_last_record(lab: Lab) -> None:
+def test_the_guest_agent_quiesces_and_reports_its_last_record(any_lab: Lab) -> None:
     vm = _vm("g", workload=True, size=64 * MiB)  # room for the guest's journal
-    lab.vms.create_vm(lab.site, vm)
-    assert lab.vms.guest(lab.site, vm) is None  # stopped: no guest to talk to
-    lab.vms.start_vm(lab.site, vm)
-    guest = lab.vms.guest(lab.site, vm)
+    any_lab.vms.create_vm(any_lab.site, vm)
+    assert any_lab.vms.guest(any_lab.site, vm) is None  # stopped: no guest to talk to
+    any_lab.vms.start_vm(any_lab.site, vm)
+    guest = any_lab.vms.guest(any_lab.site, vm)
     assert guest is not None
     seq = guest.quiesce(timeout=60.0)
     try:
@@ -223,8 +261,8 @@ def test_the_guest_agent_quiesces_and_reports_its_last_record(lab: Lab) -> None:
     finally:
         guest.thaw()
     guest.thaw()  # idempotent
-    lab.vms.stop_vm(lab.site, vm)
-    assert int(lab.vms.guest_state(lab.site, vm)["seq"]) >= seq
+    any_lab.vms.stop_vm(any_lab.site, vm)
+    assert int(any_lab.vms.guest_state(any_lab.site, vm)["seq"]) >= seq
 
 
 def _wait_gone(pid: int) -> None:
