@@ -27,14 +27,16 @@ import pytest
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.file import FileDevice, create_raw
 from siterecovery.disk.qsd import StorageDaemon
-from siterecovery.domain.errors import VmInconsistent
+from siterecovery.domain.errors import GuestError, VmInconsistent
 from siterecovery.domain.model import DiskDef, OsType, Site, SiteRole, Vm, VmPower
-from siterecovery.providers.base import Hypervisor
+from siterecovery.providers.base import GuestAgent, Hypervisor
 from siterecovery.providers.local.provider import LocalHypervisor, LocalProvider
 from siterecovery.providers.replicas import ReplicaStore
 
 MiB = 1 << 20
 SIZE = 8 * MiB
+BOOT_TIMEOUT = 180.0
+"""Seconds a guest may take to answer its agent after start (a loaded host)."""
 
 
 class Lab:
@@ -251,8 +253,9 @@ def test_the_guest_agent_quiesces_and_reports_its_last_record(any_lab: Lab) -> N
     any_lab.vms.create_vm(any_lab.site, vm)
     assert any_lab.vms.guest(any_lab.site, vm) is None  # stopped: no guest to talk to
     any_lab.vms.start_vm(any_lab.site, vm)
-    guest = any_lab.vms.guest(any_lab.site, vm)
-    assert guest is not None
+    # A real guest answers once it has booted (TCG: tens of seconds); until
+    # then it has no agent to talk to.
+    guest = _booted(any_lab, vm)
     seq = guest.quiesce(timeout=60.0)
     try:
         time.sleep(0.3)
@@ -263,6 +266,21 @@ def test_the_guest_agent_quiesces_and_reports_its_last_record(any_lab: Lab) -> N
     guest.thaw()  # idempotent
     any_lab.vms.stop_vm(any_lab.site, vm)
     assert int(any_lab.vms.guest_state(any_lab.site, vm)["seq"]) >= seq
+
+
+def _booted(lab: Lab, vm: Vm) -> GuestAgent:
+    """The guest agent once the guest's workload answers (a real guest boots
+    first: TCG takes tens of seconds; until then it has no agent, or one
+    whose workload is not up yet)."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        guest = lab.vms.guest(lab.site, vm)
+        if guest is not None:
+            with contextlib.suppress(GuestError):
+                if int(guest.status().get("seq", 0)) >= 1:
+                    return guest
+        assert time.monotonic() < deadline, "the guest's workload did not answer"
+        time.sleep(0.5)
 
 
 def _wait_gone(pid: int) -> None:

@@ -63,7 +63,7 @@ from siterecovery.domain.errors import (
     VmNotFound,
 )
 from siterecovery.domain.model import DiskDef, OsType, Site, Vm, VmPower
-from siterecovery.keys.master import write_private
+from siterecovery.keys.master import sync_dir, write_private
 from siterecovery.providers.hosts import HostBook
 from siterecovery.providers.libvirt.connection import Connection, Domain, connect
 from siterecovery.providers.libvirt.domains import (
@@ -413,7 +413,7 @@ class LibvirtHypervisor:
                 os.close(fd)
         else:
             marker.unlink(missing_ok=True)
-        _fsync_dir(marker.parent)
+        sync_dir(marker.parent)
 
     def close(self) -> None:
         """Close the cached connections. Idempotent."""
@@ -598,11 +598,3 @@ def _alive(conn: Connection) -> bool:
         return bool(conn.raw.isAlive())
     except libvirt.libvirtError:
         return False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
