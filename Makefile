@@ -35,7 +35,7 @@ test-netns: install
 # contract, the hypervisor and the lifecycle through the engine on kvm hosts;
 # ~10 min on 2 cores, ~30 s more for a cold build.
 test-guest: install
-	$(VENV)/pytest -q -m guest tests/libvirt
+	$(VENV)/pytest -q -m guest tests/libvirt tests/providers
 
 # The lifecycle state machine (tests/lifecycle) at the issue's bound: 20 sequences
 # of up to 12 steps on one daemon, ~7 min (`make test` runs 3 of up to 8).
