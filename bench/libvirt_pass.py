@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Daemon  # noqa: E402
+from tests.conftest import Daemon, shut_down  # noqa: E402
 from tests.libvirt.libvirtd import running_hosts  # noqa: E402
 from tests.libvirt.support import connect, ensure_lab_network, wait_until  # noqa: E402
 
@@ -178,7 +178,7 @@ def main() -> None:
                     if vm["host"] in ("kvm01", "kvm02"):
                         assert engine.client is not None
                         engine.client.delete(f"/vms/{vm['name']}", params={"site": vm["site"]})
-                engine.stop()
+                shut_down(engine)
     result = {"accel": virt, "rate": args.rate, "change_mib": args.change_mib,
               "1g": small, "16g": large, "ratio": large["seconds"] / small["seconds"],
               "failback": failback}  # fmt: skip

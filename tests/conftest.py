@@ -136,12 +136,18 @@ def daemon(vault: Path) -> Iterator[Daemon]:
     """A daemon with the lab up; VMs and daemon stopped afterwards."""
     running = Daemon(vault).start(lab=True)
     yield running
+    shut_down(running)
+
+
+def shut_down(running: Daemon) -> None:
+    """Stop a daemon started with the lab: its VMs (the lab's daemons and
+    workloads), then the daemon, also when it is gone already."""
     if running.process is not None and running.process.poll() is None:
         try:
             running.call("POST", "/lab/down")
         finally:
             running.stop()
-    _stop_vms(vault)
+    _stop_vms(running.vault)
 
 
 def _stop_vms(vault: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Daemon
+from ..conftest import Daemon, shut_down
 from .libvirtd import LibvirtHost
 
 DOMAIN_XML = """<domain type='qemu'>
@@ -65,7 +65,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     try:
         yield running
     finally:
-        running.stop()
+        shut_down(running)
 
 
 def _site_hosts(engine: Daemon, site: str) -> dict[str, object]:

@@ -26,7 +26,7 @@ import pytest
 from siterecovery.providers.libvirt.domains import DiskSpec, NicSpec, domain_xml, parse_domain
 from siterecovery.providers.libvirt.guest_image import GuestImage, detect_accel
 
-from ..conftest import Daemon
+from ..conftest import Daemon, shut_down
 from ..failover.support import item, job, step
 from .libvirtd import LibvirtHost, running_hosts
 from .support import AGENT_TIMEOUT, connect, ensure_lab_network, lab_domain, wait_until
@@ -55,10 +55,12 @@ def engine(
             daemon.call("POST", "/hosts", json={"site": site, "name": name, "uri": host.uri})
         yield daemon
     finally:
-        for vm in daemon.call("GET", "/vms"):
-            if vm["host"] in ("kvm01", "kvm02"):
-                daemon.client.delete(f"/vms/{vm['name']}", params={"site": vm["site"]})
-        daemon.stop()
+        try:
+            for vm in daemon.call("GET", "/vms"):
+                if vm["host"] in ("kvm01", "kvm02", "kvm03"):
+                    daemon.client.delete(f"/vms/{vm['name']}", params={"site": vm["site"]})
+        finally:
+            shut_down(daemon)
 
 
 def _status(host: LibvirtHost, name: str) -> dict[str, Any] | None:

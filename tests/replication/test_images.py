@@ -20,7 +20,7 @@ import pytest
 from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.file import FileDevice, create_raw
 
-from ..conftest import Daemon
+from ..conftest import Daemon, shut_down
 from ..failover.support import protect
 
 MiB = 1 << 20
@@ -33,7 +33,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     try:
         yield running
     finally:
-        running.stop()
+        shut_down(running)
 
 
 def _digest_as_raw(image: Path, fmt: str, work: Path) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from siterecovery.agent.local import LocalAgents
 from siterecovery.context import Context
+from siterecovery.domain.errors import AgentUnreachable, HypervisorError
 from siterecovery.domain.model import SiteRole
 from siterecovery.services import inventory
 from siterecovery.services.agents import add_agent_site
@@ -88,9 +89,15 @@ def _start_where_it_runs(ctx: Context, name: str) -> None:
 
 
 def lab_down(ctx: Context) -> dict[str, Any]:
-    """Stop every VM of every site cleanly (disks and vault are kept)."""
-    stopped = []
+    """Stop every VM of every site cleanly (disks and vault are kept). A VM whose
+    site or host does not answer is reported in ``failed`` with its error, and
+    the others are stopped all the same."""
+    stopped, failed = [], []
     for vm in ctx.store.find_vms():
-        ctx.site(vm.site).stop_vm(vm)
+        try:
+            ctx.site(vm.site).stop_vm(vm)
+        except (AgentUnreachable, HypervisorError) as e:
+            failed.append({"vm": f"{vm.name}@{vm.site}", "error": e.to_dict()})
+            continue
         stopped.append(f"{vm.name}@{vm.site}")
-    return {"stopped": stopped}
+    return {"stopped": stopped, "failed": failed}

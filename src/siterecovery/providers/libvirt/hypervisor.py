@@ -519,8 +519,8 @@ class LibvirtHypervisor:
             conn = self._connections.get(uri)
             if conn is not None and _alive(conn):
                 return conn
-            if conn is not None:
-                conn.close()
+            if conn is not None:  # dead: forgotten before a new one is tried
+                self._connections.pop(uri).close()
             conn = self._connections[uri] = connect(uri)
             return conn
 
@@ -594,6 +594,8 @@ def _final_seq(console: Path) -> int | None:
 
 
 def _alive(conn: Connection) -> bool:
+    if conn.raw is None:  # closed
+        return False
     try:
         return bool(conn.raw.isAlive())
     except libvirt.libvirtError:
