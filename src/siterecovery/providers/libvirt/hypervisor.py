@@ -31,7 +31,6 @@ stop are logged.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ from siterecovery.providers.libvirt.guest_agent import LibvirtGuestAgent, read_s
 from siterecovery.providers.libvirt.guest_image import GuestImage, build_guest
 from siterecovery.providers.libvirt.metadata import bitmap_flags, redefine_checkpoints
 from siterecovery.providers.libvirt.tracking import LibvirtDiskAccess
-from siterecovery.providers.local.access import QsdDiskAccess
+from siterecovery.providers.local.access import transient_access, vm_lock
 from siterecovery.providers.local.provider import run_dir
 
 log = logging.getLogger(__name__)
@@ -309,15 +308,12 @@ class LibvirtHypervisor:
         # Slow path: a transient qemu-storage-daemon on the images (or the one an
         # engine that died mid-access left), as the local provider's; libvirt's
         # checkpoint metadata is redefined from the bitmaps afterwards.
-        nodes = {d.name: d.name for d in vm.disks}
         with self._lock(site, vm):
-            transient = StorageDaemon.attach(self._access_run(site, vm))
-            if transient is None:
-                transient = StorageDaemon.start(self._access_run(site, vm), self._served(site, vm))
             try:
-                yield QsdDiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
+                with transient_access(self._access_run(site, vm), self._served(site, vm),
+                                      work_dir) as found:  # fmt: skip
+                    yield found
             finally:
-                transient.stop()
                 if domain is not None:
                     redefine_checkpoints(domain, self._images(site, vm))
 
@@ -548,16 +544,8 @@ class LibvirtHypervisor:
         if leftover is not None:
             leftover.stop()
 
-    @contextmanager
-    def _lock(self, site: Site, vm: Vm) -> Iterator[None]:
-        path = self._vm_dir(site, vm) / ".lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock(self, site: Site, vm: Vm) -> AbstractContextManager[None]:
+        return vm_lock(self._vm_dir(site, vm))
 
 
 def _target(index: int) -> str:

@@ -5,13 +5,16 @@ one), change tracking by its persistent dirty bitmaps and views by fleecing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import fcntl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.disk.checkpoints import Tracker, freeze_together
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qmp import QmpClient
+from siterecovery.disk.qsd import DiskSpec, StorageDaemon
 from siterecovery.disk.tracking import VIEW_PREFIX, ChangeTracker, View
 from siterecovery.domain.errors import InternalError
 
@@ -59,3 +62,33 @@ class QsdDiskAccess:
             own.append((tracker, since))
         views = freeze_together(own, tag, new_checkpoint=new_checkpoint, granularity=granularity)
         return list(views)
+
+
+@contextmanager
+def vm_lock(vm_dir: Path) -> Iterator[None]:
+    """The VM's lock between threads and processes (an flock on ``VM/.lock``)."""
+    path = vm_dir / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def transient_access(
+    run_dir: Path, specs: list[DiskSpec], work_dir: Path
+) -> Iterator[QsdDiskAccess]:
+    """A stopped VM's disks served by a transient daemon in ``run_dir`` (or the
+    one an engine that died mid-access left, with its views), stopped cleanly
+    (SIGTERM) afterwards. The caller holds the VM's lock."""
+    transient = StorageDaemon.attach(run_dir)
+    if transient is None:
+        transient = StorageDaemon.start(run_dir, specs)
+    nodes = {spec.node: spec.node for spec in specs}
+    try:
+        yield QsdDiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
+    finally:
+        transient.stop()

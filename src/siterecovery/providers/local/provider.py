@@ -25,13 +25,12 @@ delete) first stops such a leftover.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from siterecovery.disk import qemu_img
@@ -42,7 +41,7 @@ from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.providers.base import GuestAgent, register
 from siterecovery.providers.local import guest
-from siterecovery.providers.local.access import QsdDiskAccess
+from siterecovery.providers.local.access import QsdDiskAccess, transient_access, vm_lock
 from siterecovery.providers.local.paths import run_root
 from siterecovery.providers.local.replicas import LocalReplicaStore
 
@@ -168,16 +167,12 @@ class LocalHypervisor:
             # Fast path: the running VM's own daemon serves the disks.
             yield QsdDiskAccess(daemon.qmp(), daemon.nbd_socket, nodes, work_dir, True)
             return
-        # Slow path: a transient daemon (or the one an engine that died mid-access
-        # left, with its views), stopped cleanly (SIGTERM) afterwards.
-        with self._lock(site, vm):
-            transient = StorageDaemon.attach(self._access_run(site, vm))
-            if transient is None:
-                transient = StorageDaemon.start(self._access_run(site, vm), self._specs(site, vm))
-            try:
-                yield QsdDiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
-            finally:
-                transient.stop()
+        # Slow path: a transient daemon on the images.
+        with (
+            self._lock(site, vm),
+            transient_access(self._access_run(site, vm), self._specs(site, vm), work_dir) as found,
+        ):
+            yield found
 
     def guest(self, site: Site, vm: Vm) -> GuestAgent | None:
         if not vm.workload or self._guest_pid(site, vm) is None:
@@ -267,16 +262,8 @@ class LocalHypervisor:
         )
         (run / "workload.pid").write_text(f"{pid}\n")
 
-    @contextmanager
-    def _lock(self, site: Site, vm: Vm) -> Iterator[None]:
-        path = self._vm_dir(site, vm.name) / ".lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock(self, site: Site, vm: Vm) -> AbstractContextManager[None]:
+        return vm_lock(self._vm_dir(site, vm.name))
 
 
 def run_dir(site: Site, key: str) -> Path:
