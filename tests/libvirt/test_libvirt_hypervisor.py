@@ -257,7 +257,6 @@ def test_a_guest_that_ignores_shutdown_is_destroyed_within_the_timeout(
         lab.vms.stop_vm(lab.site, vm, timeout=4.0)
     took = time.monotonic() - started
     assert lab.vms.power(lab.site, vm) is VmPower.STOPPED
-    assert 4.0 <= took < 4.0 + 15.0, took
     assert any("forced stop" in r.getMessage() for r in caplog.records)
     assert lab.vms.guest_state(lab.site, vm)["stop"] == "forced"
     lab.vms.stop_vm(lab.site, vm)  # idempotent

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,10 +73,9 @@ def tracker_of(access: Any, prefix: str = "srv") -> ChangeTracker:
 def test_one_backup_job_per_domain(access: Any, work: Path) -> None:
     tracker = tracker_of(access)
     (view,) = access.freeze([(tracker, [])], "t1", new_checkpoint="cp1")
-    started = time.monotonic()
+    # Refused by us (DiskViewBusy), not by libvirt's job lock after 30 s (a GuestError).
     with pytest.raises(DiskViewBusy) as refused:
         access.freeze([(tracker, [])], "t2", new_checkpoint="cp2")
-    assert time.monotonic() - started < 5  # Refused by us, not libvirt's 30 s job lock.
     assert "domjobabort" in str(refused.value) and refused.value.code == "DISK_VIEW_BUSY"
     check = tracker_of(access, CHECK_PREFIX)
     with pytest.raises(DiskViewBusy):
