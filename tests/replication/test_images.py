@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,22 @@ def test_every_export_format_reads_back_as_the_point(engine: Daemon, tmp_path: P
     )  # fmt: skip
     assert (status, error["details"]["field"]) == (400, "format") and "vhdx" in error["message"]
     assert not (tmp_path / "x.vdi").exists()
+
+
+def test_two_imports_of_one_name_at_once_make_one_vm_with_its_own_disk(
+    engine: Daemon, source: tuple[Path, str], tmp_path: Path
+) -> None:
+    raw, expected = source
+    image = tmp_path / "twin.vhdx"
+    subprocess.run(["qemu-img", "convert", "-O", "vhdx", str(raw), str(image)], check=True)
+    body = {"name": "imp-twin", "host": "hv01", "disks": [str(image)]}
+    assert engine.client is not None
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: engine.client.post("/vms/import", json=body), range(2)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201, 409], [a.text for a in answers]
+    (refused,) = [a for a in answers if a.status_code == 409]
+    assert refused.json()["error"]["code"] == "ALREADY_EXISTS"
+    (site,) = [s for s in engine.call("GET", "/sites") if s["name"] == "onprem"]
+    disk = Path(site["path"]) / "vms" / "imp-twin" / "disks" / "d0.qcow2"
+    assert _digest_as_raw(disk, "qcow2", tmp_path) == expected  # the loser deleted nothing

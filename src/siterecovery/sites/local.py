@@ -191,9 +191,15 @@ class InProcessAgent:
             DiskDef(f"d{i}", qemu_img.virtual_size(path)) for i, (path, _) in enumerate(sources)
         ))  # fmt: skip
         targets = [self.vms.disk_image(self.site, sized, d.name) for d in sized.disks]
-        taken = [t for t in targets if t.exists()]
-        if taken:
-            raise AlreadyExists(kind="VM disk", name=str(taken[0]))
+        # The disks' directory, made here and only here, claims the name: a
+        # second import of it at once is refused before it writes (or deletes)
+        # anything of the first's.
+        disks_dir = targets[0].parent
+        disks_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            disks_dir.mkdir()
+        except FileExistsError:
+            raise AlreadyExists(kind="VM disk", name=str(disks_dir)) from None
         try:
             for (path, fmt), target in zip(sources, targets, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
