@@ -6,8 +6,12 @@ VENV := .venv/bin
 install:
 	bash scripts/install.sh
 
+# LAB_PROVIDER=libvirt: the lab's hosts are private libvirtds with real Linux guests.
+LAB_PROVIDER ?= local
+
 run: install
-	$(VENV)/siterecovery serve --vault $${SITERECOVERY_VAULT:-siterecovery-vault} --port $${PORT:-8470} --lab
+	$(VENV)/siterecovery serve --vault $${SITERECOVERY_VAULT:-siterecovery-vault} --port $${PORT:-8470} \
+		--lab --lab-provider $(LAB_PROVIDER)
 
 # The default suite (~12 min on 2 cores): everything but the fault matrix and the
 # network-namespace suite; the few `slow` cases in it are short. `.ci/run` adds

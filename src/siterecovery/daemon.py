@@ -186,8 +186,16 @@ def _lab_agents(vault: Path) -> LocalAgents | None:
     return LocalAgents(vault / "agents", vault / "logs")
 
 
-def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = False) -> None:
-    """Run the daemon until SIGINT/SIGTERM. VMs keep running after it stops."""
+def serve(
+    vault: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    lab: bool = False,
+    lab_provider: str = "local",
+) -> None:
+    """Run the daemon until SIGINT/SIGTERM. VMs keep running after it stops.
+    With ``lab``, the lab comes up first, its hosts per ``lab_provider``."""
     import uvicorn
 
     from siterecovery.api.app import create_app
@@ -218,7 +226,7 @@ def serve(vault: Path, *, host: str = "127.0.0.1", port: int = 0, lab: bool = Fa
     info = vault / "daemon.json"
     try:
         if lab:
-            lab_up(ctx, agents=lab_agents)
+            lab_up(ctx, agents=lab_agents, provider=lab_provider)
         scheduler.start()
         agents.start_monitor(ctx)
         _write_atomically(info, json.dumps({"url": url, "pid": os.getpid()}) + "\n")

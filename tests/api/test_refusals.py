@@ -101,6 +101,14 @@ def test_other_refusals(protected: Daemon, vault: Path) -> None:
     assert protected.error("POST", "/vms", json=body)[1]["code"] == "ALREADY_EXISTS"
     finished = protected.call("GET", "/jobs")[0]["id"]
     assert protected.error("POST", f"/jobs/{finished}/cancel")[1]["code"] == "JOB_FINISHED"
+    # The lab keeps its hosts' kind: a local lab does not become a libvirt one.
+    for provider in ("libvirt", "xen"):
+        status, error = protected.error("POST", "/lab/up", json={"provider": provider})
+        assert (status, error["code"]) == (400, "INVALID_INPUT"), error
+    assert "lab up --provider local" in error["message"] or "xen" in error["message"]
+    got_exit, document = _cli(vault, "lab", "up", "--provider", "libvirt")
+    assert got_exit == 2 and "lab up --provider local" in document["error"]["message"], document
+    assert not (vault / "lab-hosts").exists()  # no private libvirtd was started
     assert vault_snapshot(protected, vault) == before
 
 

@@ -54,9 +54,13 @@ class VmIn(Body):
     workload: bool = True
 
 
+class LabIn(Body):
+    provider: str = "local"
+
+
 @router.post("/lab/up")
-def lab_up(ctx: Ctx) -> dict[str, Any]:
-    return lab.lab_up(ctx)
+def lab_up(ctx: Ctx, body: LabIn | None = None) -> dict[str, Any]:
+    return lab.lab_up(ctx, provider=(body or LabIn()).provider)
 
 
 @router.post("/lab/down")

@@ -27,10 +27,24 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME", help="VM name.")]
 
 
 @lab_app.command("up")
-def lab_up(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = False) -> None:
+def lab_up(
+    ctx: typer.Context,
+    provider: Annotated[
+        str,
+        typer.Option(
+            "--provider",
+            metavar="local|libvirt",
+            help="The lab's hosts: local (storage daemons) or libvirt (private libvirtds on "
+            "this machine with real Linux guests; root).",
+        ),
+    ] = "local",
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Create (or restart) the lab: sites onprem and cloud, hosts, VMs web01 and db01."""
     with Session.of(ctx, vault, json_out) as session:
-        session.emit(session.client.post("/lab/up", read_timeout=NO_TIMEOUT), render.lab)
+        answer = session.client.post("/lab/up", {"provider": provider}, read_timeout=NO_TIMEOUT)
+        session.emit(answer, render.lab)
 
 
 @lab_app.command("down")
@@ -38,7 +52,7 @@ def lab_down(ctx: typer.Context, vault: VaultOpt = None, json_out: JsonOpt = Fal
     """Stop every VM cleanly (disks, replicas and the vault are kept)."""
     with Session.of(ctx, vault, json_out) as session:
         answer = session.client.post("/lab/down", read_timeout=NO_TIMEOUT)
-        session.emit(answer, lambda doc: render.say(f"stopped: {', '.join(doc['stopped'])}"))
+        session.emit(answer, render.lab_down)
 
 
 @site_app.command("add")

@@ -34,6 +34,16 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 0,
     lab: Annotated[bool, typer.Option("--lab", help="Bring the lab up first.")] = False,
+    lab_provider: Annotated[
+        str,
+        typer.Option(
+            "--lab-provider",
+            metavar="local|libvirt",
+            envvar="SITERECOVERY_LAB_PROVIDER",
+            help="The lab's hosts: local (storage daemons) or libvirt (private libvirtds "
+            "with real Linux guests; root).",
+        ),
+    ] = "local",
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -44,7 +54,7 @@ def serve(
     from siterecovery.daemon import serve as serve_vault
 
     session = Session.of(ctx, vault, json_out)
-    serve_vault(session.vault, host=host, port=port, lab=lab)
+    serve_vault(session.vault, host=host, port=port, lab=lab, lab_provider=lab_provider)
     session.emit({"vault": str(session.vault), "state": "stopped"}, _stopped)
 
 

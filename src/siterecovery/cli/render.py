@@ -354,6 +354,15 @@ def lab(doc: Any) -> None:
     )
 
 
+def lab_down(doc: Any) -> None:
+    """What ``lab down`` stopped, and what it could not (with why)."""
+    say(f"stopped: {', '.join(doc.get('stopped') or []) or 'nothing'}")
+    for failed in doc.get("failed") or []:
+        warn(f"not stopped: {failed['vm']}: {failed['error'].get('message', failed['error'])}")
+    if doc.get("hosts_stopped"):
+        say(f"lab hosts stopped: {', '.join(doc['hosts_stopped'])}")
+
+
 def pass_report(doc: Any) -> None:
     """The point a replication pass sealed, then one panel per disk (sizes readable)."""
     say(f"recovery point {point_text(doc.get('point'))}", style="green")

@@ -160,13 +160,42 @@ class Connection:
         with translated(self.uri, "list networks"):
             return [str(net.XMLDesc(0)) for net in self._raw.listAllNetworks(0)]
 
-    def define_network(self, xml: str, *, start: bool = True) -> str:
-        """Define a persistent network from XML (started when ``start``); its name."""
+    def define_network(self, xml: str, *, start: bool = True, autostart: bool = False) -> str:
+        """Define a persistent network from XML (started when ``start``, and at
+        every start of the daemon when ``autostart``); its name."""
         with translated(self.uri, "define a network"):
             net = self._raw.networkDefineXML(xml)
+            if autostart:
+                net.setAutostart(1)
             if start:
                 net.create()
             return str(net.name())
+
+    def start_network(self, name: str) -> None:
+        """Start the defined network ``name`` unless it runs. Idempotent."""
+        with translated(self.uri, f"start network '{name}'"):
+            net = self._raw.networkLookupByName(name)
+            if not net.isActive():
+                net.create()
+
+    def destroy_everything(self, *, undefine: bool = False) -> None:
+        """Power off every domain and stop every network of the host (a private
+        host being stopped); with ``undefine``, forget the domains as well. A
+        domain or network that refuses is left, the others are done all the same."""
+        with translated(self.uri, "list domains"):
+            domains = self._raw.listAllDomains(0)
+            networks = self._raw.listAllNetworks(0)
+        for domain in domains:
+            with contextlib.suppress(libvirt.libvirtError):
+                if domain.isActive():
+                    domain.destroy()
+            if undefine:
+                with contextlib.suppress(libvirt.libvirtError):
+                    domain.undefineFlags(_UNDEFINE_FLAGS)
+        for network in networks:
+            with contextlib.suppress(libvirt.libvirtError):
+                if network.isActive():
+                    network.destroy()
 
 
 class Domain:

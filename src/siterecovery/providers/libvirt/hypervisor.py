@@ -76,7 +76,7 @@ from siterecovery.providers.libvirt.domains import (
     power_of,
 )
 from siterecovery.providers.libvirt.guest_agent import LibvirtGuestAgent, read_state, save_state
-from siterecovery.providers.libvirt.guest_image import GuestImage, build_guest
+from siterecovery.providers.libvirt.guest_image import GuestImage, build_guest, detect_accel
 from siterecovery.providers.libvirt.metadata import bitmap_flags, redefine_checkpoints
 from siterecovery.providers.libvirt.tracking import LibvirtDiskAccess
 from siterecovery.providers.local.access import transient_access, vm_lock
@@ -433,16 +433,24 @@ class LibvirtHypervisor:
         )
         return DomainSpec(
             name=vm.name, vcpus=vm.cpus, memory=vm.memory_mib * MiB, disks=disks, nics=nics,
-            guest_agent=True, boot=boot, machine="q35", virt_type=self._virt(conn),
+            guest_agent=True, boot=boot, machine="q35", virt_type=self._virt(conn, vm),
             console_log=self._vm_dir(site, vm) / "console.log",
         )  # fmt: skip
 
-    def _virt(self, conn: Connection) -> str:
+    def _virt(self, conn: Connection, vm: Vm) -> str:
+        """``kvm`` when the host offers it, else ``qemu`` (TCG). The lab guest
+        (a VM with ``workload``) also needs KVM to boot a stock kernel here,
+        which ``/dev/kvm`` does not promise: the canary boot decides
+        (:func:`detect_accel`, once per process, on this machine — the lab's
+        hosts are this machine's private libvirtds)."""
         if self._virt_type is not None:
             return self._virt_type
         caps = ET.fromstring(conn.capabilities())
-        kvm = caps.find("guest/arch[@name='x86_64']/domain[@type='kvm']")
-        return "kvm" if kvm is not None else "qemu"
+        if caps.find("guest/arch[@name='x86_64']/domain[@type='kvm']") is None:
+            return "qemu"
+        if vm.workload and detect_accel(self._guest_image()) != "kvm":
+            return "qemu"
+        return "kvm"
 
     def _nics(self, conn: Connection, vm: Vm) -> tuple[NicSpec, ...]:
         """A NIC per switch of the VM, on the libvirt network it names (by its own
@@ -582,9 +590,12 @@ def _final_seq(console: Path) -> int | None:
 
 
 def _alive(conn: Connection) -> bool:
+    """Whether a cached connection still reaches its daemon. ``isAlive`` goes on
+    saying yes after the daemon died (no keepalive without an event loop), so
+    one cheap round trip asks (a restarted host's daemon: a new connection)."""
     if conn.raw is None:  # closed
         return False
     try:
-        return bool(conn.raw.isAlive())
+        return bool(conn.raw.isAlive()) and conn.raw.getLibVersion() > 0
     except libvirt.libvirtError:
         return False
