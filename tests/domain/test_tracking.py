@@ -35,6 +35,7 @@ FULL = ItemTracking(
     kinds={"onprem": "local", "cloud": "local"},
     next_seq=4,
     last_pass={"d0": {"mode": "tracked", "tracking": "bitmap", "bytes_written": 65536}},
+    last_quiesce="freeze-failed: the guest agent did not answer",
     last_checkpoint=LastCheckpoint(point="web01-000003", tag="c0123456789", site="onprem"),
     resume=ResumeState("j1", {"d0": 8 << 20, "d1": 0}),
     pending_merges=(PendingMerge("cloud", "d0", "p000002.qcow2", "p000001.qcow2", None),),
@@ -72,18 +73,18 @@ SCHEMA_0: dict[str, Any] = {
 
 def test_a_full_state_survives_its_json() -> None:
     data = FULL.to_json()
-    assert data["schema"] == SCHEMA == 1
+    assert data["schema"] == SCHEMA == 2
     assert ItemTracking.from_json(data) == FULL
 
 
 def test_defaults_are_not_written() -> None:
-    assert ItemTracking().to_json() == {"schema": 1}
-    assert ItemTracking.from_json({"schema": 1}) == ItemTracking()
+    assert ItemTracking().to_json() == {"schema": 2}
+    assert ItemTracking.from_json({"schema": 1}) == ItemTracking()  # schema 1: no new key
     assert ItemTracking.from_json(None) == ItemTracking.from_json({}) == ItemTracking()
     cleared = replace(FULL, resume=None, pending_merges=(), drill=None, pinned=(), next_seq=1)
     assert set(cleared.to_json()) == {
-        "schema", "home", "hosts", "kinds", "last_pass", "last_checkpoint", "failover",
-        "failback_tags",
+        "schema", "home", "hosts", "kinds", "last_pass", "last_quiesce", "last_checkpoint",
+        "failover", "failback_tags",
     }  # fmt: skip
 
 
@@ -117,7 +118,7 @@ def test_schema_0_is_written_back_with_the_same_keys_and_shapes() -> None:
     kept["pending_merges"] = [
         {"site": None, "disk": "d0", "child": "p2", "parent": "p1", "grandchild": None}
     ]
-    assert written == {"schema": 1, **kept}
+    assert written == {"schema": SCHEMA, **kept}
     assert ItemTracking.from_json(written) == ItemTracking.from_json(SCHEMA_0)
 
 
@@ -128,10 +129,10 @@ def test_a_resume_without_offsets_has_none() -> None:
 def test_unknown_keys_are_read_and_dropped() -> None:
     read = ItemTracking.from_json({"schema": 1, "next_seq": 2, "busy": "j1", "later": [1]})
     assert read == ItemTracking(next_seq=2)
-    assert read.to_json() == {"schema": 1, "next_seq": 2}
+    assert read.to_json() == {"schema": SCHEMA, "next_seq": 2}
 
 
-@pytest.mark.parametrize("schema", [2, 99])
+@pytest.mark.parametrize("schema", [SCHEMA + 1, 99])
 def test_a_newer_schema_is_refused(schema: int) -> None:
     with pytest.raises(InternalError, match=f"schema {schema}, newer than this engine reads"):
         ItemTracking.from_json({"schema": schema, "next_seq": 2})

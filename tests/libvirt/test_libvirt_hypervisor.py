@@ -412,11 +412,11 @@ class FakeDomain:
 
 
 def test_a_guest_without_sr_status_quiesces_with_no_seq(tmp_path: Path) -> None:
-    from siterecovery.providers.libvirt.guest_agent import NO_SEQ, LibvirtGuestAgent
+    from siterecovery.providers.libvirt.guest_agent import LibvirtGuestAgent
 
     domain: Any = FakeDomain()
     agent = LibvirtGuestAgent(lambda: domain, tmp_path / "guest.json", has_status=False)
-    assert agent.quiesce(timeout=7.0) == NO_SEQ == 0
+    assert agent.quiesce(timeout=7.0) is None  # quiesced, no record seq claimed
     assert agent.status() == {"paused": True, "fsfreeze": "frozen"}
     agent.thaw()
     agent.thaw()

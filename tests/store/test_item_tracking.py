@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from siterecovery.domain.errors import InternalError, ItemNotFound
 from siterecovery.domain.lifecycle import ItemState
 from siterecovery.domain.model import DiskDef, Host, Item, OsType, Policy, Site, SiteRole, Vm
-from siterecovery.domain.tracking import ItemTracking
+from siterecovery.domain.tracking import SCHEMA, ItemTracking
 from siterecovery.store.repo import VaultStore
 from siterecovery.store.schema import ItemRow
 
@@ -44,7 +44,7 @@ def _set_column(store: VaultStore, vm: str, data: dict[str, Any]) -> None:
 
 
 def test_a_new_item_remembers_nothing(store: VaultStore, item: str) -> None:
-    assert _column(store, item) == {"schema": 1}
+    assert _column(store, item) == {"schema": SCHEMA}
     assert store.item_tracking(vm=item) == ItemTracking()
 
 
@@ -57,7 +57,7 @@ def test_an_update_is_written_and_returned(store: VaultStore, item: str) -> None
         == store.item_tracking(vm=item)
         == ItemTracking(next_seq=3, pinned=("web01-000002",))
     )
-    assert _column(store, item) == {"schema": 1, "next_seq": 3, "pinned": ["web01-000002"]}
+    assert _column(store, item) == {"schema": SCHEMA, "next_seq": 3, "pinned": ["web01-000002"]}
 
 
 def test_a_schema_0_row_is_read_and_upgraded_by_the_next_write(
@@ -71,16 +71,16 @@ def test_a_schema_0_row_is_read_and_upgraded_by_the_next_write(
     )
     store.update_item_tracking(vm=item, change=lambda t: replace(t, next_seq=3))
     assert _column(store, item) == {
-        "schema": 1, "home": "onprem", "hosts": {"onprem": "hv01"}, "next_seq": 3,
+        "schema": SCHEMA, "home": "onprem", "hosts": {"onprem": "hv01"}, "next_seq": 3,
     }  # fmt: skip
 
 
 def test_a_newer_schema_is_neither_read_nor_overwritten(store: VaultStore, item: str) -> None:
-    newer = {"schema": 2, "next_seq": 7, "something_new": {"a": 1}}
+    newer = {"schema": SCHEMA + 1, "next_seq": 7, "something_new": {"a": 1}}
     _set_column(store, item, newer)
-    with pytest.raises(InternalError, match="schema 2"):
+    with pytest.raises(InternalError, match=f"schema {SCHEMA + 1}"):
         store.item_tracking(vm=item)
-    with pytest.raises(InternalError, match="schema 2"):
+    with pytest.raises(InternalError, match=f"schema {SCHEMA + 1}"):
         store.update_item_tracking(vm=item, change=lambda t: replace(t, next_seq=8))
     assert _column(store, item) == newer
 
@@ -89,7 +89,7 @@ def test_a_failed_change_leaves_the_row_as_it_was(store: VaultStore, item: str) 
     store.update_item_tracking(vm=item, change=lambda t: replace(t, next_seq=2))
     with pytest.raises(TypeError, match="nxt_seq"):
         store.update_item_tracking(vm=item, change=lambda t: replace(t, nxt_seq=3))  # type: ignore[call-arg]
-    assert _column(store, item) == {"schema": 1, "next_seq": 2}
+    assert _column(store, item) == {"schema": SCHEMA, "next_seq": 2}
 
 
 def test_a_missing_item_is_not_found(store: VaultStore) -> None:

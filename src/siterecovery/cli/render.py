@@ -271,6 +271,7 @@ ITEM_FIELDS: list[Column] = [
     *ITEM_COLUMNS[3:-1],
     ("latest point", key("latest_point", point_text)),
     ("latest app-consistent", key("latest_app_consistent_point", point_text)),
+    ("guest quiesce", key("last_quiesce")),
     ("last error", key("last_error", error_text)),
     ("policy", key("policy", brief)),
     ("allowed operations", key("allowed_operations")),
@@ -366,6 +367,9 @@ def lab_down(doc: Any) -> None:
 def pass_report(doc: Any) -> None:
     """The point a replication pass sealed, then one panel per disk (sizes readable)."""
     say(f"recovery point {point_text(doc.get('point'))}", style="green")
+    quiesce = doc.get("quiesce")
+    if quiesce and quiesce not in ("quiesced", "not-asked"):
+        warn(f"crash-consistent: {quiesce}")
     for name, detail in (doc.get("disks") or {}).items():
         fields = [(field, key(field, _size_or_value(field))) for field in detail]
         console().print(panel(detail, fields, title=f"disk {name}"))

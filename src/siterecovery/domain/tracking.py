@@ -4,8 +4,8 @@
 reads or writes its JSON (``store/repo.py`` calls :meth:`ItemTracking.from_json`
 and :meth:`ItemTracking.to_json`; everyone else sees attributes). The document::
 
-    {"schema": 1, "home": SITE, "hosts": {SITE: HOST}, "kinds": {SITE: KIND},
-     "next_seq": N, "last_pass": {DISK: REPORT},
+    {"schema": 2, "home": SITE, "hosts": {SITE: HOST}, "kinds": {SITE: KIND},
+     "next_seq": N, "last_pass": {DISK: REPORT}, "last_quiesce": OUTCOME,
      "last_checkpoint": {"point", "tag", "site"},
      "resume": {"tag", "offsets": {DISK: BYTES}},
      "pending_merges": [{"site", "disk", "child", "parent", "grandchild"}],
@@ -36,9 +36,10 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 from siterecovery.domain.errors import InternalError
 
-SCHEMA = 1
+SCHEMA = 2
 """The version :meth:`ItemTracking.to_json` writes; :meth:`~ItemTracking.from_json`
-reads it and every older one."""
+reads it and every older one. Schema 2 added ``last_quiesce`` (schema 1 is
+read as it is: the same keys without it)."""
 
 FailoverKind = Literal["unplanned", "planned", "failback"]
 
@@ -203,6 +204,10 @@ class ItemTracking:
     """The sequence number of the item's next recovery point (``pNNNNNN``)."""
     last_pass: Mapping[str, DiskReport] | None = None
     """Disk → its report in the latest sealed pass (shown by ``item show``)."""
+    last_quiesce: str | None = None
+    """Whether the guest quiesced for the latest point, or why not (``quiesced``,
+    ``not-asked``, ``no-guest-agent``, ``freeze-failed: WHY``; shown by
+    ``item show``: a crash-consistent point says why it is one)."""
     last_checkpoint: LastCheckpoint | None = None
     resume: ResumeState | None = None
     pending_merges: tuple[PendingMerge, ...] = ()
@@ -236,6 +241,7 @@ class ItemTracking:
             kinds=_text_map(data.get("kinds"), "kinds"),
             next_seq=_count(data.get("next_seq", 1), "next_seq"),
             last_pass=_reports(data.get("last_pass")),
+            last_quiesce=_maybe_text(data.get("last_quiesce"), "last_quiesce"),
             last_checkpoint=_nested(LastCheckpoint, data, "last_checkpoint"),
             resume=_nested(ResumeState, data, "resume"),
             pending_merges=tuple(

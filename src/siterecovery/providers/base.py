@@ -25,8 +25,11 @@ from siterecovery.providers.replicas import ReplicaStore
 class GuestAgent(Protocol):
     """The guest-tools channel of a running VM (quiesce for app-consistent points)."""
 
-    def quiesce(self, timeout: float = 60.0) -> int:
-        """Flush and pause guest writes; returns the last acknowledged record seq."""
+    def quiesce(self, timeout: float = 60.0) -> int | None:
+        """Flush and pause guest writes (an app-consistent instant); the last
+        acknowledged record's seq when the guest tells it (the lab's workloads),
+        None when it does not (a plain qemu-guest-agent). GuestError when the
+        guest cannot quiesce; nothing stays paused then."""
         ...
 
     def thaw(self) -> None:

@@ -37,7 +37,7 @@ from siterecovery.domain.tracking import LastCheckpoint, PendingMerge
 from siterecovery.points.retention import points_to_drop
 from siterecovery.replication.resume import ResumeOffsets
 from siterecovery.replication.wire_policy import transfer_of
-from siterecovery.sites.base import FrozenDisks, SiteAgent, Transfer, end_after_failure
+from siterecovery.sites.base import NOT_ASKED, FrozenDisks, SiteAgent, Transfer, end_after_failure
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,12 @@ class PassOptions:
 class PassReport:
     point: RecoveryPoint
     disks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quiesce: str = NOT_ASKED
+    """Whether the guest quiesced, or why not (``sites.base``: ``quiesced``,
+    ``not-asked``, ``no-guest-agent``, ``freeze-failed: WHY``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"point": self.point.to_dict(), "disks": self.disks}
+        return {"point": self.point.to_dict(), "disks": self.disks, "quiesce": self.quiesce}
 
 
 def new_tag() -> str:
@@ -137,17 +140,25 @@ class PassRun:
         *,
         common: str | None = None,
         app_consistent: bool | None = None,
+        quiesce: str | None = None,
     ) -> PassReport:
-        """Send every disk's changes, seal the point, then drop the older bitmaps."""
+        """Send every disk's changes, seal the point, then drop the older bitmaps.
+        A group's common point says itself whether it is ``app_consistent``
+        (all members quiesced), and ``quiesce`` why a member's is not."""
         tracking = frozen.tracking[self.vm.name]
         workload_seq = frozen.seqs.get(self.vm.name)
+        quiesce = quiesce or frozen.quiesce.get(self.vm.name, NOT_ASKED)
         disks = {d.name: self._send(d.name, d.size, tracking[d.name]) for d in self.vm.disks}
-        consistent = workload_seq is not None if app_consistent is None else app_consistent
-        sealing = Sealing(moment, disks, workload_seq, consistent, common)
+        consistent = app_consistent
+        if consistent is None:
+            consistent = frozen.app_consistent(self.vm.name)
+        sealing = Sealing(moment, disks, workload_seq, consistent, quiesce, common)
         point = _seal(self.ctx, self.item, self.vm, self.target, self.seq, sealing, self.options)
         self.source.release(self.vm, self.options.tag, drop_older=True)
         seconds = round(time.monotonic() - self.started, 3)
-        return PassReport(point, {name: {**d, "seconds": seconds} for name, d in disks.items()})
+        return PassReport(
+            point, {name: {**d, "seconds": seconds} for name, d in disks.items()}, quiesce
+        )
 
     def retain(self) -> list[str]:
         return apply_retention(self.ctx, self.item, self.target_site)
@@ -199,6 +210,7 @@ class Sealing:
     disks: dict[str, dict[str, Any]]
     workload_seq: int | None
     app_consistent: bool
+    quiesce: str
     common: str | None = None
 
 
@@ -230,7 +242,12 @@ def _seal(
     return ctx.store.add_point(
         point=point,
         tracking=lambda t: replace(
-            t, next_seq=seq + 1, resume=None, last_pass=disks, last_checkpoint=last
+            t,
+            next_seq=seq + 1,
+            resume=None,
+            last_pass=disks,
+            last_checkpoint=last,
+            last_quiesce=sealing.quiesce,
         ),
     )
 

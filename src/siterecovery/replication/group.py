@@ -28,6 +28,7 @@ from siterecovery.domain.model import PointType, RecoveryPoint, utcnow
 from siterecovery.domain.recovery import ReplicationGroup
 from siterecovery.replication.cycle import PassOptions, PassRun, new_tag
 from siterecovery.services import ownership
+from siterecovery.sites.base import GROUP_NOT_QUIESCED, NOT_ASKED, FrozenDisks
 
 
 def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
@@ -44,10 +45,12 @@ def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
             frozen = source.freeze(vms, tag, initial=False, quiesce=True)
             moment = utcnow()
             seqs = [frozen.seqs.get(vm) for vm in members]
-            app = all(seq is not None for seq in seqs)
+            app = all(frozen.app_consistent(vm) for vm in members)
             reports = [
-                run.finish(frozen, moment, common=common, app_consistent=app) for run in runs
-            ]
+                run.finish(frozen, moment, common=common, app_consistent=app,
+                           quiesce=None if app else _not_quiesced(frozen, members))
+                for run in runs
+            ]  # fmt: skip
         except BaseException:
             for vm in vms:
                 source.release(vm, tag, drop_older=False)
@@ -63,7 +66,15 @@ def run_common_pass(ctx: Context, group: ReplicationGroup) -> dict[str, Any]:
         "paused_seconds": round(paused, 4),
         "points": {r.point.vm: r.point.id for r in reports},
         "workload_seqs": {vm: seq for vm, seq in zip(members, seqs, strict=True)},
+        "quiesce": {vm: frozen.quiesce.get(vm) for vm in members},
     }
+
+
+def _not_quiesced(frozen: FrozenDisks, members: list[str]) -> str:
+    """Why a group's common point is crash-consistent: its first member that did
+    not quiesce, and why (its own point says so even when it did quiesce)."""
+    vm = next(vm for vm in members if not frozen.app_consistent(vm))
+    return f"{GROUP_NOT_QUIESCED}: {vm}: {frozen.quiesce.get(vm, NOT_ASKED)}"
 
 
 @contextmanager

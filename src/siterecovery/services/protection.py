@@ -235,6 +235,7 @@ def item_view(ctx: Context, item: Item) -> dict[str, Any]:
         "latest_point": latest.to_dict() if latest else None,
         "latest_app_consistent_point": app[-1].to_dict() if app else None,
         "last_pass": dict(tracking.last_pass) if tracking.last_pass is not None else None,
+        "last_quiesce": tracking.last_quiesce,
         "home_site": tracking.home,
         "busy_job": _job_owner(ctx, item.vm),
         "failover": tracking.failover.to_json() if tracking.failover else None,

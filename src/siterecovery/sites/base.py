@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from siterecovery.domain.errors import SiteRecoveryError
@@ -129,25 +129,55 @@ class Transfer:
         )
 
 
+QUIESCED = "quiesced"
+"""A freeze's outcome for a VM: its guest quiesced (an app-consistent point)."""
+NOT_ASKED = "not-asked"
+"""Not quiesced because the pass did not ask (a crash-consistent point by policy)."""
+NO_GUEST_AGENT = "no-guest-agent"
+"""Asked, but the VM has no guest agent that answers: a crash-consistent point."""
+FREEZE_FAILED = "freeze-failed"
+"""Asked, and the guest's freeze failed (``freeze-failed: WHY``): a crash-consistent
+point all the same — the pass does not fail for it (the seeds' guest tools rule)."""
+
+
+GROUP_NOT_QUIESCED = "group-not-quiesced"
+"""A group's common point, crash-consistent because a member did not quiesce
+(``group-not-quiesced: VM: ITS OUTCOME``)."""
+
+
+def quiesce_failed(why: str) -> str:
+    return f"{FREEZE_FAILED}: {why}"
+
+
 @dataclass(frozen=True, slots=True)
 class FrozenDisks:
     """What a freeze made: per VM, per disk, why change tracking can (``bitmap``)
-    or cannot be trusted; per VM the guest's last acknowledged record (None:
-    not quiesced, a crash-consistent point)."""
+    or cannot be trusted; per VM whether its guest quiesced (``quiesce``: one of
+    :data:`QUIESCED`, :data:`NOT_ASKED`, :data:`NO_GUEST_AGENT` or
+    ``freeze-failed: WHY``) and the last record it acknowledged (``seqs``; None
+    when not quiesced or when its guest does not tell)."""
 
     tracking: dict[str, dict[str, str]]
     seqs: dict[str, int | None]
     paused_seconds: float = 0.0
+    quiesce: dict[str, str] = field(default_factory=dict)
+
+    def app_consistent(self, vm: str) -> bool:
+        return self.quiesce.get(vm) == QUIESCED
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FrozenDisks:
+        seqs = {k: (None if v is None else int(v)) for k, v in data["seqs"].items()}
+        # An agent before the outcomes said only the seq (None: not quiesced).
+        said = {vm: QUIESCED if seq is not None else NOT_ASKED for vm, seq in seqs.items()}
         return cls(
             tracking={k: dict(v) for k, v in data["tracking"].items()},
-            seqs={k: (None if v is None else int(v)) for k, v in data["seqs"].items()},
+            seqs=seqs,
             paused_seconds=float(data.get("paused_seconds", 0.0)),
+            quiesce={k: str(v) for k, v in data.get("quiesce", said).items()},
         )
 
 

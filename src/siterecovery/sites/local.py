@@ -27,6 +27,7 @@ transfer's value being the bucket's rate).
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import secrets
 import threading
@@ -45,7 +46,7 @@ from siterecovery.disk.base import BlockDevice, Extent
 from siterecovery.disk.digest import block_digests, disk_digest, integrity_proof
 from siterecovery.disk.tracking import BitmapState, ChangeTracker, DiskAccess, View
 from siterecovery.disk.wrappers import CountingDevice, RateLimitedDevice, TokenBucket, default_burst
-from siterecovery.domain.errors import AlreadyExists, DiskError, InternalError
+from siterecovery.domain.errors import AlreadyExists, DiskError, GuestError, InternalError
 from siterecovery.domain.model import DiskDef, Host, Site, Vm, VmPower
 from siterecovery.keys import SecretKey
 from siterecovery.providers import hosts
@@ -56,6 +57,10 @@ from siterecovery.replication.extents import UnionDirtyDevice
 from siterecovery.replication.sync import SyncMode, SyncOptions, sync
 from siterecovery.sites import views
 from siterecovery.sites.base import (
+    FREEZE_FAILED,
+    NO_GUEST_AGENT,
+    NOT_ASKED,
+    QUIESCED,
     Checkpoint,
     Extents,
     FrozenDisks,
@@ -67,10 +72,14 @@ from siterecovery.sites.base import (
     Since,
     SiteInfo,
     Transfer,
+    quiesce_failed,
 )
 from siterecovery.sites.images import open_image
 from siterecovery.wire.client import RemoteDevice
 
+log = logging.getLogger(__name__)
+QUIESCE_TIMEOUT = 60.0
+"""Seconds a guest has to quiesce before its point is taken crash-consistent."""
 VIRT_TYPE_ENV = "SITERECOVERY_LIBVIRT_VIRT_TYPE"
 """Forces the domain type of new libvirt VMs (``kvm``, or ``qemu``: TCG);
 unset, each host's capabilities decide."""
@@ -347,14 +356,19 @@ class InProcessAgent:
         guests = [self.vms.guest(self.site, vm) if quiesce else None for vm in vms]
         paused = time.monotonic()
         tracking: dict[str, dict[str, str]] = {}
-        with quiesced(guests) as seqs:
+        with quiesced(guests, asked=quiesce) as outcomes:
             for vm, session in zip(vms, sessions, strict=True):
                 tracking[vm.name] = _freeze_disks(session, vm, tag, initial)
         paused = time.monotonic() - paused
+        for vm, (outcome, _) in zip(vms, outcomes, strict=True):
+            if outcome.startswith(FREEZE_FAILED):
+                log.warning("%s at site %s: %s; its point is crash-consistent",
+                            vm.name, self.name, outcome)  # fmt: skip
         return FrozenDisks(
             tracking=tracking,
-            seqs={vm.name: seq for vm, seq in zip(vms, seqs, strict=True)},
+            seqs={vm.name: seq for vm, (_, seq) in zip(vms, outcomes, strict=True)},
             paused_seconds=round(paused, 4),
+            quiesce={vm.name: outcome for vm, (outcome, _) in zip(vms, outcomes, strict=True)},
         )
 
     def send_disk(
@@ -591,21 +605,32 @@ def choose_mode(*, initial: bool, has_parent: bool, view: View) -> SyncMode:
 
 
 @contextmanager
-def quiesced(guests: list[GuestAgent | None]) -> Iterator[list[int | None]]:
+def quiesced(
+    guests: list[GuestAgent | None], *, asked: bool = True
+) -> Iterator[list[tuple[str, int | None]]]:
     """Quiesce every guest (None: no guest tools), in order; thaw them all on exit.
 
-    Yields each guest's last acknowledged workload seq (None where no guest).
-    A guest that fails to quiesce thaws the ones already paused and raises.
+    Yields per guest its outcome (``QUIESCED``, ``NOT_ASKED`` when not
+    ``asked``, ``NO_GUEST_AGENT``, or ``freeze-failed: WHY``) and its last
+    acknowledged record (None when not quiesced or not told). A guest whose
+    freeze fails (GuestError: it refused, timed out, or its file systems
+    cannot freeze) is left thawed and the others go on: its point is
+    crash-consistent, the pass does not fail for it.
     """
     with ExitStack() as stack:
-        seqs: list[int | None] = []
+        outcomes: list[tuple[str, int | None]] = []
         for guest in guests:
             if guest is None:
-                seqs.append(None)
+                outcomes.append((NO_GUEST_AGENT if asked else NOT_ASKED, None))
                 continue
-            seqs.append(guest.quiesce(timeout=60.0))
+            try:
+                seq = guest.quiesce(timeout=QUIESCE_TIMEOUT)
+            except GuestError as e:
+                outcomes.append((quiesce_failed(e.message), None))
+                continue
             stack.callback(guest.thaw)
-        yield seqs
+            outcomes.append((QUIESCED, seq))
+        yield outcomes
 
 
 def _freeze_disks(session: _Session, vm: Vm, tag: str, initial: bool) -> dict[str, str]:

@@ -5,11 +5,10 @@ the standard protocol, any Linux or Windows guest with qemu-ga or its VSS
 provider), thaw is ``fsThaw``. The last acknowledged record comes from
 ``sr-status``, a command only the lab guest's agent has (the journal
 workload's status). A production guest answers the freeze and thaw and not
-``sr-status``: its quiesce returns :data:`NO_SEQ` (0, "no record is claimed
-acknowledged", which every journal satisfies), since the protocol's return
-type is an int; ``int | None`` would say it better (see the report of the
-provider). Whether the guest has ``sr-status`` is read once from
-``guest-info`` (its supported commands), never guessed from an error.
+``sr-status``: its quiesce returns None (quiesced, no record seq claimed), and
+its points are app-consistent all the same. Whether the guest has
+``sr-status`` is read once from ``guest-info`` (its supported commands),
+never guessed from an error.
 
 Every ``sr-status`` seen is also written to ``guest.json`` in the VM's
 directory, so that :meth:`LibvirtHypervisor.guest_state` can tell the last
@@ -34,8 +33,6 @@ import libvirt  # type: ignore[import-untyped, import-not-found, unused-ignore]
 from siterecovery.domain.errors import GuestError, VmNotFound
 from siterecovery.providers.libvirt.connection import Domain, translated
 
-NO_SEQ = 0
-"""What :meth:`LibvirtGuestAgent.quiesce` returns for a guest without ``sr-status``."""
 STATUS_COMMAND = "sr-status"
 PING_TIMEOUT = 5
 
@@ -64,9 +61,10 @@ class LibvirtGuestAgent:
         commands = {c.get("name") for c in (info or {}).get("supported_commands", [])}
         return cls(domain_of, state_file, has_status=STATUS_COMMAND in commands)
 
-    def quiesce(self, timeout: float = 60.0) -> int:
+    def quiesce(self, timeout: float = 60.0) -> int | None:
         """Freeze the guest's file systems (the lab guest: its workload pauses after
-        the record in flight, flushed); the last acknowledged seq, or :data:`NO_SEQ`.
+        the record in flight, flushed); the last acknowledged seq, None for a
+        guest without ``sr-status``.
         A freeze that does not answer within ``timeout`` s is thawed and raises
         GuestError."""
         domain = self._domain_of()
@@ -78,7 +76,7 @@ class LibvirtGuestAgent:
                 domain.fs_thaw()
             raise
         status = self._status(domain)
-        return NO_SEQ if status is None else int(status["seq"])
+        return None if status is None else int(status["seq"])
 
     def thaw(self) -> None:
         """Thaw the file systems; nothing to do when none is frozen or the domain is
