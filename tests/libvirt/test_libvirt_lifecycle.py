@@ -335,6 +335,58 @@ def test_a_domain_destroyed_mid_pass_fails_that_pass_and_loses_no_point(
         assert checked["consistent"], (point, checked)
 
 
+def test_a_two_disk_domain_replicates_both_disks_at_one_instant_and_fails_over(
+    engine: Daemon, two_libvirt_hosts: list[LibvirtHost], tmp_path: Path
+) -> None:
+    """A domain with two disks (vda: the guest's journal; vdb: data written
+    while it was stopped): one backup job covers both, each disk's point
+    equals its source, and the failed-over domain has both disks, vdb's
+    bytes those written."""
+    east, west = two_libvirt_hosts
+    body = {"name": "app06", "host": "kvm01", "disks": ["64M", "64M"], "switch": "sr-lab"}
+    engine.call("POST", "/vms", json=body)
+    engine.call("POST", "/vms/app06/stop", params={"site": "onprem"})
+    data = tmp_path / "vdb.raw"
+    data.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(1 << 20))
+    d1 = engine.vault / "sites" / "onprem" / "vms" / "app06" / "disks" / "d1.qcow2"
+    _write_into(d1, data)
+    engine.call("POST", "/vms/app06/start", params={"site": "onprem"})
+    _seq_at_least(east, "app06", 5)
+
+    protected = job(engine, engine.call("POST", "/items", json={"vm": "app06", "to": "cloud",
+                                                               "interval": "1h"}))  # fmt: skip
+    disks = step(protected, "initial-sync")["disks"]
+    assert set(disks) == {"d0", "d1"}
+    for name, disk in disks.items():
+        assert disk["source_digest"] == disk["target_digest"], (name, disk)
+    _seq_at_least(east, "app06", (_status(east, "app06") or {"seq": 0})["seq"] + 10)
+    report = engine.call("POST", "/items/app06/replicate", json={"app_consistent": True})
+    assert {d: r["mode"] for d, r in report["disks"].items()} == {"d0": "tracked", "d1": "tracked"}
+    assert report["disks"]["d1"]["bytes_written"] == 0  # vdb did not change
+
+    job(engine, engine.call("POST", "/items/app06/failover",
+                            json={"type": "unplanned", "host": "kvm02"}))  # fmt: skip
+    with connect(west) as conn:
+        copy = parse_domain(conn.domain("app06").xml())
+    assert [d.target for d in copy.disks] == ["vda", "vdb"], copy.disks
+    _seq_at_least(west, "app06", report["point"]["workload_seq"] + 5)
+    engine.call("POST", "/vms/app06/stop", params={"site": "cloud"})
+    (vdb,) = [d.path for d in copy.disks if d.target == "vdb"]
+    raw = tmp_path / "vdb-cloud.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(vdb), str(raw)],
+                   check=True)  # fmt: skip
+    assert raw.read_bytes()[: data.stat().st_size] == data.read_bytes()
+    job(engine, engine.call("POST", "/items/app06/commit", json={}))
+
+
+def _write_into(image: Path, data: Path) -> None:
+    """Write ``data`` at offset 0 of a stopped domain's qcow2 (qemu-io, as a user would)."""
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -s {data} 0 {data.stat().st_size}", str(image)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
 def test_a_hyperv_disk_imports_to_a_libvirt_domain(
     engine: Daemon, two_libvirt_hosts: list[LibvirtHost], tmp_path: Path
 ) -> None:
