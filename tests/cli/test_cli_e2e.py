@@ -159,9 +159,16 @@ def test_failover_verbs_through_the_cli(daemon: Daemon, vault: Path) -> None:
     _, plan = sr(vault, "commit", "web01", "--dry-run")
     assert plan["ok"] and plan["will_delete"] == []
     sr(vault, "commit", "web01", "--wait")
+    code, refused = sr(vault, "complete", "web01", check=False)  # nothing waits yet
+    assert (code, refused["error"]["code"]) == (3, "OPERATION_NOT_ALLOWED"), refused
+    assert "no failback awaiting completion" in refused["error"]["message"]
+    code, refused = sr(vault, "complete", "nosuch", check=False)
+    assert refused["error"]["code"] == "JOB_NOT_FOUND", refused
     _, waiting = sr(vault, "failover", "web01", "--type", "planned", "--sync", "delta", "--wait")
     assert waiting["state"] == "awaiting-completion"
-    _, done = sr(vault, "complete", waiting["id"], "--wait")
+    _, item = sr(vault, "item", "show", "web01")
+    assert "complete" in item["allowed_operations"]
+    _, done = sr(vault, "complete", "web01", "--wait")  # the VM's name: its waiting job
     assert done["state"] == "succeeded" and done["result"]["integrity"]["equal"]
     assert set(done["result"]["phase2"]) >= {
         "predicted_bytes", "predicted_seconds", "bytes", "downtime_seconds"

@@ -61,4 +61,11 @@ def verify_item(ctx: Ctx, vm: str) -> dict[str, Any]:
 
 @router.post("/jobs/{job_id}/complete")
 def complete(ctx: Ctx, runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """``job_id``: the waiting job's id, or its VM's name."""
     return service.complete(ctx, job_id=job_id, send=runtime.complete)
+
+
+@router.post("/items/{vm}/complete")
+def complete_item(ctx: Ctx, runtime: Runtime, vm: str) -> dict[str, Any]:
+    """Complete the failback of ``vm`` that awaits completion."""
+    return service.complete(ctx, job_id=vm, send=runtime.complete)

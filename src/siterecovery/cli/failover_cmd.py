@@ -15,7 +15,7 @@ import typer
 
 from siterecovery.cli import render
 from siterecovery.cli.client import NO_TIMEOUT, segment
-from siterecovery.cli.jobs_cmd import JobArg, follow, started
+from siterecovery.cli.jobs_cmd import follow, started
 from siterecovery.cli.session import JsonOpt, Session, VaultOpt
 
 VmArg = Annotated[str, typer.Argument(metavar="VM", help="VM name.")]
@@ -95,7 +95,9 @@ def _started_or_plan(session: Session, answer: dict[str, Any], *, wait: bool) ->
 
 def complete(
     ctx: typer.Context,
-    job_id: JobArg,
+    job_id: Annotated[
+        str, typer.Argument(metavar="JOB|VM", help="The waiting job's id, or its VM's name.")
+    ],
     wait: WaitOpt = False,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
@@ -104,7 +106,7 @@ def complete(
     with Session.of(ctx, vault, json_out) as session:
         job = session.client.post(f"/jobs/{segment(job_id)}/complete")
         if wait:
-            follow(session, job_id)
+            follow(session, job["id"])
             return
         session.emit(job, render.job)
 

@@ -24,9 +24,11 @@ from siterecovery.domain.errors import (
     HostDisconnected,
     HypervisorMismatch,
     InvalidInput,
+    JobNotFound,
     NoBlockAccess,
     NoDrill,
     NoRecoveryPoint,
+    OperationNotAllowed,
     PointNotFound,
     ProtectionDisabled,
     ReplicationUnhealthy,
@@ -545,10 +547,37 @@ def plan_reprotect(ctx: Context, item: Item) -> Plan:
 
 
 def complete(ctx: Context, *, job_id: str, send: Callable[[str], None]) -> dict[str, Any]:
-    """Let a failback (or a plan's) waiting in ``awaiting-completion`` start phase 2."""
+    """Let a failback (or a plan's) waiting in ``awaiting-completion`` start phase 2.
+    ``job_id`` is the job's id, or the name of the VM whose job waits (what
+    ``item show`` offers ``complete`` for)."""
     from siterecovery.services.jobs import release_wait
 
-    return release_wait(ctx, job_id=job_id, waiting=JobState.AWAITING_COMPLETION, send=send)
+    job = awaiting_job(ctx, job_id)
+    return release_wait(ctx, job_id=job, waiting=JobState.AWAITING_COMPLETION, send=send)
+
+
+def awaiting_job(ctx: Context, ref: str) -> str:
+    """The id of job ``ref``, or of the job of VM ``ref`` that awaits completion.
+    JobNotFound when ``ref`` is neither a job nor a VM; OperationNotAllowed
+    (naming the item's state) when the VM has no job waiting."""
+    try:
+        return ctx.store.get_job(job_id=ref).id
+    except JobNotFound:
+        pass
+    waiting = [
+        j for j in ctx.store.list_jobs(vm=ref) if j.state is JobState.AWAITING_COMPLETION
+    ]
+    if waiting:
+        return waiting[0].id
+    item = ctx.store.find_item(vm=ref)
+    if item is None:
+        raise JobNotFound(name=ref)
+    raise OperationNotAllowed(
+        operation="complete",
+        vm=ref,
+        state=f"{item.state.value}, with no failback awaiting completion",
+        allowed=", ".join(item_view(ctx, item)["allowed_operations"]) or "nothing now",
+    )
 
 
 def cleanup_test(ctx: Context, *, vm: str, submit: Submit) -> dict[str, Any]:
