@@ -42,7 +42,9 @@ class SitePatch(Body):
 
 
 class HostPatch(Body):
-    connected: bool
+    connected: bool | None = None
+    add_switches: list[str] = Field(default_factory=list)
+    remove_switches: list[str] = Field(default_factory=list)
 
 
 class VmIn(Body):
@@ -106,7 +108,7 @@ def add_host(ctx: Ctx, body: HostIn) -> dict[str, Any]:
 
 @router.patch("/hosts/{name}")
 def set_host(ctx: Ctx, name: str, body: HostPatch) -> dict[str, Any]:
-    return inventory.set_host(ctx, name=name, connected=body.connected).to_dict()
+    return inventory.set_host(ctx, name=name, **body.model_dump()).to_dict()
 
 
 @router.get("/vms")

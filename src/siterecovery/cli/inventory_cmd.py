@@ -180,16 +180,26 @@ def host_set(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="NAME", help="Host name.")],
     connected: Annotated[
-        bool, typer.Option("--connected/--disconnected", help="Whether the host is reachable.")
-    ],
+        bool | None,
+        typer.Option("--connected/--disconnected", help="Whether the host is reachable."),
+    ] = None,
+    add: Annotated[
+        list[str] | None,
+        typer.Option("--switch", metavar="NAME", help="Add a virtual switch (repeatable)."),
+    ] = None,
+    remove: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove-switch", metavar="NAME", help="Remove a virtual switch (repeatable)."
+        ),
+    ] = None,
     vault: VaultOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Mark a host connected or disconnected."""
+    """Mark a host connected or disconnected; add or remove its virtual switches."""
+    body = {"connected": connected, "add_switches": add or [], "remove_switches": remove or []}
     with Session.of(ctx, vault, json_out) as session:
-        answer = session.client.request(
-            "PATCH", f"/hosts/{segment(name)}", body={"connected": connected}
-        )
+        answer = session.client.request("PATCH", f"/hosts/{segment(name)}", body=body)
         session.emit(answer, render.host)
 
 

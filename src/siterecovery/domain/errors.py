@@ -306,8 +306,9 @@ class HostDisconnected(RuleViolation):
 class SwitchMissing(RuleViolation):
     code = "SWITCH_MISSING"
     template = (
-        "host '{host}' has no virtual switch '{switch}' for a NIC of '{vm}'; add the switch "
-        "to the host or pick another host with --host"
+        "host '{host}' has no virtual switch '{switch}' for a NIC of '{vm}': add it with "
+        "`siterecovery host set {host} --switch {switch}` (a kvm host: a libvirt network or "
+        "bridge of that name must exist there), or pick another host with --host"
     )
 
 

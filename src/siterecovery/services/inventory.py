@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -154,10 +155,52 @@ def set_site(ctx: Context, *, name: str, max_rate: str | int) -> Site:
     return ctx.store.update_site(name=name, max_rate=rate)
 
 
-def set_host(ctx: Context, *, name: str, connected: bool) -> Host:
-    """Mark a host connected or not (a disconnected host takes no failover)."""
-    ctx.store.get_host(name=name)
-    return ctx.store.update_host(name=name, connected=connected)
+def set_host(
+    ctx: Context,
+    *,
+    name: str,
+    connected: bool | None = None,
+    add_switches: Sequence[str] = (),
+    remove_switches: Sequence[str] = (),
+) -> Host:
+    """Mark a host connected or not (a disconnected host takes no failover), and
+    add or remove its virtual switches. A switch added to a kvm host must be
+    one of its libvirt networks or bridges (checked there by the site's
+    agent); a switch removed must be the host's and no VM of the host may
+    have a NIC on it. Everything is checked before anything changes."""
+    host = ctx.store.get_host(name=name)
+    if connected is None and not add_switches and not remove_switches:
+        raise InvalidInput(
+            field="host", reason="nothing to change: give --connected/--disconnected, "
+            "--switch NAME or --remove-switch NAME",
+        )  # fmt: skip
+    for switch in (*add_switches, *remove_switches):
+        check_name("switch", switch)
+    both = sorted(set(add_switches) & set(remove_switches))
+    if both:
+        raise InvalidInput(field="switch", reason=f"{both[0]} is both added and removed")
+    unknown = sorted(set(remove_switches) - set(host.switches))
+    if unknown:
+        raise InvalidInput(
+            field="switch", reason=f"host {name} has no switch {unknown[0]}; its switches: "
+            f"{', '.join(host.switches) or 'none'}",
+        )  # fmt: skip
+    for vm in ctx.store.find_vms():
+        used = sorted(set(vm.nics) & set(remove_switches)) if vm.host == name else []
+        if used:
+            raise VmBusy(
+                vm=vm.name, state=f"on host {name} with a NIC on switch {used[0]}",
+                hint=f"delete it or fail it over elsewhere before removing {used[0]}",
+            )  # fmt: skip
+    new = [s for s in dict.fromkeys(add_switches) if s not in host.switches]
+    if new:
+        ctx.site(ctx.store.get_site(name=host.site)).add_host(replace(host, switches=tuple(new)))
+
+    def changed(switches: tuple[str, ...]) -> tuple[str, ...]:
+        kept = [s for s in switches if s not in remove_switches]
+        return tuple(dict.fromkeys([*kept, *add_switches]))
+
+    return ctx.store.update_host(name=name, connected=connected, change_switches=changed)
 
 
 def delete_vm(ctx: Context, *, name: str, site: str | None = None) -> dict[str, Any]:

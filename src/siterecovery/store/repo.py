@@ -182,12 +182,23 @@ class VaultStore(RecoveryRepo, OwnerRepo):
                 raise HostNotFound(name=name)
             return _host(row)
 
-    def update_host(self, *, name: str, connected: bool) -> Host:
+    def update_host(
+        self,
+        *,
+        name: str,
+        connected: bool | None = None,
+        change_switches: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
+    ) -> Host:
+        """Set ``connected`` (None: kept) and the switches to ``change_switches(the
+        current ones)``, under the row's lock: two changes at once compose."""
         with self.session() as s:
             row = s.get(HostRow, name, with_for_update=True)
             if row is None:
                 raise HostNotFound(name=name)
-            row.connected = connected
+            if connected is not None:
+                row.connected = connected
+            if change_switches is not None:
+                row.switches = list(change_switches(tuple(row.switches)))
             return _host(row)
 
     def list_hosts(self, *, site: str | None = None) -> list[Host]:
