@@ -136,6 +136,10 @@ def test_failover_verbs_through_the_cli(daemon: Daemon, vault: Path) -> None:
     from siterecovery.providers.local.provider import LocalProvider
 
     sr(vault, "protect", "web01", "--to", "cloud", "--interval", "1h", "--wait")
+    # A dry run that would be refused prints its whole plan and exits as the refusal would.
+    code, plan = sr(vault, "commit", "web01", "--dry-run", check=False)
+    assert code == 3 and plan["dry_run"] and plan["ok"] is False, (code, plan)
+    assert plan["failed_preconditions"] and plan["preconditions"], plan
     onprem = Site("onprem", "local", str(vault / "sites" / "onprem"), SiteRole.ON_PREMISES)
     guest = WorkloadControl(LocalProvider().run_dir(onprem, "vm-web01") / "workload.sock")
     guest.quiesce(timeout=120)

@@ -16,7 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from siterecovery.domain.errors import InvalidInput
+from siterecovery.domain.errors import Category, InvalidInput
+
+EXIT_CODES = {Category.USAGE: 2, Category.RULE: 3, Category.NOT_FOUND: 4}
+"""The exit code of an error by its category (1 for the others)."""
 
 if TYPE_CHECKING:
     from siterecovery.store.repo import VaultStore

@@ -88,7 +88,7 @@ def failover(
 
 def _started_or_plan(session: Session, answer: dict[str, Any], *, wait: bool) -> None:
     if answer.get("dry_run"):
-        session.emit(answer, render.everything)
+        session.emit_plan(answer, render.everything)
         return
     started(session, answer, wait=wait)
 

@@ -22,10 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from siterecovery.cli import agent_cmd, sync_cmd
-from siterecovery.cli.common import UsageError, print_json
+from siterecovery.cli.common import EXIT_CODES, UsageError, print_json
 from siterecovery.domain.errors import Category, InternalError, SiteRecoveryError, category_of
 
-EXIT_CODES = {Category.USAGE: 2, Category.RULE: 3, Category.NOT_FOUND: 4}
 PROG = "siterecovery"
 
 COMMANDS: dict[str, tuple[str, str, bool]] = {

@@ -374,7 +374,7 @@ def _operation(
     with Session.of(ctx, vault, json_out) as session:
         answer = session.client.post(f"/plans/{segment(name)}/{operation}", body)
         if answer.get("dry_run"):
-            session.emit(answer, _dry_run)
+            session.emit_plan(answer, _dry_run)
             return
         started(session, answer, wait=wait)
 

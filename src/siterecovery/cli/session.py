@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from siterecovery.cli.common import JSON_HELP, VAULT_HELP, emit, resolve_vault
+from siterecovery.cli.common import EXIT_CODES, JSON_HELP, VAULT_HELP, emit, resolve_vault
+from siterecovery.domain.errors import Category
 
 if TYPE_CHECKING:
     from siterecovery.cli.client import Client
@@ -64,6 +65,13 @@ class Session:
     def emit(self, doc: Any, human: Callable[[Any], None]) -> None:
         """Print ``doc`` as JSON with --json, else through ``human``."""
         emit(doc, human, as_json=self.json)
+
+    def emit_plan(self, plan: dict[str, Any], human: Callable[[Any], None]) -> None:
+        """Print a dry run's whole plan, then exit 3 (what a refusal by a rule
+        exits with) when a precondition failed: the operation would be refused."""
+        self.emit(plan, human)
+        if not plan.get("ok", True):
+            raise typer.Exit(EXIT_CODES[Category.RULE])
 
     def __enter__(self) -> Session:
         return self
