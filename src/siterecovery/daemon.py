@@ -122,11 +122,6 @@ def open_context(vault: Path) -> Context:
     return Context(vault_dir=vault.absolute(), store=VaultStore(vault_url(vault)))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part."""
-    write_private(path, text.encode())
-
-
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -229,7 +224,7 @@ def serve(
             lab_up(ctx, agents=lab_agents, provider=lab_provider)
         scheduler.start()
         agents.start_monitor(ctx)
-        _write_atomically(info, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        write_private(info, (json.dumps({"url": url, "pid": os.getpid()}) + "\n").encode())
         print(
             f"siterecovery daemon on {url} (API docs {url}/docs, token in {vault / 'token'})",
             file=sys.stderr,

@@ -51,7 +51,7 @@ from siterecovery import __version__
 from siterecovery.agent import tls, tokens
 from siterecovery.domain.errors import InvalidInput, JoinTokenRefused
 from siterecovery.domain.values import check_name
-from siterecovery.keys.master import sync_dir
+from siterecovery.keys.master import sync_dir, write_private
 
 AGENT_FILE = "agent.json"
 SECRETS_FILE = "secrets.json"
@@ -236,16 +236,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     """Replace ``path`` whole (readers see the old or the new file), mode 0600."""
-    partial = path.with_name(f".{path.name}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (json.dumps(doc, indent=2) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(partial, path)
-    sync_dir(path.parent)
+    write_private(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 @contextmanager

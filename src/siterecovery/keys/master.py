@@ -53,19 +53,26 @@ _KEK_LABEL = b"siterecovery key wrap v1\0"
 _ID_LABEL = b"siterecovery master key id v1\0"
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` durably and atomically, mode 0600 whatever the
-    umask: readers see the old file or the whole new one."""
-    partial = path.with_name(path.name + ".partial")
+def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` by ``data`` atomically, mode 0600 whatever the umask:
+    readers see the old file or the whole new one (written to the transient
+    ``.NAME.partial`` beside it, then renamed over it). ``durable``: the file
+    and the rename are fsync'd, so they survive a power loss; without, a
+    frequently rewritten cache of what can be seen again."""
+    partial = path.with_name(f".{path.name}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(partial, path)
-    sync_dir(path.parent)
+    if durable:
+        sync_dir(path.parent)
 
 
 def sync_dir(path: Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import libvirt  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 from siterecovery.domain.errors import GuestError, VmNotFound
+from siterecovery.keys.master import write_private
 from siterecovery.providers.libvirt.connection import Domain, translated
 
 STATUS_COMMAND = "sr-status"
@@ -122,9 +122,7 @@ def _response_timeout(domain: Domain, seconds: float) -> Iterator[None]:
 def save_state(path: Path, status: dict[str, Any], **extra: object) -> None:
     """Write ``status`` (with ``extra`` and the time) to ``path``, atomically."""
     data = {**status, **extra, "at": time.time()}
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(data) + "\n")
-    os.replace(partial, path)
+    write_private(path, (json.dumps(data) + "\n").encode(), durable=False)
 
 
 def read_state(path: Path) -> dict[str, object]:

@@ -63,6 +63,7 @@ from typing import IO, Any
 
 import siterecovery
 from siterecovery.domain.errors import GuestError
+from siterecovery.keys.master import write_private
 
 KERNEL_META = "linux-image-cloud-amd64"
 """The Debian metapackage naming the cloud kernel image package."""
@@ -175,7 +176,7 @@ def _resolved_versions(cache: Path) -> dict[str, str]:
     del versions[KERNEL_META]
     versions.update(_ask_apt([kernel])[0])
     record = {"stamp": stamp, "packages": [KERNEL_META, *PACKAGES], "versions": versions}
-    _write_atomic(saved, json.dumps(record, indent=1, sort_keys=True).encode())
+    write_private(saved, json.dumps(record, indent=1, sort_keys=True).encode())
     return versions
 
 
@@ -297,7 +298,7 @@ def _build(cache: Path, versions: dict[str, str], digest: str) -> GuestImage:
         "kernel_bytes": (work / "vmlinuz").stat().st_size,
         "build_seconds": round(time.monotonic() - started, 2),
     }  # fmt: skip
-    _write_atomic(work / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_private(work / "manifest.json", json.dumps(manifest, indent=1).encode())
     work.rename(images / digest)
     found = _load(images / digest)
     assert found is not None
@@ -562,12 +563,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _tool(

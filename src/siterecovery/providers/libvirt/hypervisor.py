@@ -48,7 +48,6 @@ import libvirt  # type: ignore[import-untyped, import-not-found, unused-ignore]
 from siterecovery.disk import qemu_img
 from siterecovery.disk.checkpoints import BITMAP_PREFIX
 from siterecovery.disk.qsd import DiskSpec as ServedDisk
-from siterecovery.disk.qsd import StorageDaemon
 from siterecovery.disk.tracking import DiskAccess
 from siterecovery.domain.errors import (
     AlreadyExists,
@@ -79,7 +78,12 @@ from siterecovery.providers.libvirt.guest_agent import LibvirtGuestAgent, read_s
 from siterecovery.providers.libvirt.guest_image import GuestImage, build_guest, detect_accel
 from siterecovery.providers.libvirt.metadata import bitmap_flags, redefine_checkpoints
 from siterecovery.providers.libvirt.tracking import LibvirtDiskAccess
-from siterecovery.providers.local.access import transient_access, vm_lock
+from siterecovery.providers.local.access import (
+    backing_files,
+    stop_leftover_access,
+    transient_access,
+    vm_lock,
+)
 from siterecovery.providers.local.provider import run_dir
 
 log = logging.getLogger(__name__)
@@ -387,12 +391,7 @@ class LibvirtHypervisor:
         return Path(spec.boot.kernel) == Path(image.kernel)
 
     def reads_through(self, site: Site, vm: Vm) -> set[Path]:
-        found: set[Path] = set()
-        for disk in vm.disks:
-            path = self.disk_path(site, vm, disk.name)
-            if path.exists():
-                found.update(p.resolve() for p in qemu_img.backing_chain(path)[1:])
-        return found
+        return backing_files(self.disk_path(site, vm, d.name) for d in vm.disks)
 
     def is_inconsistent(self, site: Site, vm: Vm) -> bool:
         return (self._vm_dir(site, vm) / "inconsistent").exists()
@@ -546,11 +545,7 @@ class LibvirtHypervisor:
         return run_dir(site, f"access-{vm.name}")
 
     def _stop_leftover_access(self, site: Site, vm: Vm) -> None:
-        """Stop the transient daemon an engine that died mid-access left (the
-        caller holds the VM's lock, so no live access owns it)."""
-        leftover = StorageDaemon.attach(self._access_run(site, vm))
-        if leftover is not None:
-            leftover.stop()
+        stop_leftover_access(self._access_run(site, vm))
 
     def _lock(self, site: Site, vm: Vm) -> AbstractContextManager[None]:
         return vm_lock(self._vm_dir(site, vm))

@@ -6,11 +6,12 @@ one), change tracking by its persistent dirty bitmaps and views by fleecing
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from siterecovery.disk import qemu_img
 from siterecovery.disk.checkpoints import Tracker, freeze_together
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qmp import QmpClient
@@ -92,3 +93,22 @@ def transient_access(
         yield QsdDiskAccess(transient.qmp(), transient.nbd_socket, nodes, work_dir, False)
     finally:
         transient.stop()
+
+
+def stop_leftover_access(run_dir: Path, *, timeout: float = 30.0) -> None:
+    """Stop the transient daemon in ``run_dir`` that an engine which died
+    mid-access left on a VM's disks (the caller holds the VM's lock, so no
+    live access owns it). Nothing to do when there is none."""
+    leftover = StorageDaemon.attach(run_dir)
+    if leftover is not None:
+        leftover.stop(timeout=timeout)
+
+
+def backing_files(disks: Iterable[Path]) -> set[Path]:
+    """The files the qcow2 ``disks`` read through (their backing chains, less
+    the disks themselves), resolved; a disk that does not exist has none."""
+    found: set[Path] = set()
+    for path in disks:
+        if path.exists():
+            found.update(p.resolve() for p in qemu_img.backing_chain(path)[1:])
+    return found

@@ -41,7 +41,13 @@ from siterecovery.domain.errors import VmInconsistent
 from siterecovery.domain.model import Site, Vm, VmPower
 from siterecovery.providers.base import GuestAgent, register
 from siterecovery.providers.local import guest
-from siterecovery.providers.local.access import QsdDiskAccess, transient_access, vm_lock
+from siterecovery.providers.local.access import (
+    QsdDiskAccess,
+    backing_files,
+    stop_leftover_access,
+    transient_access,
+    vm_lock,
+)
 from siterecovery.providers.local.paths import run_root
 from siterecovery.providers.local.replicas import LocalReplicaStore
 
@@ -192,12 +198,7 @@ class LocalHypervisor:
         return self.disk_path(site, vm, disk)
 
     def reads_through(self, site: Site, vm: Vm) -> set[Path]:
-        found: set[Path] = set()
-        for disk in vm.disks:
-            path = self.disk_path(site, vm, disk.name)
-            if path.exists():
-                found.update(p.resolve() for p in qemu_img.backing_chain(path)[1:])
-        return found
+        return backing_files(self.disk_path(site, vm, d.name) for d in vm.disks)
 
     def disk_path(self, site: Site, vm: Vm, disk: str) -> Path:
         return self._vm_dir(site, vm.name) / "disks" / f"{disk}.qcow2"
@@ -226,11 +227,7 @@ class LocalHypervisor:
         return self.run_dir(site, f"access-{vm.name}")
 
     def _stop_leftover_access(self, site: Site, vm: Vm, *, timeout: float = 30.0) -> None:
-        """Stop the transient daemon an engine that died mid-access left on the
-        disks (the caller holds the VM's lock, so no live access owns it)."""
-        leftover = StorageDaemon.attach(self._access_run(site, vm))
-        if leftover is not None:
-            leftover.stop(timeout=timeout)
+        stop_leftover_access(self._access_run(site, vm), timeout=timeout)
 
     def _specs(self, site: Site, vm: Vm) -> list[DiskSpec]:
         return [DiskSpec(node=d.name, path=self.disk_path(site, vm, d.name)) for d in vm.disks]
