@@ -29,3 +29,15 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev,postgres]'
 .venv/bin/python -c "import nbd, siterecovery" >/dev/null
+
+# Azurite (the Azure Storage emulator) for the page-blob replica store's tests,
+# from npm into .azurite/ (git-ignored); skipped when that version is there.
+AZURITE_VERSION=3.37.0
+if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" .azurite/node_modules/azurite/package.json; then
+  if ! command -v npm >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  npm install --prefix .azurite --no-fund --no-audit --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
+fi

@@ -1,7 +1,7 @@
 """The ReplicaStore contract, run against every implementation.
 
-Every store (``params`` of the ``store`` fixture: the local qcow2 chains today;
-page blobs next) must pass the same tests: a point is listed only once sealed,
+Every store (``params`` of the ``store`` fixture: the local qcow2 chains, and
+page blobs in Azurite) must pass the same tests: a point is listed only once sealed,
 its image is its parent's plus what was written (checked by digests of bytes),
 a partial point is kept for a resume and discarded otherwise, sealing and
 merging are idempotent, deleting keeps exactly the named points.
@@ -20,16 +20,29 @@ from siterecovery.disk.digest import disk_digest
 from siterecovery.disk.file import FileDevice, create_raw
 from siterecovery.domain.errors import PointNotFound
 from siterecovery.domain.model import Site, SiteRole
+from siterecovery.providers.azure.replicas import AzureBlobReplicaStore
 from siterecovery.providers.local.replicas import LocalReplicaStore
 from siterecovery.providers.replicas import ReplicaStore
+
+from .azurite import Azurite, azure_site, azurite
 
 MiB = 1 << 20
 SIZE = 8 * MiB
 ITEM, DISK = "vm1", "d0"
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(scope="module")
+def blob_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    with azurite(tmp_path_factory.mktemp("azurite")) as service:
+        yield service
+
+
+@pytest.fixture(params=["local", "azure-blob"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[ReplicaStore, Site]]:
+    if request.param == "azure-blob":
+        service: Azurite = request.getfixturevalue("blob_service")
+        yield AzureBlobReplicaStore(), azure_site(service, tmp_path)
+        return
     site = Site(name="dr", provider="local", path=str(tmp_path / "site"), role=SiteRole.CLOUD)
     yield LocalReplicaStore(), site
 

@@ -718,3 +718,44 @@ class AgentSiteUnsupported(RuleViolation):
         "this version (replication passes do: protect, replicate, the scheduler); use a "
         "local site for it until failover and failback run through agents"
     )
+
+
+class StorageUnreachable(DiskError):
+    """A site's storage account (Azure Blob, or an emulator) cannot be reached.
+
+    Fields: ``url`` (the account URL, never a key) and ``detail`` (the transport's
+    reason). Raised only by ``providers/azure/``, where azure-core errors are translated.
+    """
+
+    code = "STORAGE_UNREACHABLE"
+    template = (
+        "the storage account at {url} cannot be reached ({detail}); check the account URL "
+        "in the site's path and that the network path from this agent to it is open"
+    )
+
+
+class StorageCredentialsRefused(DiskError):
+    """A site's storage account refused the credentials configured for the site.
+
+    Fields: ``url`` (the account URL), ``source`` (where the credentials were read
+    from: a file or an environment variable, never their value) and ``reason``
+    (the service's error code).
+    """
+
+    code = "STORAGE_CREDENTIALS_REFUSED"
+    template = (
+        "the storage account at {url} refused the credentials read from {source} ({reason}); "
+        "check that it holds the account's current access key or connection string "
+        "(keys rotate) for that account, and that this machine's clock is right"
+    )
+
+
+class PointNotMountable(RuleViolation):
+    """A recovery point kept where the site's hypervisor cannot base a VM disk on it."""
+
+    code = "POINT_NOT_MOUNTABLE"
+    template = (
+        "recovery point '{name}' of '{vm}' is a snapshot of the page blob {location}: a VM "
+        "cannot run directly on a page-blob point yet (a later version will serve it); "
+        "fail over to a site whose replicas are local qcow2 chains"
+    )

@@ -564,9 +564,7 @@ def awaiting_job(ctx: Context, ref: str) -> str:
         return ctx.store.get_job(job_id=ref).id
     except JobNotFound:
         pass
-    waiting = [
-        j for j in ctx.store.list_jobs(vm=ref) if j.state is JobState.AWAITING_COMPLETION
-    ]
+    waiting = [j for j in ctx.store.list_jobs(vm=ref) if j.state is JobState.AWAITING_COMPLETION]
     if waiting:
         return waiting[0].id
     item = ctx.store.find_item(vm=ref)
