@@ -167,3 +167,19 @@ def test_an_unknown_point_is_not_found(store) -> None:
     for name in ("p000009.qcow2", "../../etc/passwd", "p000001.qcow2.partial"):
         with pytest.raises(PointNotFound), replicas.open_point(site, ITEM, DISK, name):
             pass
+
+
+def test_a_point_never_begun_cannot_be_sealed(store) -> None:
+    """A pass whose partial point is gone (discarded under it) must not record a
+    point on nothing: sealing it is refused and lists nothing."""
+    replicas, site = store
+    first = _point(replicas, site, 1, [(0, os.urandom(MiB))])
+    with pytest.raises(PointNotFound):
+        replicas.seal(site, ITEM, DISK, 2)
+    assert replicas.chain(site, ITEM, DISK) == [first]
+    with replicas.begin(site, ITEM, DISK, 2, SIZE) as device:
+        _write(device, 0, os.urandom(4096))
+    replicas.discard(site, ITEM, DISK)
+    with pytest.raises(PointNotFound):
+        replicas.seal(site, ITEM, DISK, 2)
+    assert replicas.chain(site, ITEM, DISK) == [first]

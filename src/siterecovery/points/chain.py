@@ -22,6 +22,7 @@ from pathlib import Path
 
 from siterecovery.disk import qemu_img
 from siterecovery.domain.errors import DiskError
+from siterecovery.keys.master import sync_dir
 
 _SEALED = re.compile(r"^p(\d{6})\.qcow2$")
 
@@ -69,11 +70,17 @@ class ReplicaChain:
         return partial
 
     def seal(self, seq: int) -> Path:
-        """Rename the partial of ``seq`` to its sealed name. Idempotent."""
+        """Rename the partial of ``seq`` to its sealed name, durably. Idempotent;
+        FileNotFoundError when ``seq`` was neither begun nor sealed (nothing to
+        seal: a point must never be recorded on a file that does not exist)."""
         final = self.file_for(seq)
         partial = self.partial_for(seq)
-        if partial.exists():
+        try:
             partial.rename(final)
+        except FileNotFoundError:
+            if not final.exists():
+                raise
+        sync_dir(self.directory)
         return final
 
     def discard_from(self, seq: int) -> list[Path]:

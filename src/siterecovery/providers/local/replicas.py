@@ -44,7 +44,10 @@ class LocalReplicaStore:
         self._chain(site, item, disk).discard_partials()
 
     def seal(self, site: Site, item: str, disk: str, seq: int) -> str:
-        return self._chain(site, item, disk).seal(seq).name
+        try:
+            return self._chain(site, item, disk).seal(seq).name
+        except FileNotFoundError:
+            raise PointNotFound(name=f"{disk}/p{seq:06d} (partial)", vm=item) from None
 
     @contextmanager
     def open_point(self, site: Site, item: str, disk: str, name: str) -> Iterator[BlockDevice]:
