@@ -53,6 +53,10 @@ CASES = [
      ["protect", "db01", "--to", "cloud", "--interval", "1h", "--retention", "10m"],
      {"vm": "db01", "to": "cloud", "interval": "1h", "retention": "10m"},
      400, "INVALID_INPUT", 2, ["retention"]),
+    ("interval past the default retention", ["protect", "db01", "--to", "cloud", "--interval", "2d"],
+     {"vm": "db01", "to": "cloud", "interval": "2d"},
+     400, "INVALID_INPUT", 2, ["interval: an interval of 2d", "(--retention not given)",
+                               "--retention 2d or more"]),
 ]  # fmt: skip
 
 
@@ -133,3 +137,18 @@ def test_openapi_documents_every_route(daemon: Daemon) -> None:
     for path in ("/api/v1/items", "/api/v1/items/{vm}/replicate", "/api/v1/jobs/{job_id}/cancel",
                  "/api/v1/vms/{name}/check", "/api/v1/lab/up"):  # fmt: skip
         assert path in paths
+
+
+def test_a_huge_name_is_not_echoed_back_whole(daemon: Daemon, vault: Path) -> None:
+    before = vault_snapshot(daemon, vault)
+    huge = "v" * 5000
+    for method, path, body in (
+        ("POST", "/items", {"vm": huge, "to": "cloud"}),
+        ("GET", f"/items/{huge}", None),
+        ("POST", "/vms", {"name": huge, "host": "hv01"}),
+    ):
+        status, error = daemon.error(method, path, json=body)
+        assert status in (400, 404), (status, error["code"])
+        assert "(5000 characters)" in error["message"] and len(error["message"]) < 500, error
+        assert len(json.dumps(error)) < 1500, error["code"]
+    assert vault_snapshot(daemon, vault) == before

@@ -66,6 +66,7 @@ def protect(ctx: Ctx, runtime: Runtime, body: ProtectIn) -> dict[str, Any]:
         verify_points=body.verify_points,
         compress=body.compress,
         key=body.key,
+        given=body.model_fields_set,
     )
     return protection.protect(ctx, vm=body.vm, to=body.to, policy=policy, submit=runtime.submit)
 

@@ -68,11 +68,11 @@ class SiteRecoveryError(Exception):
     template: ClassVar[str] = "{detail}"
 
     def __init__(self, **fields: Any) -> None:
-        self.fields = fields
+        self.fields = {k: _clipped(v) if k in NAME_FIELDS else v for k, v in fields.items()}
         try:
-            message = self.template.format(**fields)
+            message = self.template.format(**self.fields)
         except (KeyError, IndexError):
-            message = f"{self.template} {fields}"
+            message = f"{self.template} {self.fields}"
         super().__init__(message)
 
     @property
@@ -88,6 +88,23 @@ class SiteRecoveryError(Exception):
         """The JSON shape shared by the API and the CLI."""
         details = {k: v for k, v in self.fields.items() if _jsonable(v)}
         return {"code": self.code, "message": self.message, "details": details}
+
+
+MAX_ECHO = 200
+"""Characters of a name the user gave that an error repeats (a 5,000-character
+name is not echoed back whole; what the services say of their own is kept)."""
+NAME_FIELDS = frozenset({"name", "vm", "site", "host", "switch", "group", "plan", "point", "key"})
+
+
+def clip(text: str) -> str:
+    """``text`` as an error repeats it: whole, or its start and its length."""
+    if len(text) <= MAX_ECHO:
+        return text
+    return f"{text[: MAX_ECHO - 40]}… ({len(text)} characters)"
+
+
+def _clipped(value: Any) -> Any:
+    return clip(value) if isinstance(value, str) else value
 
 
 def _restore(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from siterecovery.domain.errors import InvalidInput
+from siterecovery.domain.errors import InvalidInput, clip
 from siterecovery.domain.model import SiteRole
 
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
@@ -38,7 +38,7 @@ def parse_duration(
         match = _DURATION.fullmatch(text)
         if not match:
             raise InvalidInput(
-                field=field, reason=f"'{text}' is not a duration (e.g. 30s, 5m, 24h)"
+                field=field, reason=f"'{clip(text)}' is not a duration (e.g. 30s, 5m, 24h)"
             )
         value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
     if not math.isfinite(value):
@@ -50,6 +50,15 @@ def parse_duration(
     return value
 
 
+def duration_text(seconds: float) -> str:
+    """A duration in the largest unit that says it exactly (``2d``, ``90m``,
+    ``45s``, ``0.5s``): the words a user types for :func:`parse_duration`."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_size(field: str, text: str | int, *, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
     """Bytes from ``"1G"``, ``"512M"``, ``"64KiB"`` or a number (binary units)."""
     if isinstance(text, int):
@@ -57,7 +66,9 @@ def parse_size(field: str, text: str | int, *, minimum: int = 1, maximum: int = 
     else:
         match = _SIZE.fullmatch(text)
         if not match:
-            raise InvalidInput(field=field, reason=f"'{text}' is not a size (e.g. 1G, 512M)")
+            raise InvalidInput(
+                field=field, reason=f"'{clip(str(text))}' is not a size (e.g. 1G, 512M)"
+            )
         unit = (match[2] or "").lower().rstrip("b").rstrip("i")
         number = float(match[1])
         if not math.isfinite(number):
@@ -75,7 +86,7 @@ def check_name(field: str, name: str) -> str:
     if not _NAME.fullmatch(name):
         raise InvalidInput(
             field=field,
-            reason=f"'{name}' is not a valid name (1-63 letters, digits, '.', '_', '-')",
+            reason=f"'{clip(name)}' is not a valid name (1-63 letters, digits, '.', '_', '-')",
         )
     return name
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,13 @@ from siterecovery.domain.model import (
     Vm,
     utcnow,
 )
-from siterecovery.domain.values import check_name, check_positive, parse_duration, parse_size
+from siterecovery.domain.values import (
+    check_name,
+    check_positive,
+    duration_text,
+    parse_duration,
+    parse_size,
+)
 from siterecovery.services import agents, inventory, keys, ownership
 from siterecovery.store.owner_repo import is_job
 
@@ -46,13 +52,25 @@ def make_policy(
     verify_points: bool = False,
     compress: str = "none",
     key: str | None = None,
+    given: Collection[str] = (),
 ) -> Policy:
     """A validated policy (every field checked, InvalidInput names the bad one).
 
-    ``key`` is checked as a name only: that the vault holds it is for
-    :func:`protect` and :func:`update_policy` to check (:func:`require_key`)."""
+    ``given`` names the fields the user gave (the others are defaults or kept):
+    a retention shorter than the interval is blamed on the one the user gave,
+    in their words. ``key`` is checked as a name only: that the vault holds it
+    is for :func:`protect` and :func:`update_policy` to check (:func:`require_key`)."""
     seconds = parse_duration("interval", interval, minimum=MIN_INTERVAL)
-    keep = parse_duration("retention", retention, minimum=seconds)
+    keep = parse_duration("retention", retention)
+    if keep < seconds:
+        blamed = "retention" if "retention" in given and "interval" not in given else "interval"
+        raise InvalidInput(
+            field=blamed,
+            reason=f"an interval of {duration_text(seconds)} is longer than the retention of "
+            f"{duration_text(keep)}{'' if 'retention' in given else ' (--retention not given)'}: a "
+            f"point would be deleted before the next is taken; give --retention "
+            f"{duration_text(seconds)} or more, or a shorter --interval",
+        )
     if app_consistent_every < 0:
         raise InvalidInput(field="app-consistent-every", reason="must be 0 (never) or more")
     rate = parse_size("max-rate", max_rate, minimum=0) if max_rate not in (0, "0") else 0
@@ -289,7 +307,7 @@ def update_policy(ctx: Context, *, vm: str, **changes: Any) -> dict[str, Any]:
     """Change the item's policy: ``changes`` are :func:`make_policy`'s fields
     (``key=None`` removes the key); nothing changes when one is refused."""
     item = ctx.store.get_item(vm=vm)
-    policy = make_policy(**{**item.policy.to_dict(), **changes})
+    policy = make_policy(**{**item.policy.to_dict(), **changes}, given=set(changes))
     require_key(ctx, policy)
     ctx.store.update_item(vm=vm, policy=policy)
     return item_view(ctx, ctx.store.get_item(vm=vm))
