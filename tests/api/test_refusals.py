@@ -90,7 +90,11 @@ def test_protect_refusals_change_nothing(
 
 def test_other_refusals(protected: Daemon, vault: Path) -> None:
     before = vault_snapshot(protected, vault)
-    assert protected.error("GET", "/items/db01")[1]["code"] == "ITEM_NOT_FOUND"
+    unprotected = protected.error("GET", "/items/db01")[1]
+    assert unprotected["code"] == "ITEM_NOT_FOUND" and "protect it first" in unprotected["message"]
+    missing = protected.error("GET", "/items/nosuch")[1]  # no such VM: protecting is not the fix
+    assert missing["code"] == "ITEM_NOT_FOUND" and "protect it first" not in missing["message"]
+    assert "`siterecovery vm list`" in missing["message"], missing
     assert protected.error("GET", "/jobs/j000000000000")[1]["code"] == "JOB_NOT_FOUND"
     assert protected.error("POST", "/items/db01/replicate", json={})[1]["code"] == "ITEM_NOT_FOUND"
     status, error = protected.error("GET", "/vms/web01/check", params={"point": "web01-999999"})

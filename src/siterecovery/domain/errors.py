@@ -169,11 +169,20 @@ class VmNotFound(NotFound):
 
 
 class ItemNotFound(NotFound):
+    """No replicated item for VM ``name``; ``vm_exists=False`` when there is no
+    VM of that name either (then protecting it is not what to do)."""
+
     code = "ITEM_NOT_FOUND"
-    template = (
-        "VM '{name}' is not protected; protect it first with "
-        "`siterecovery protect {name} --to SITE`"
-    )
+    template = "VM '{name}' is not protected; {hint}"
+
+    def __init__(self, *, name: str, vm_exists: bool = True) -> None:
+        hint = (
+            f"protect it first with `siterecovery protect {clip(name)} --to SITE`"
+            if vm_exists
+            else "no VM of that name exists either: `siterecovery vm list` lists the VMs, "
+            "`siterecovery items` the protected ones"
+        )
+        super().__init__(name=name, hint=hint)
 
 
 class PointNotFound(NotFound):

@@ -279,7 +279,7 @@ class VaultStore(RecoveryRepo, OwnerRepo):
     def get_item(self, *, vm: str) -> Item:
         item = self.find_item(vm=vm)
         if item is None:
-            raise ItemNotFound(name=vm)
+            raise ItemNotFound(name=vm, vm_exists=bool(self.find_vms(name=vm)))
         return item
 
     def list_items(self) -> list[Item]:
