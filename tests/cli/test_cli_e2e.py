@@ -80,13 +80,43 @@ def test_disable_removes_the_replica(daemon: Daemon, vault: Path) -> None:
     sr(vault, "protect", "web01", "--to", "cloud", "--interval", "1h", "--wait")
     chain = vault / "sites" / "cloud" / "replicas" / "web01" / "d0"
     assert any(chain.glob("p*.qcow2"))
-    _, item = sr(vault, "disable", "web01")
+    _, plan = sr(vault, "disable", "web01", "--dry-run")  # what it deletes; nothing changes
+    (point,) = sr(vault, "points", "web01")[1]
+    assert plan["ok"] and plan["will_delete"] == [
+        f"recovery point {point['id']} ({point['type']}) at cloud"
+    ], plan
+    # On a terminal it asks first; "no" changes nothing.
+    answered = _on_a_terminal(vault, ["disable", "web01"], answer=b"n\n")
+    assert answered.returncode == 1 and b"nothing changed" in answered.stdout, answered
+    assert point["id"] in answered.stdout.decode(), answered.stdout
+    assert sr(vault, "item", "show", "web01")[1]["state"] == "protected"
+    assert any(chain.glob("p*.qcow2"))
+    _, item = sr(vault, "disable", "web01")  # not a terminal: no question
     assert item["state"] == "disabled" and item["points"] == 0
     assert not chain.exists()
     code, refused = sr(vault, "replicate", "web01", check=False)
     assert (code, refused["error"]["code"]) == (3, "OPERATION_NOT_ALLOWED")
     code, refused = sr(vault, "disable", "web01", check=False)
     assert (code, refused["error"]["code"]) == (3, "OPERATION_NOT_ALLOWED")
+
+
+def _on_a_terminal(
+    vault: Path, args: list[str], *, answer: bytes
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI with a pseudo-terminal as its standard input, ``answer`` typed in."""
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer)
+        return subprocess.run(
+            [sys.executable, "-m", "siterecovery", "--vault", str(vault), *args],
+            stdin=secondary, capture_output=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(secondary)
+        os.close(primary)
 
 
 def test_job_wait_shows_a_progress_bar_without_json(daemon: Daemon, vault: Path) -> None:

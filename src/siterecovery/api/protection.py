@@ -86,9 +86,13 @@ def update_policy(ctx: Ctx, vm: str, body: PolicyIn) -> dict[str, Any]:
     return protection.update_policy(ctx, vm=vm, **body.changes())
 
 
+class DisableIn(Body):
+    dry_run: bool = False
+
+
 @router.post("/items/{vm}/disable")
-def disable(ctx: Ctx, vm: str) -> dict[str, Any]:
-    return protection.disable(ctx, vm=vm)
+def disable(ctx: Ctx, vm: str, body: DisableIn | None = None) -> dict[str, Any]:
+    return protection.disable(ctx, vm=vm, dry_run=(body or DisableIn()).dry_run)
 
 
 @router.post("/items/{vm}/replicate")

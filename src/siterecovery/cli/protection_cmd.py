@@ -9,6 +9,7 @@ left out of the request so the daemon's defaults apply.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -194,11 +195,32 @@ def show_item(
 
 
 def disable(
-    ctx: typer.Context, vm: VmArg, vault: VaultOpt = None, json_out: JsonOpt = False
+    ctx: typer.Context,
+    vm: VmArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be deleted; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    vault: VaultOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Stop protecting a VM; its replica disks and recovery points are deleted."""
+    """Stop protecting a VM; its replica disks and recovery points are deleted.
+
+    On a terminal it lists what it deletes and asks first (``--yes``: do not ask)."""
+    path = f"/items/{segment(vm)}/disable"
     with Session.of(ctx, vault, json_out) as session:
-        session.emit(session.client.post(f"/items/{segment(vm)}/disable"), render.item)
+        if dry_run:
+            session.emit_plan(session.client.post(path, {"dry_run": True}), render.everything)
+            return
+        if not yes and not json_out and sys.stdin.isatty():
+            plan = session.client.post(path, {"dry_run": True})
+            if plan.get("ok", True):  # a refusal is the real call's to say
+                render.everything(plan)
+                question = f"Disable protection of {vm} and delete what is listed above?"
+                if not typer.confirm(question):
+                    render.say("nothing changed")
+                    raise typer.Exit(1)
+        session.emit(session.client.post(path), render.item)
 
 
 def list_points(

@@ -27,6 +27,7 @@ from siterecovery.domain.model import (
     Vm,
     utcnow,
 )
+from siterecovery.domain.plan import Plan
 from siterecovery.domain.values import (
     check_name,
     check_positive,
@@ -174,14 +175,35 @@ def _remember_origin(ctx: Context, item: Item, vm: Vm) -> None:
     )
 
 
-def disable(ctx: Context, *, vm: str) -> dict[str, Any]:
+def plan_disable(ctx: Context, *, vm: str) -> Plan:
+    """What ``disable`` would do: its checks, and every recovery point it deletes."""
+    item = ctx.store.get_item(vm=vm)
+    plan = Plan("disable", vm, item.active_site, item.standby_site)
+    plan.add("state allows disable", lambda: require(item.state, Operation.DISABLE, vm=vm))
+
+    def no_drill() -> None:
+        drill = ctx.store.item_tracking(vm=vm).drill
+        if drill is not None:
+            raise DrillActive(vm=vm, site=drill.site)
+
+    plan.add("no test failover running", no_drill)
+    points = ctx.store.list_points(vm=vm)
+    plan.will_delete = [f"recovery point {p.id} ({p.type.value}) at {p.site}" for p in points]
+    if not points:
+        plan.will_delete = [f"the replica chains of {vm} at {item.standby_site} (no point yet)"]
+    return plan
+
+
+def disable(ctx: Context, *, vm: str, dry_run: bool = False) -> dict[str, Any]:
     """Stop protecting ``vm``: replication stops and its recovery points are deleted.
 
     Refused (VM_BUSY naming the job, nothing changed) while a job owns the item;
     a replication pass is stopped at its next chunk. Replica files that a VM's
     disks are backed by (a failed-over VM on a point) are kept: only what no
-    disk needs is deleted.
+    disk needs is deleted. ``dry_run``: the plan (what would be deleted), nothing done.
     """
+    if dry_run:
+        return plan_disable(ctx, vm=vm).to_dict()
     require(ctx.store.get_item(vm=vm).state, Operation.DISABLE, vm=vm)
     owner = ownership.operation_owner("disable")
     ownership.take(ctx, vm, owner)
