@@ -92,7 +92,18 @@ def test_rules_from_the_seeds(daemon: Daemon, vault: Path) -> None:
     plan = daemon.call(
         "POST", "/items/web01/failover", json={"type": "planned", "host": "hv-off", "dry_run": True}
     )
-    assert plan["ok"], plan  # reconnected: the precondition holds now
+    checks = {c["name"]: c for c in plan["preconditions"]}
+    assert checks["host connected"]["ok"], plan  # reconnected: that precondition holds now
+    # But web01 is on hv01 there: another host is the alternate location (a new VM),
+    # never a silent move of the existing one.
+    assert [c["code"] for c in plan["failed_preconditions"]] == ["TARGET_VM_ELSEWHERE"], plan
+    assert "vm delete web01 --site onprem" in plan["failed_preconditions"][0]["message"]
+    plan = daemon.call(
+        "POST", "/items/web01/failover",
+        json={"type": "planned", "create_vm": True, "dry_run": True},
+    )  # fmt: skip
+    assert plan["ok"] and plan["will_create"] == [], plan
+    assert plan["notes"] and "--create-vm creates nothing" in plan["notes"][0], plan
 
     # The failed-over VM was deleted: it cannot fail back.
     daemon.call("DELETE", "/vms/web01", params={"site": "cloud"})

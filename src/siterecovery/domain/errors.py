@@ -338,6 +338,18 @@ class SwitchMissing(RuleViolation):
     )
 
 
+class TargetVmElsewhere(RuleViolation):
+    """A failback asked for another host than the one its target VM is on."""
+
+    code = "TARGET_VM_ELSEWHERE"
+    template = (
+        "VM '{vm}' exists at site '{site}' on host '{current}', not on '{host}': a failback "
+        "into another host is the alternate location, with a new VM; delete that one first "
+        "(`siterecovery vm delete {vm} --site {site}`) and pass --create-vm --host {host}, "
+        "or leave out --host to fail back into it on {current}"
+    )
+
+
 class TargetVmMissing(RuleViolation):
     code = "TARGET_VM_MISSING"
     template = (

@@ -54,6 +54,8 @@ class Plan:
     bytes_note: str = ""
     will_create: list[str] = field(default_factory=list)
     will_delete: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the user asked that the operation will not do as they may think."""
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -83,6 +85,7 @@ class Plan:
             "bytes_note": self.bytes_note,
             "will_create": self.will_create,
             "will_delete": self.will_delete,
+            "notes": self.notes,
             "preconditions": [c.to_dict() for c in self.checks],
             "failed_preconditions": [c.to_dict() for c in self.checks if not c.ok],
             "ok": self.ok,

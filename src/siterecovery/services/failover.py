@@ -33,6 +33,7 @@ from siterecovery.domain.errors import (
     ProtectionDisabled,
     ReplicationUnhealthy,
     SwitchMissing,
+    TargetVmElsewhere,
     TargetVmMissing,
 )
 from siterecovery.domain.lifecycle import ItemState, Operation, require, require_group_together
@@ -406,8 +407,22 @@ def _plan_failback(ctx: Context, item: Item, request: FailoverRequest) -> Plan:
             raise TargetVmMissing(vm=item.vm, host=where, site=item.standby_site)
 
     plan.add("target VM exists or --create-vm", target_exists)
+
+    def stays_on_its_host() -> None:
+        if target and host is not None and target[0].host != host.name:
+            raise TargetVmElsewhere(
+                vm=item.vm, site=item.standby_site, current=target[0].host, host=host.name
+            )
+
+    plan.add("the target VM is on the host asked for", stays_on_its_host)
     if not target:
         plan.will_create.append(f"VM {item.vm} at {item.standby_site} on {plan.host}")
+    elif request.create_vm:
+        plan.notes.append(
+            f"--create-vm creates nothing: VM {item.vm} exists at {item.standby_site} on "
+            f"{target[0].host} and the failback writes into it (to fail back into a new VM, "
+            f"delete it first: `siterecovery vm delete {item.vm} --site {item.standby_site}`)"
+        )
     if target and plan.ok:
         plan.bytes_to_move, plan.bytes_note = _failback_bytes(ctx, item, vm, target[0], request)
     elif plan.ok:
