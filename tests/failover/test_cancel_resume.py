@@ -67,6 +67,7 @@ def test_cancel_marks_inconsistent_and_rerun_resumes(daemon: Daemon, vault: Path
     again = job(
         daemon, failover(daemon, "big01", type="planned", sync="delta"), "awaiting-completion"
     )
+    assert again["state"] == "awaiting-completion", again
     sync = step(again, "phase1-sync")["disks"]["d0"]
     assert sync["resumed_from"] >= 16 * MiB  # not from zero
     assert sync["bytes_read"] < 64 * MiB

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from siterecovery import processes
 from siterecovery.disk.nbd import NbdDevice
 from siterecovery.disk.qmp import DEFAULT_TIMEOUT, QmpClient
 from siterecovery.domain.errors import DiskError, InvalidInput, QmpTimeout
@@ -178,7 +179,7 @@ class StorageDaemon:
         """Whether the daemon process is alive (a zombie is not)."""
         if self._process is not None:
             return self._process.poll() is None
-        return _is_alive(self._pid)
+        return processes.alive(self._pid)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM (a clean exit keeps persistent bitmaps consistent), then
@@ -394,18 +395,6 @@ EXIT_WAIT = 5.0
 """Seconds a dying daemon is waited for (see :func:`_is_our_daemon`)."""
 
 
-def _is_alive(pid: int) -> bool:
-    """Whether ``pid`` runs and is not a zombie (reaping it if it is our child)."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
 def _is_our_daemon(pid: int, run_dir: Path) -> bool:
     """Whether ``pid`` is a live qemu-storage-daemon of ``run_dir`` (not a reused pid).
 
@@ -415,7 +404,7 @@ def _is_our_daemon(pid: int, run_dir: Path) -> bool:
     for (briefly), then reported gone."""
     deadline = time.monotonic() + EXIT_WAIT
     while True:
-        if not _is_alive(pid):
+        if not processes.alive(pid):
             return False
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()

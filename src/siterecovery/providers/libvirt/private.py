@@ -40,6 +40,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from siterecovery import processes
 from siterecovery.domain.errors import HypervisorError, InvalidInput
 
 QEMU_CONF = """
@@ -218,11 +219,11 @@ class PrivateLibvirtd:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while _alive(pid, self.process):
+        while processes.alive(pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
+            time.sleep(processes.POLL)
         for qemu in qemus:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(qemu, signal.SIGKILL)
@@ -267,17 +268,3 @@ class PrivateLibvirtd:
 
         with connect(self.uri) as conn:
             conn.destroy_everything(undefine=undefine)
-
-
-def _alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
-    if process is not None:
-        return process.poll() is None
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return status.rpartition(")")[2].split()[0] != "Z"

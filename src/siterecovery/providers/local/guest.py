@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from siterecovery import processes
 from siterecovery.domain.errors import GuestError
 from siterecovery.providers.local.journal import DEFAULT_JOURNAL_SIZE
 
@@ -239,19 +240,10 @@ def wait(pid: int, *, timeout: float = STOP_TIMEOUT) -> int | None:
 
 def _wait_gone(pid: int, timeout: float, *, kill: bool = True) -> None:
     deadline = time.monotonic() + timeout
-    while _is_alive(pid):
+    while processes.alive(pid):
         if time.monotonic() > deadline:
             if kill:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             return
         time.sleep(_POLL)
-
-
-def _is_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie left to a parent that does not reap it does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
