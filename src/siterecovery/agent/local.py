@@ -131,10 +131,9 @@ def _is_agent(pid: int, directory: Path) -> bool:
     """Whether ``pid`` is alive (not a zombie) and is an agent serving ``directory``."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        status = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if status.rpartition(")")[2].split()[0] == "Z":
+    if not processes.alive(pid):
         return False
     return b"serve" in argv and str(directory).encode() in argv
 

@@ -150,10 +150,9 @@ class PrivateLibvirtd:
         try:
             pid = int((self.dir / PID_FILE).read_text().strip())
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            status = Path(f"/proc/{pid}/stat").read_text()
         except (OSError, ValueError):
             return None
-        if status.rpartition(")")[2].split()[0] == "Z" or not argv[0].endswith(b"libvirtd"):
+        if not processes.alive(pid) or not argv[0].endswith(b"libvirtd"):
             return None
         return pid if self.socket.exists() else None
 
@@ -216,14 +215,7 @@ class PrivateLibvirtd:
         with contextlib.suppress(Exception):
             self._clean(undefine=undefine)
         qemus = self.qemu_pids()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while processes.alive(pid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(processes.POLL)
+        processes.terminate(pid, timeout=STOP_TIMEOUT)
         for qemu in qemus:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(qemu, signal.SIGKILL)
